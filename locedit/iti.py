@@ -68,10 +68,10 @@ def iti_output_dir(recipe: Recipe) -> str:
     return os.path.join("outputs", recipe.name, f"iti-{heads_slug(recipe.edit)}-alpha{recipe.probe.iti_alpha:g}")
 
 
-def _draws(recipe: Recipe, output_dir: str) -> list[tuple[Recipe, str]]:
+def _draws(recipe: Recipe, output_dir: str, layout) -> list[tuple[Recipe, str]]:
     """One (recipe, output_dir) per head set: `heads_draws` / `single:K` give several, each in its own directory."""
     edit_args = recipe.edit
-    draws = expand_head_specs(edit_args.heads, edit_args.heads_seed, edit_args.heads_draws)
+    draws = expand_head_specs(edit_args.heads, edit_args.heads_seed, edit_args.heads_draws, layout)
     if len(draws) == 1:
         return [(recipe, output_dir)]
     runs = []
@@ -108,7 +108,7 @@ def describe(plan, recipe: Recipe, runs: list[tuple[Recipe, str]]) -> str:
 
 def main(recipe: Recipe):
     """Make ITI's edit at the recipe's heads and write its run directory (one per head set). Returns the plan in a
-    dry run, else the metrics of the (last) run."""
+    dry run, else the run's metrics (for several head sets, the list of their run directories under "edits")."""
     from .train import (
         _write_json_atomic,
         load_model_and_tokenizer,
@@ -121,7 +121,7 @@ def main(recipe: Recipe):
     plan = make_plan(recipe, need_probe=True)
     args = recipe.training
     plan.output_dir = args.output_dir if args.output_dir_was_given else iti_output_dir(recipe)
-    runs = _draws(recipe, plan.output_dir)
+    runs = _draws(recipe, plan.output_dir, plan.layout)
     print(describe(plan, recipe, runs), flush=True)
     if recipe.edit.dry_run:
         return plan
@@ -153,6 +153,10 @@ def main(recipe: Recipe):
         _write_json_atomic(os.path.join(output_dir, "metrics.json"), metrics)  # last: marks the run finished
         model = edited.unload()  # the base model again, for the next head set
         print(f"  saved        {output_dir}", flush=True)
+    if len(runs) > 1:
+        # As a multi-edit training run: the top directory lists its edits, so `locedit eval DIR` evaluates them all.
+        metrics = {"method": "iti", "iti_alpha": alpha, "edits": [output_dir for _, output_dir in runs]}
+        _write_json_atomic(os.path.join(plan.output_dir, "metrics.json"), metrics)
     return metrics
 
 

@@ -32,22 +32,28 @@ from torch import nn
 from trl import DPOTrainer
 
 from .edit import HeadEditConfig, head_mask, initial_read_vector
-from .heads import AttentionLayout, HeadSpecError, heads_by_layer, resolve_heads
+from .heads import AttentionLayout, HeadSpecError, format_heads, heads_by_layer, resolve_heads
 from .trainer import require_ipo
 
 BANK_FILE = "locedit_bank.safetensors"
 
 
-def expand_head_specs(spec: str, heads_seed: int, heads_draws: int) -> list[tuple[str, int]]:
-    """The (spec, seed) of every edit of a run: `single:K` is K random single heads; `random:N` with heads_draws K
-    is K random sets of N heads (seeds heads_seed .. heads_seed + K - 1); anything else is one edit."""
+def expand_head_specs(spec: str, heads_seed: int, heads_draws: int, layout: AttentionLayout) -> list[tuple[str, int]]:
+    """The (spec, seed) of every edit of a run: `single:K` is K distinct random single heads (the heads of
+    `random:K` with heads_seed, each as its own edit, e.g. `L3H7`); `random:N` with heads_draws K is K random sets
+    of N heads (seeds heads_seed .. heads_seed + K - 1); anything else is one edit."""
     kind, _, arg = spec.strip().partition(":")
     if kind.lower() == "single":
         if not arg.strip().isdigit() or int(arg) < 1:
             raise HeadSpecError(f"bad head spec '{spec}': single:K needs a count K >= 1, e.g. single:24")
         if heads_draws != 1:
             raise HeadSpecError(f"'{spec}' already sets the number of draws; remove heads_draws ({heads_draws})")
-        return [("random:1", heads_seed + i) for i in range(int(arg))]
+        total = layout.num_layers * layout.num_heads
+        if int(arg) > total:
+            raise HeadSpecError(f"bad head count in '{spec}': expected 1 to {total} (model has {layout.shape})")
+        # Drawn as one set, so no head is trained twice (K independent random:1 draws would repeat heads).
+        heads = resolve_heads(f"random:{int(arg)}", layout, seed=heads_seed)
+        return [(format_heads([head]), heads_seed) for head in heads]
     if heads_draws < 1:
         raise HeadSpecError(f"heads_draws must be at least 1, got {heads_draws}")
     if heads_draws > 1 and kind.lower() != "random":
@@ -241,7 +247,7 @@ def plan_edits(recipe, plan) -> list[EditRun]:
 
     edit_args, args = recipe.edit, recipe.training
     runs = []
-    for spec, seed in expand_head_specs(edit_args.heads, edit_args.heads_seed, edit_args.heads_draws):
+    for spec, seed in expand_head_specs(edit_args.heads, edit_args.heads_seed, edit_args.heads_draws, plan.layout):
         heads = resolve_heads(spec, plan.layout, seed=seed)
         config = HeadEditConfig.for_heads(
             plan.layout,

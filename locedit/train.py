@@ -59,11 +59,10 @@ class RunPlan:
         vectors = 2 if self.edit_config.edit_strength == "adaptive" else 1
         return vectors * per_layer * len(heads_by_layer(self.heads))
 
-    @staticmethod
-    def _draws(edit_args: EditArguments) -> str:
+    def _draws(self, edit_args: EditArguments) -> str:
         if not is_multi_edit(edit_args.heads, edit_args.heads_draws):
             return ""
-        count = len(expand_head_specs(edit_args.heads, edit_args.heads_seed, edit_args.heads_draws))
+        count = len(expand_head_specs(edit_args.heads, edit_args.heads_seed, edit_args.heads_draws, self.layout))
         return f" ({count} edits trained in one pass; the first)"
 
     def heads_line(self, edit_args: EditArguments) -> str:
@@ -164,7 +163,7 @@ def make_plan(recipe: Recipe, need_probe: bool = False) -> RunPlan:
     if probe_spec:
         probe_head_count(edit_args.heads, layout)  # K against the model's heads, before any data is read
     # A multi-edit spec (single:K, or heads_draws > 1) is checked on every draw; the plan shows the first.
-    draws = expand_head_specs(edit_args.heads, edit_args.heads_seed, edit_args.heads_draws)
+    draws = expand_head_specs(edit_args.heads, edit_args.heads_seed, edit_args.heads_draws, layout)
     heads = None if probe_spec else [resolve_heads(spec, layout, seed=seed) for spec, seed in draws][0]
     splits = load_preference_splits(
         dataset=edit_args.dataset,

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from locedit import cli as locedit_cli
 from locedit import load_edit
 from locedit.edit import edit_layers
+from locedit.eval import expand_run_dirs
 from locedit.heads import AttentionLayout, resolve_heads
 from locedit.iti import add_iti_edit, iti_vectors
 from locedit.probe import ProbeResult
@@ -192,8 +193,10 @@ def test_training_at_probe_heads_runs_the_probe_stage_first(tmp_path, capsys):
 def test_iti_makes_one_run_directory_per_draw(tmp_path, probe_dir, draws):
     common = [TINY_PROBE, "--heads", "random:2", "--heads_draws", str(draws), "--output_dir", str(tmp_path / "iti")]
     assert locedit_cli.main(["iti", *common, "--probe_results", str(probe_dir)]) == 0
-    runs = sorted((tmp_path / "iti").iterdir())
+    runs = sorted(path for path in (tmp_path / "iti").iterdir() if path.is_dir())
     assert [run.name for run in runs] == [f"iti-random2-hs{seed}-alpha5" for seed in range(draws)]
+    # The top directory lists the edits, so `locedit eval` on it evaluates each (as for a multi-edit training run).
+    assert expand_run_dirs([str(tmp_path / "iti")]) == [str(run) for run in runs]
     layout = make_plan(parse_recipe([TINY_PROBE])).layout
     for seed, run in enumerate(runs):
         heads = json.loads((run / "heads.json").read_text())["heads"]

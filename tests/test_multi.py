@@ -73,10 +73,8 @@ def test_saved_edits_load_as_ordinary_edits(tmp_path, tiny_model_dir):
     layout = AttentionLayout.from_model(base)
     ids = torch.tensor([[5, 17, 42, 99, 3]])
     base_logits = base(ids).logits
-    for seed, edit_dir in enumerate(edits):
-        assert json.loads((Path(edit_dir) / "heads.json").read_text())["heads"] == [
-            list(h) for h in resolve_heads("random:1", layout, seed=seed)
-        ]
+    for head, edit_dir in zip(resolve_heads("random:2", layout, seed=0), edits, strict=True):
+        assert json.loads((Path(edit_dir) / "heads.json").read_text())["heads"] == [list(head)]
         for name in ["recipe.yaml", "splits.json", "metrics.json", "adapter_config.json"]:
             assert (Path(edit_dir) / name).is_file()
         edited = load_edit(base, edit_dir)
@@ -108,12 +106,17 @@ def test_replicate_batch_is_edit_major_within_chosen_and_rejected():
 
 
 def test_head_spec_expansion_and_errors():
-    assert expand_head_specs("single:3", 5, 1) == [("random:1", 5), ("random:1", 6), ("random:1", 7)]
-    assert expand_head_specs("random:16", 0, 2) == [("random:16", 0), ("random:16", 1)]
-    assert expand_head_specs("all", 0, 1) == [("all", 0)]
-    for spec, draws in [("all", 3), ("single:0", 1), ("single:2", 2), ("random:4", 0)]:
-        with pytest.raises(HeadSpecError):
-            expand_head_specs(spec, 0, draws)
+    layout = AttentionLayout("llama", num_layers=4, num_heads=8, projection_template="model.layers.{layer}.o_proj")
+    # single:K is K distinct heads: those of random:K with the same seed, one edit each.
+    singles = expand_head_specs("single:32", 5, 1, layout)
+    assert [seed for _, seed in singles] == [5] * 32
+    heads = [resolve_heads(spec, layout)[0] for spec, _ in singles]
+    assert heads == resolve_heads("random:32", layout, seed=5) and len(set(heads)) == 32
+    assert expand_head_specs("random:16", 0, 2, layout) == [("random:16", 0), ("random:16", 1)]
+    assert expand_head_specs("all", 0, 1, layout) == [("all", 0)]
+    for spec, draws in [("all", 3), ("single:0", 1), ("single:2", 2), ("random:4", 0), ("single:33", 1)]:
+        with pytest.raises(HeadSpecError, match="single|draws|random"):
+            expand_head_specs(spec, 0, draws, layout)
 
 
 def test_an_interrupted_multi_edit_run_resumes_to_the_same_edits(tmp_path):
