@@ -5,9 +5,13 @@ edit with its heads.
 """
 
 import logging
+import warnings
 
 # bitsandbytes warns on import on CPUs without its optional `kernels` package; locedit never runs 4-bit on a CPU.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# PEFT and TRL still read transformers' deprecated `is_gradient_checkpointing`, once per model wrap: nothing a user
+# of locedit can act on, and it buried every stage's output of the study under repeats.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 from .edit import EditLoadError, HeadEditConfig, HeadEditLayer, add_edit, edit_layers, edit_norms, load_edit  # noqa: E402
 from .heads import AttentionLayout, HeadSpecError, format_heads, resolve_heads  # noqa: E402

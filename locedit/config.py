@@ -26,7 +26,7 @@ class EditArguments:
         default=1,
         metadata={
             "help": "Train this many random draws of the head spec (seeds heads_seed, heads_seed+1, ...) in one pass "
-            "per step; 'single:K' is K random single heads."
+            "per step; 'single:K' is K distinct random single heads."
         },
     )
     edit_read: str = field(
@@ -46,8 +46,8 @@ class EditArguments:
     dataset: str = field(
         default="truthfulqa/truthful_qa",
         metadata={
-            "help": "Preference data: a Hub id, a local .csv/.json/.jsonl/.parquet file, or 'synthetic' "
-            "(a small question set the project generates)."
+            "help": "Preference data: a Hub id, a local .csv/.json/.jsonl/.parquet file, 'synthetic' "
+            "(a small question set the project generates) or 'toy' / 'toy:key=value,...' (the toy world's questions)."
         },
     )
     dataset_config: str | None = field(default="generation", metadata={"help": "Hub config of the data set."})
@@ -118,7 +118,10 @@ class EvalArguments:
     )
     eval_judge_truth: str = field(
         default="hf:allenai/truthfulqa-truth-judge-llama2-7B",
-        metadata={"help": "Truth judge: 'hf:MODEL' (local causal LM), 'openai:MODEL' (OPENAI_BASE_URL) or 'none'."},
+        metadata={
+            "help": "Truth judge: 'hf:MODEL' (local causal LM), 'openai:MODEL' (OPENAI_BASE_URL), "
+            "'toy' (the toy world's exact judge) or 'none'."
+        },
     )
     eval_judge_info: str = field(
         default="hf:allenai/truthfulqa-info-judge-llama2-7B",
@@ -146,7 +149,8 @@ class EvalArguments:
         default="stas/openwebtext-10k",
         metadata={
             "help": "Text for KL and cross-entropy: a Hub data set with a 'text' column (streamed), a local "
-            ".jsonl/.json file ('text' field) or text file (documents separated by blank lines), or 'none'."
+            ".jsonl/.json file ('text' field) or text file (documents separated by blank lines), 'toy' (the toy "
+            "world's statements) or 'none'."
         },
     )
     eval_corpus_docs: int = field(default=100, metadata={"help": "Documents of eval_corpus used (the first N)."})
@@ -169,7 +173,10 @@ class ModelArguments:
 
     model_name_or_path: str = field(
         default="tiny:llama",
-        metadata={"help": "Hub id or local path of the base model, or 'tiny:ARCH' for a tiny model built locally."},
+        metadata={
+            "help": "Hub id or local path of the base model, 'tiny:ARCH' for a tiny model built locally, or 'toy' "
+            "for the toy world's pre-trained model."
+        },
     )
     model_revision: str = field(default="main", metadata={"help": "Model revision on the Hub."})
     dtype: str | None = field(

@@ -73,19 +73,20 @@ def _synthetic_size(dataset: str) -> int | None:
     return int(size)
 
 
-def _is_toy(dataset: str) -> bool:
-    return dataset.strip() == "toy" or dataset.strip().startswith("toy:")
+TOY_PREFIX = "toy"
+
+
+def is_toy_spec(name) -> bool:
+    """Whether `name` is `toy` or `toy:...`: the toy world's data set, model, judge or corpus (`locedit.toy`)."""
+    return isinstance(name, str) and (name.strip() == TOY_PREFIX or name.strip().startswith(TOY_PREFIX + ":"))
 
 
 def _toy_rows(dataset: str) -> list[dict]:
     """The toy world's questions; a malformed spec is a DataError."""
     # Imported here: importing locedit.toy registers its judge with locedit.judges, which imports this module.
-    from .toy.world import ToySpecError, toy_questions
+    from .toy.world import toy_questions
 
-    try:
-        return toy_questions(dataset)
-    except ToySpecError as error:
-        raise DataError(str(error)) from None
+    return toy_questions(dataset)
 
 
 def _looks_local(dataset: str) -> bool:
@@ -111,7 +112,7 @@ def validate_dataset_arg(dataset: str) -> None:
     """
     if not isinstance(dataset, str) or not dataset.strip():
         raise DataError(f"dataset must be a non-empty string, got {dataset!r}")
-    if _is_toy(dataset):
+    if is_toy_spec(dataset):
         _toy_rows(dataset)  # the world is generated once and cached: a bad spec is reported now, cheaply
         return
     if _synthetic_size(dataset) is not None or not _looks_local(dataset):
@@ -248,7 +249,7 @@ def _load_rows(dataset: str, dataset_config: str | None, seed: int) -> list[dict
     """Loads the raw rows of any supported source, with normalised column names."""
     validate_dataset_arg(dataset)
     size = _synthetic_size(dataset)
-    if _is_toy(dataset):
+    if is_toy_spec(dataset):
         rows = _toy_rows(dataset)  # the world has its own seed: `seed` only splits its questions
     elif size is not None:
         rows = synthetic_questions(size, seed=seed)

@@ -42,7 +42,7 @@ from pathlib import Path
 import yaml
 
 from .config import EvalArguments, ModelArguments
-from .data import DataError, load_question_details, load_questions, validate_dataset_arg
+from .data import DataError, is_toy_spec, load_question_details, load_questions, validate_dataset_arg
 from .judges import ASPECTS, Judge, make_judge, verdicts
 from .metrics import mc1, mc2, next_token_kl, per_category, sequence_logprobs, summarise, token_cross_entropy
 from .recipe import Recipe, RecipeError, run_command
@@ -165,6 +165,10 @@ def load_corpus(args: EvalArguments) -> list[str] | None:
     name, count = args.eval_corpus.strip(), args.eval_corpus_docs
     if name.lower() in ("", "none"):
         return None
+    if is_toy_spec(name):  # the toy world's statements: its text outside the Q/A format
+        from .toy.world import make_world, parse_toy_spec
+
+        return make_world(parse_toy_spec(name)).statements[:count]
     path = Path(name).expanduser()
     if path.suffix.lower() in (".txt", ".json", ".jsonl") or path.exists():
         if not path.is_file():

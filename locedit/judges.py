@@ -23,6 +23,7 @@ New kinds register with `register_judge_kind` (issue 5's `toy` judge, for instan
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -319,6 +320,9 @@ def _error_detail(err: urllib.error.HTTPError) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 JUDGE_KINDS: dict[str, Callable[..., Judge]] = {"hf": HFJudge, "openai": OpenAIJudge}
+# Kinds defined in modules that import this one (so they cannot be imported here at load time): their module is
+# imported, and registers the kind, on first use.
+LAZY_JUDGE_KINDS = {"toy": "locedit.toy"}
 
 
 def register_judge_kind(kind: str, factory: Callable[..., Judge]) -> None:
@@ -331,11 +335,11 @@ def make_judge(spec: str | None, aspect: str, batch_size: int = 16, dtype: str =
     if spec is None or spec.strip().lower() in ("", "none"):
         return None
     kind, _, name = spec.strip().partition(":")
+    if kind not in JUDGE_KINDS and kind in LAZY_JUDGE_KINDS:
+        importlib.import_module(LAZY_JUDGE_KINDS[kind])
     if kind not in JUDGE_KINDS:
-        raise JudgeError(
-            f"{aspect} judge '{spec}': unknown kind '{kind}'; use one of "
-            f"{', '.join(k + ':MODEL' for k in JUDGE_KINDS)} or none"
-        )
+        kinds = [k + ":MODEL" if k in ("hf", "openai") else k for k in {**JUDGE_KINDS, **LAZY_JUDGE_KINDS}]
+        raise JudgeError(f"{aspect} judge '{spec}': unknown kind '{kind}'; use one of {', '.join(kinds)} or none")
     if not name and kind in ("hf", "openai"):
         raise JudgeError(f"{aspect} judge '{spec}' names no model; write {kind}:MODEL")
     return JUDGE_KINDS[kind](name, aspect, batch_size=batch_size, dtype=dtype, device=device)

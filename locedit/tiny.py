@@ -21,6 +21,8 @@ import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedTokenizerFast
 
+from .data import is_toy_spec
+
 # Special tokens get the first ids, in this order (the BPE trainer assigns them first).
 PAD_TOKEN = "<|pad|>"
 BOS_TOKEN = "<|bos|>"
@@ -293,7 +295,7 @@ def _cache_key(arch: str) -> str:
 def resolve_model_path(name_or_path: str) -> str:
     """Turn `tiny:ARCH` into the directory of a cached tiny model, and `toy` / `toy:SETTINGS` into that of the toy
     world's pre-trained model (`locedit.toy`), building them on first use; pass anything else on."""
-    if name_or_path.strip() == "toy" or name_or_path.strip().startswith("toy:"):
+    if is_toy_spec(name_or_path):
         from .toy.model import resolve_toy_model  # here: the toy model is built with this module's tokenizer
 
         return resolve_toy_model(name_or_path)
