@@ -10,6 +10,7 @@ COMMANDS = {
     "iti": ("locedit.iti", "make ITI's edit (alpha * sigma * u at the selected heads) as a run directory"),
     "eval": ("locedit.eval", "evaluate edits and the base model: True*Info, MC1/MC2, KL, CE on test questions"),
     "judge-train": ("locedit.judge_train", "fine-tune a truth or info judge on the GPT-judge data with TRL"),
+    "study": ("locedit.study", "probe, ITI, optimal edits at probe/random/single/all heads, eval, table and plot"),
     "sweep": ("locedit.sweep", "run a W&B grid sweep file here: one run at a time or one per GPU, resumable"),
     "report": ("locedit.report", "aggregate evaluated runs: table, the paper's figures, p-values and verdict"),
 }

@@ -273,7 +273,8 @@ def write_figures(runs: list[Run], output_dir: str) -> list[str]:
             if run.method == "iti" and run.family.startswith(name):
                 groups[name].append(run.metrics["true_info"])
     for x, (name, values) in enumerate(groups.items()):
-        ax.scatter([x] * len(values), values, alpha=0.7, label=f"{name} heads ({len(values)} sets)")
+        sets = f"{len(values)} set" + ("s" if len(values) != 1 else "")
+        ax.scatter([x] * len(values), values, alpha=0.7, label=f"{name} heads ({sets})")
     ax.set_xticks([0, 1], ["probe heads", "random heads"])
     ax.set_ylabel("True*Info (best alpha)")
     ax.set_title("ITI: probe vs random heads")
@@ -362,6 +363,18 @@ def log_to_wandb(output_dir: str, runs: list[Run], result: dict, figures: list[s
     run.finish()
 
 
+def write_report(runs: list[Run], output_dir: str, report_to: str = "none", project: str = "locedit") -> dict:
+    """The table, the figures and the verdict of `runs` in `output_dir` (and on W&B); returns the verdict."""
+    os.makedirs(output_dir, exist_ok=True)
+    write_table(runs, output_dir)
+    figures = write_figures(runs, output_dir)
+    result = verdict(runs)
+    write_verdict(result, output_dir)
+    if report_to == "wandb":
+        log_to_wandb(output_dir, runs, result, figures, project)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="locedit report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -376,13 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"locedit: error: {err}", file=sys.stderr)
         return 2
-    os.makedirs(args.output_dir, exist_ok=True)
-    write_table(runs, args.output_dir)
-    figures = write_figures(runs, args.output_dir)
-    result = verdict(runs)
-    write_verdict(result, args.output_dir)
-    if args.report_to == "wandb":
-        log_to_wandb(args.output_dir, runs, result, figures, args.wandb_project)
+    write_report(runs, args.output_dir, args.report_to, args.wandb_project)
     print(Path(args.output_dir, "results.md").read_text())
     print(Path(args.output_dir, "verdict.md").read_text())
     print(f"locedit report: {len(runs)} runs; table, figures and verdict in {args.output_dir}")

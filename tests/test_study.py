@@ -1,0 +1,148 @@
+"""`locedit study`: its plan from a recipe, its report, and the whole toy study end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from locedit import study
+from locedit.cli import main as locedit_main
+from locedit.data import load_questions
+from locedit.recipe import RecipeError, parse_recipe
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+TOY = str(RECIPES / "toy.yaml")
+
+
+def _settings(recipe) -> dict:
+    """Everything a recipe sets, but its name and where its runs go."""
+    training = {k: v for k, v in recipe.training.to_dict().items() if k not in ("output_dir", "logging_dir")}
+    parts = (recipe.edit, recipe.model, recipe.probe, recipe.eval)
+    return {"training": training, **{type(part).__name__: dataclasses.asdict(part) for part in parts}}
+
+
+def test_options_are_split_from_the_recipe_flags():
+    options, rest = study.parse_options([TOY, "--study_random", "3", "--beta", "0.3", "--study_lr_all", "0.02"])
+    assert (options.random, options.single, options.lr_all, options.lr_single) == (3, 8, 0.02, None)
+    assert rest == [TOY, "--beta", "0.3"]
+    with pytest.raises(RecipeError, match="0 or more"):
+        study.parse_options([TOY, "--study_single", "-1"])
+
+
+def test_families_scale_the_learning_rate_as_the_paper():
+    recipe = parse_recipe([TOY])
+    families = dict(study.family_flags(recipe, study.StudyOptions(random=3, single=2)))
+    assert list(families) == ["probe", "random", "single", "all"]
+    assert families["probe"] == ["--heads", "probe:4"]
+    assert families["random"] == ["--heads", "random:4", "--heads_draws", "3"]
+    lr = recipe.training.learning_rate
+    assert families["single"] == ["--heads", "single:2", "--learning_rate", f"{lr * 4:g}"]
+    assert families["all"] == ["--heads", "all", "--learning_rate", f"{lr / 5:g}"]
+    only = study.family_flags(recipe, study.StudyOptions(random=0, single=0, lr_all=0.123))
+    assert only == [("probe", ["--heads", "probe:4"]), ("all", ["--heads", "all", "--learning_rate", "0.123"])]
+
+
+@pytest.mark.parametrize(
+    ("variant", "family"), [("toy_all_heads", "all"), ("toy_random_heads", "random"), ("toy_single_heads", "single")]
+)
+def test_toy_variant_recipes_are_the_study_families(variant, family):
+    """Each toy_* recipe trains exactly what `locedit study recipes/toy.yaml` trains for its family."""
+    flags = dict(study.family_flags(parse_recipe([TOY]), study.StudyOptions()))[family]
+    assert _settings(parse_recipe([str(RECIPES / f"{variant}.yaml")])) == _settings(parse_recipe([TOY, *flags]))
+
+
+def test_study_recipe_is_checked_before_any_work():
+    with pytest.raises(RecipeError, match="set heads to probe:K, not 'all'"):
+        study.check_study_recipe(parse_recipe([TOY, "--heads", "all"]))
+    with pytest.raises(RecipeError, match="same world.*dataset toy:entities=12"):
+        study.check_study_recipe(parse_recipe([TOY, "--dataset", "toy:entities=12"]))
+    with pytest.raises(RecipeError, match="same world.*eval_corpus toy:seed=3"):
+        study.check_study_recipe(parse_recipe([TOY, "--eval_corpus", "toy:seed=3"]))
+    with pytest.raises(RecipeError, match="eval_judge_info: unknown toy setting 'x'"):
+        study.check_study_recipe(parse_recipe([TOY, "--eval_judge_info", "toy:x"]))
+    # Model settings may differ from the data's: only the world must be the same.
+    study.check_study_recipe(parse_recipe([TOY, "--model_name_or_path", "toy:layers=2"]))
+
+
+def test_study_command_reports_mistakes_in_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert locedit_main(["study", TOY, "--heads", "random:2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "locedit: error: the study compares edits at the probe heads with others: set heads to probe:K, not 'random:2'"
+    ]
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_summary_and_tables():
+    rows = [
+        {"model": "base model", "family": "base", "heads": "", "true": 0.5, "info": 1.0, "true_info": 0.5},
+        {"model": "r", "family": "random", "heads": "L0H1", "true": 0.6, "info": 0.5, "true_info": 0.3},
+        {"model": "r", "family": "random", "heads": "L1H1", "true": 0.8, "info": 1.0, "true_info": 0.8},
+    ]
+    summary = study.summary_rows(rows)
+    assert [row["family"] for row in summary] == ["base", "random"]
+    random = summary[1]
+    assert random["edits"] == 2 and random["best_true_info"] == 0.8
+    assert random["true"] == pytest.approx(0.7) and random["true_info"] == pytest.approx(0.55)
+    table = study.format_table(rows).splitlines()
+    assert table[0].split("|")[1:-1] == [" model      ", " heads ", " True  ", " Info  ", " True*Info "]
+    assert "| base model | -     | 0.500 | 1.000 | 0.500     |" == table[2]
+    assert "KL" not in table[0]  # a column no row has is left out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_toy_study_end_to_end(tmp_path, monkeypatch):
+    """The whole study on the toy model (one random set and one single head instead of eight): the optimal edit at
+    all heads must answer the held-out questions far more truly than the base model, and still informatively."""
+    monkeypatch.chdir(tmp_path)
+    report = study.main([TOY, "--study_random", "1", "--study_single", "1"])
+
+    rows = {row["family"]: row for row in report["rows"]}
+    families = ["base", "iti", "iti_random", "probe", "random", "single", "all"]
+    assert [row["family"] for row in report["rows"]] == families
+    # ITI and the optimal edit at the same random heads (Fig. 1a compares probe with random heads under both).
+    assert rows["iti_random"]["heads"] == rows["random"]["heads"]
+    base, best = rows["base"], rows["all"]
+    assert best["true"] >= base["true"] + 0.2, (base["true"], best["true"])
+    assert best["info"] >= 0.5
+    assert base["true_misconceptions"] <= 0.2 <= 0.5 <= best["true_misconceptions"]  # the planted falsehoods
+    assert best["kl"] is not None and base["kl"] is None  # measured on the world's statements, edits only
+
+    test_questions = load_questions("toy")["test"].num_rows
+    out = tmp_path / "outputs" / "toy" / "study"
+    with open(out / "base" / "eval" / "metrics.json") as f:
+        assert json.load(f)["questions"] == test_questions  # held-out questions only
+    saved = json.loads((out / "study.json").read_text())
+    assert [row["family"] for row in saved["rows"]] == list(rows)
+    assert set(saved["timings"]) == {
+        "model",
+        "probe",
+        "iti",
+        "train probe",
+        "train random",
+        "train single",
+        "train all",
+        "eval",
+        "report",
+    }
+    assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The paper's report of the same runs: its figures, and the verdict for both methods.
+    for name in ["results.csv", "results.md", "verdict.md", "verdict.json"]:
+        assert (out / "report" / name).is_file()
+    assert {path.name for path in (out / "report").glob("*.png")} == {
+        "fig1a_iti_probe_vs_random.png",
+        "fig2_3_truth_info_tradeoff.png",
+        "fig4a_single_heads.png",
+        "fig1c_5_mc_vs_kl.png",
+    }
+    assert set(report["verdict"]["probe_vs_random"]) == {"iti", "ipo"}
+    markdown = (out / "study.md").read_text()
+    assert report["summary_table"] in markdown and report["table"] in markdown and "| total |" in markdown
