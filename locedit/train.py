@@ -264,18 +264,34 @@ def default_output_dir(edit_args: EditArguments, args: LocEditConfig, recipe_nam
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# The W&B group locedit last chose, so that a later run in the same process (`locedit study` trains several head
+# families) gets its own family's group, while a group the user set stays.
+_chosen_group: str | None = None
+
+
 def setup_wandb(edit_args: EditArguments, args: LocEditConfig, plan: RunPlan, is_main: bool) -> None:
     """Name and group the W&B run; go offline with one notice when there are no credentials (never prompt)."""
+    global _chosen_group
     if "wandb" not in (args.report_to or []):
         return
     os.environ.setdefault("WANDB_PROJECT", edit_args.wandb_project)
-    os.environ.setdefault("WANDB_RUN_GROUP", head_family(edit_args.heads))
+    if os.environ.get("WANDB_RUN_GROUP") in (None, _chosen_group):
+        _chosen_group = os.environ["WANDB_RUN_GROUP"] = head_family(edit_args.heads)
     if args.run_name is None:
         args.run_name = os.path.basename(os.path.normpath(plan.output_dir))
     if os.environ.get("WANDB_MODE") is None and not _have_wandb_credentials():
         os.environ["WANDB_MODE"] = "offline"
         if is_main:
             print("locedit: no W&B credentials found; logging offline (sync later with `wandb sync`)", file=sys.stderr)
+
+
+def finish_wandb(args: LocEditConfig) -> None:
+    """End the run's W&B run: the Trainer leaves it open, and the next run in the same process would log into it."""
+    if "wandb" in (args.report_to or []):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
 
 
 def _have_wandb_credentials() -> bool:
@@ -399,6 +415,7 @@ def main(recipe: Recipe) -> dict | RunPlan:
 
         metrics = multi.main(recipe, plan, model, tokenizer)
         del model, tokenizer
+        finish_wandb(training_args)
         evaluate_if_asked(recipe, [plan.output_dir], eval_resources)
         return metrics
     trainer = LocEditTrainer(
@@ -416,6 +433,7 @@ def main(recipe: Recipe) -> dict | RunPlan:
     if hasattr(trainer, "end"):
         trainer.end()
     del trainer, model
+    finish_wandb(training_args)
     evaluate_if_asked(recipe, [plan.output_dir], eval_resources)
     return metrics
 

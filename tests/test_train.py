@@ -186,6 +186,32 @@ def test_wandb_goes_offline_without_credentials_and_never_prompts(tmp_path, monk
     assert capsys.readouterr().err.count("offline") == 1
 
 
+def test_runs_in_one_process_are_separate_wandb_runs_in_their_own_groups(tmp_path, monkeypatch):
+    """`locedit study` trains several head families in one process: each is its own W&B run, in its family's group
+    (the Trainer leaves its run open, and a first run's group would otherwise stick)."""
+    import wandb
+
+    for var in ["WANDB_API_KEY", "WANDB_PROJECT", "WANDB_RUN_GROUP"]:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    started = []
+    original_init = wandb.init
+
+    def recording_init(*args, **kwargs):
+        run = original_init(*args, **kwargs)
+        started.append((run.id, os.environ["WANDB_RUN_GROUP"]))
+        return run
+
+    monkeypatch.setattr(wandb, "init", recording_init)
+    common = ["recipes/tiny.yaml", "--report_to", "wandb", "--num_train_epochs", "1", "--save_strategy", "no"]
+    for heads in ["all", "random:1"]:
+        main(parse_recipe([*common, "--heads", heads, "--output_dir", str(tmp_path / heads.replace(":", ""))]))
+        assert wandb.run is None  # finished with its training run
+    assert [group for _, group in started] == ["all-heads", "single-head"]
+    assert len({run_id for run_id, _ in started}) == 2
+
+
 def _config_only_model(path: Path, config) -> str:
     config.save_pretrained(path)
     return str(path)
