@@ -20,9 +20,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
 
-from locedit.config import LocEditConfig  # noqa: E402
+from locedit.core.args import LocEditConfig  # noqa: E402
 from locedit.data import load_preference_splits  # noqa: E402
-from locedit.tiny import build_tiny_model  # noqa: E402
+from locedit.models.tiny import build_tiny_model  # noqa: E402
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 from common import CPU, SMALL, model_dir, timed
 from safetensors.torch import load_file
 
-from locedit.recipe import parse_recipe
+from locedit.core.recipe import parse_recipe
 from locedit.train import main as train
 
 

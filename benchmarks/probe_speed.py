@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 import torch
 
-from locedit.probe import fit_logistic_probes, probe_accuracy
+from locedit.locate import fit_logistic_probes, probe_accuracy
 
 
 def make_data(examples: int, heads: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ import tempfile
 from common import CPU, SMALL, load, model_dir, preference_data, timed, training_args
 
 from locedit import AttentionLayout, HeadEditConfig, resolve_heads
-from locedit.trainer import LocEditTrainer
+from locedit.training import LocEditTrainer
 
 
 def train_time(path: str, precompute: bool, steps: int) -> float:

@@ -13,8 +13,10 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # of locedit can act on, and it buried every stage's output of the study under repeats.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
-from .edit import EditLoadError, HeadEditConfig, HeadEditLayer, add_edit, edit_layers, edit_norms, load_edit  # noqa: E402
-from .heads import AttentionLayout, HeadSpecError, format_heads, resolve_heads  # noqa: E402
+from .core.errors import EditLoadError, HeadSpecError, LocEditError  # noqa: E402
+from .edit import HeadEditConfig, HeadEditLayer, add_edit, edit_layers, edit_norms, load_edit  # noqa: E402
+from .heads import format_heads, resolve_heads  # noqa: E402
+from .models import AttentionLayout  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -24,6 +26,7 @@ __all__ = [
     "HeadEditConfig",
     "HeadEditLayer",
     "HeadSpecError",
+    "LocEditError",
     "add_edit",
     "edit_layers",
     "edit_norms",

@@ -1,7 +1,12 @@
-"""`locedit COMMAND ...`: one entry point for every stage. Each command is also `python -m locedit.COMMAND`."""
+"""`locedit COMMAND ...`: one entry point for every stage. Each command is also `python -m locedit.COMMAND`.
+
+Each command module has `main(...)` (callable from Python and tests) and `cli(argv)`, which reports a user's mistake
+in one line through `locedit.core.errors.run_cli`, the one user-error handler.
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 COMMANDS = {
@@ -26,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"locedit: error: unknown command '{argv[0]}'; valid: {', '.join(COMMANDS)}", file=sys.stderr)
             return 2
         return 0
-    module = __import__(COMMANDS[argv[0]][0], fromlist=["cli"])
+    module = importlib.import_module(COMMANDS[argv[0]][0])
     return module.cli(argv[1:])
 
 

@@ -1,128 +1,19 @@
-"""Where the attention heads of a decoder model are, and which of them a run edits.
+"""The head-spec grammar: which heads of a model a run edits, and the names of head families.
 
-This is the one place that knows, for every supported architecture, which module is a layer's attention output
-projection (whose input is the concatenation of the heads' outputs), how many heads it has and their size.
-Probing, ITI and the trained edit all go through it.
+Forms: `all`; explicit heads `L12H3,L14H0`; `layers:12-15`; `random:K`; `probe:K` (the K best-probing heads);
+`single:K` (K distinct random single heads, each its own edit) and `heads_draws` (several draws of a `random:K`
+spec, each its own edit). Everything that reads a head spec (planning, naming run directories, W&B groups, the
+study, the report) goes through this module; `locedit.models.layout.AttentionLayout` knows where the heads are.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
-from dataclasses import dataclass
 
-from torch import nn
-
-# model_type -> path of layer i's attention output projection inside the *ForCausalLM model.
-OUTPUT_PROJECTIONS = {
-    "llama": "model.layers.{layer}.self_attn.o_proj",
-    "mistral": "model.layers.{layer}.self_attn.o_proj",
-    "qwen2": "model.layers.{layer}.self_attn.o_proj",
-    "qwen3": "model.layers.{layer}.self_attn.o_proj",
-    "gemma": "model.layers.{layer}.self_attn.o_proj",
-    "gemma2": "model.layers.{layer}.self_attn.o_proj",
-    "phi3": "model.layers.{layer}.self_attn.o_proj",
-    "phi": "model.layers.{layer}.self_attn.dense",
-    "gpt_neox": "gpt_neox.layers.{layer}.attention.dense",
-    "gpt2": "transformer.h.{layer}.attn.c_proj",
-}
-
-
-class HeadSpecError(ValueError):
-    """A user's head selection (or model) that cannot be resolved; the message is one line."""
-
-
-@dataclass(frozen=True)
-class AttentionLayout:
-    """The attention heads of one model: layers x heads, and where each layer's output projection is."""
-
-    model_type: str
-    num_layers: int
-    num_heads: int
-    projection_template: str
-
-    @classmethod
-    def from_config(cls, config) -> AttentionLayout:
-        """Read the layout from a transformers config alone, so head specs can be checked before loading weights."""
-        model_type = getattr(config, "model_type", None)
-        if model_type not in OUTPUT_PROJECTIONS:
-            known = ", ".join(sorted(OUTPUT_PROJECTIONS))
-            raise HeadSpecError(f"model type '{model_type}' has no known attention layout; supported: {known}")
-        # Multimodal wrappers keep the decoder settings in a text config.
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        return cls(
-            model_type=model_type,
-            num_layers=int(text_config.num_hidden_layers),
-            num_heads=int(text_config.num_attention_heads),
-            projection_template=OUTPUT_PROJECTIONS[model_type],
-        )
-
-    @classmethod
-    def from_model(cls, model: nn.Module) -> AttentionLayout:
-        """Read the layout of a loaded model (a transformers model, or a PEFT model wrapping one)."""
-        return cls.from_config(unwrap_model(model).config)
-
-    @property
-    def shape(self) -> str:
-        return f"{self.num_layers} layers x {self.num_heads} heads"
-
-    def projection_name(self, layer: int) -> str:
-        """Module path of layer `layer`'s output projection, relative to the causal-LM model."""
-        return self.projection_template.format(layer=layer)
-
-    def projection_names(self) -> list[str]:
-        return [self.projection_name(layer) for layer in range(self.num_layers)]
-
-    def layer_of(self, module_name: str) -> int | None:
-        """The layer index of an output projection given its module path (any prefix allowed), else None."""
-        pattern = re.escape(self.projection_template).replace(re.escape("{layer}"), r"(\d+)")
-        match = re.search(rf"(?:^|\.){pattern}$", module_name)
-        return int(match.group(1)) if match else None
-
-    def projections(self, model: nn.Module) -> list[nn.Module]:
-        """The output projection module of every layer, in layer order."""
-        base = unwrap_model(model)
-        return [base.get_submodule(self.projection_name(layer)) for layer in range(self.num_layers)]
-
-    def head_dim(self, model: nn.Module) -> int:
-        """Size of one head's output: the projection's input size over the number of heads.
-
-        Computed from the module rather than read from the config: `head_dim` is absent on some configs and
-        differs from hidden_size / heads on others (Gemma).
-        """
-        in_features = projection_in_features(self.projections(model)[0])
-        if in_features % self.num_heads:
-            raise HeadSpecError(
-                f"output projection input size {in_features} is not a multiple of {self.num_heads} heads"
-            )
-        return in_features // self.num_heads
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT or accelerate (DDP) wrapper."""
-    while True:
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        else:
-            return model
-
-
-def projection_in_features(module: nn.Module) -> int:
-    """Input size of an output projection: nn.Linear (also bitsandbytes), GPT-2's Conv1D or a PEFT wrapper of one."""
-    if hasattr(module, "get_base_layer"):
-        module = module.get_base_layer()
-    if hasattr(module, "in_features"):
-        return int(module.in_features)
-    if type(module).__name__ == "Conv1D":  # transformers' Conv1D stores its weight as (in, out)
-        return int(module.weight.shape[0])
-    raise HeadSpecError(f"cannot read the input size of {type(module).__name__}")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Head selection specs
-# ---------------------------------------------------------------------------------------------------------------------
+from .core.errors import HeadSpecError
+from .models.layout import AttentionLayout
 
 HEAD_SPEC_FORMS = "'all', 'L12H3,L14H0', 'layers:12-15', 'random:16' or 'probe:16'"
 _HEAD_ITEM = re.compile(r"^L(\d+)H(\d+)$", re.IGNORECASE)
@@ -259,3 +150,69 @@ def heads_by_layer(heads: list[tuple[int, int]]) -> dict[int, list[int]]:
     for layer, head in sorted(heads):
         grouped.setdefault(layer, []).append(head)
     return grouped
+
+
+def expand_head_specs(spec: str, heads_seed: int, heads_draws: int, layout: AttentionLayout) -> list[tuple[str, int]]:
+    """The (spec, seed) of every edit of a run: `single:K` is K distinct random single heads (the heads of
+    `random:K` with heads_seed, each as its own edit, e.g. `L3H7`); `random:N` with heads_draws K is K random sets
+    of N heads (seeds heads_seed .. heads_seed + K - 1); anything else is one edit."""
+    kind, _, arg = spec.strip().partition(":")
+    if kind.lower() == "single":
+        if not arg.strip().isdigit() or int(arg) < 1:
+            raise HeadSpecError(f"bad head spec '{spec}': single:K needs a count K >= 1, e.g. single:24")
+        if heads_draws != 1:
+            raise HeadSpecError(f"'{spec}' already sets the number of draws; remove heads_draws ({heads_draws})")
+        total = layout.num_layers * layout.num_heads
+        if int(arg) > total:
+            raise HeadSpecError(f"bad head count in '{spec}': expected 1 to {total} (model has {layout.shape})")
+        # Drawn as one set, so no head is trained twice (K independent random:1 draws would repeat heads).
+        heads = resolve_heads(f"random:{int(arg)}", layout, seed=heads_seed)
+        return [(format_heads([head]), heads_seed) for head in heads]
+    if heads_draws < 1:
+        raise HeadSpecError(f"heads_draws must be at least 1, got {heads_draws}")
+    if heads_draws > 1 and kind.lower() != "random":
+        raise HeadSpecError(f"heads_draws {heads_draws} needs a random:K head spec (every draw of '{spec}' is equal)")
+    return [(spec, heads_seed + i) for i in range(heads_draws)]
+
+
+def is_multi_edit(spec: str, heads_draws: int) -> bool:
+    """Whether a run trains several edits (`single:K`, or several draws of a random spec)."""
+    return heads_draws > 1 or spec.strip().lower().startswith("single:")
+
+
+def is_random_spec(spec: str) -> bool:
+    """Whether a spec draws its heads with heads_seed (`random:K`, `single:K`)."""
+    return str(spec).strip().lower().startswith(("random", "single"))
+
+
+def spec_count(spec: str) -> str:
+    """K of `random:K`, `probe:K` or `single:K`, as written."""
+    return str(spec).strip().partition(":")[2].strip()
+
+
+def head_family(spec: str) -> str:
+    """The family a head spec belongs to, for grouping runs (W&B groups, the report): all-heads, random-16,
+    single-head, probe-16, layers, explicit-3."""
+    kind, _, arg = spec.strip().lower().partition(":")
+    if kind == "all":
+        return "all-heads"
+    if kind == "random":
+        return "single-head" if arg.strip() == "1" else f"random-{arg.strip()}"
+    if kind == "layers":
+        return "layers"
+    if kind == "probe":
+        return f"probe-{arg.strip()}"
+    count = len(spec.split(","))
+    return "single-head" if count == 1 else f"explicit-{count}"
+
+
+def heads_slug(spec: str, heads_seed: int = 0, heads_draws: int = 1) -> str:
+    """A head spec as a directory name part: probe16, random16-hs3, L0H1_L1H3, single24-hs0 ..."""
+    slug = spec.strip().replace(":", "").replace(",", "_").replace(" ", "")
+    if is_random_spec(spec):
+        slug += f"-hs{heads_seed}"
+    if heads_draws > 1:
+        slug += f"x{heads_draws}"
+    if len(slug) > 40:
+        slug = slug[:24] + "-" + hashlib.sha1(slug.encode()).hexdigest()[:8]
+    return slug

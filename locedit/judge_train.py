@@ -1,233 +1,38 @@
-"""Fine-tune one's own truth or info judge on the GPT-judge data with TRL, and report its held-out accuracy.
+"""`locedit judge-train`: fine-tune one's own truth or info judge on the GPT-judge data with TRL.
 
     locedit judge-train --judge_data TruthfulQA/data/finetune_truth.jsonl --model_name_or_path meta-llama/Llama-2-7b-hf
     python -m locedit.judge_train --judge_data finetune_info.jsonl --judge_max_examples 2000 --num_train_epochs 1
 
-The data are TruthfulQA's judge fine-tuning sets (`finetune_truth.jsonl`, `finetune_info.jsonl`): prompt/completion
-pairs "Q: ...\\nA: ...\\nTrue:" -> " yes" or " no" ("Helpful:" for info), which is how GPT-judge and the open
-`allenai/truthfulqa-*-judge-llama2-7B` judges were made. TRL's SFTTrainer trains on the completion only
-(prompt-completion format). Whole questions are held out (`judge_eval_fraction` of them, drawn with `seed`), so the
-held-out accuracy is that of answers to questions the judge never saw: P(" yes") > 0.5 against the label, as
-`locedit eval` scores. The output directory is a judge: `locedit eval ... --eval_judge_truth hf:OUTPUT_DIR`.
+The output directory is a judge: `locedit eval ... --eval_judge_truth hf:OUTPUT_DIR` (`locedit.evaluation`).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import random
 import sys
-import warnings
-from dataclasses import dataclass, field
 
-import torch
-from trl import SFTConfig, SFTTrainer, TrlParser
+from trl import TrlParser
 
-from .config import ModelArguments
-from .data import DataError
-from .judges import HFJudge, aspect_of_prompt, verdicts
-from .recipe import USER_ERRORS, RecipeError
-from .tiny import resolve_model_path
-from .train import _write_json_atomic, load_model_and_tokenizer
+from .core.args import ModelArguments
+from .core.errors import run_cli
+from .core.recipe import config_argv, parse_dataclasses
+from .evaluation.judge_training import JudgeDataArguments, JudgeTrainConfig, train_judge
 
-
-@dataclass
-class JudgeDataArguments:
-    """The judge's training data and how much of it is held out."""
-
-    judge_data: str | None = field(
-        default=None,
-        metadata={
-            "help": "GPT-judge data: a local .jsonl/.json file of prompt/completion pairs (TruthfulQA's "
-            "data/finetune_truth.jsonl or finetune_info.jsonl) or a Hub data set ('name' or 'name:split')."
-        },
-    )
-    judge_eval_fraction: float = field(
-        default=0.1, metadata={"help": "Fraction of the questions held out (whole) to measure the judge's accuracy."}
-    )
-    judge_max_examples: int | None = field(
-        default=None, metadata={"help": "Use a seeded random slice of this many examples (quick runs)."}
-    )
-    judge_batch_size: int = field(default=16, metadata={"help": "Prompts per batch when scoring the held-out set."})
-
-
-@dataclass
-class JudgeTrainConfig(SFTConfig):
-    """TRL's SFTConfig with defaults that also work on a CPU and an output directory named after the judge."""
-
-    output_dir: str | None = field(
-        default=None, metadata={"help": "Where the judge goes; default outputs/judges/<truth|info>-<model>."}
-    )
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: on where supported."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
-    save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint."})
-    save_total_limit: int | None = field(default=1, metadata={"help": "Checkpoints kept (a judge is a full model)."})
-
-    def __post_init__(self):
-        self.output_dir_was_given = self.output_dir is not None
-        if self.output_dir is None:
-            self.output_dir = "outputs/judges/judge"  # replaced once the data says which judge it is
-        if self.bf16 is None:
-            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.fp16
-        super().__post_init__()
-
-
-def load_judge_data(source: str) -> list[dict]:
-    """prompt/completion rows of a local JSON Lines/JSON file or a Hub data set, checked to be judge data."""
-    import datasets
-
-    if not source:
-        raise RecipeError(
-            "judge-train needs --judge_data: TruthfulQA's data/finetune_truth.jsonl or finetune_info.jsonl"
-        )
-    path = os.path.expanduser(source)
-    if source.endswith((".json", ".jsonl")) or os.path.exists(path):
-        if not os.path.isfile(path):
-            raise DataError(f"judge data file not found: {source}")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        try:
-            loaded = json.loads(text) if path.endswith(".json") else None
-        except json.JSONDecodeError:
-            loaded = None  # JSON Lines under a .json name
-        try:
-            loaded = loaded if loaded is not None else [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as err:
-            raise DataError(f"judge data '{source}' is not JSON Lines: {err.msg}") from None
-    else:
-        name, _, split = source.partition(":")
-        try:
-            loaded = datasets.load_dataset(name, split=split or "train").to_list()
-        except (ConnectionError, FileNotFoundError, ValueError) as err:
-            raise DataError(f"could not load judge data '{source}': {str(err).splitlines()[0]}") from None
-    if not isinstance(loaded, list) or not all(isinstance(row, dict) for row in loaded):
-        raise DataError(f"judge data '{source}' must be records with prompt and completion fields")
-    missing = [column for column in ("prompt", "completion") if any(column not in row for row in loaded)]
-    if missing:
-        raise DataError(f"judge data '{source}' has records without {' or '.join(missing)} (need both)")
-    rows = [{"prompt": str(row["prompt"]), "completion": str(row["completion"])} for row in loaded]
-    labels = {row["completion"].strip() for row in rows}
-    if not rows or not labels <= {"yes", "no"}:
-        raise DataError(f"judge data '{source}': completions must be ' yes' or ' no', found {sorted(labels)[:5]}")
-    aspects = {aspect_of_prompt(row["prompt"]) for row in rows}
-    if None in aspects or len(aspects) != 1:
-        raise DataError(
-            f"judge data '{source}': every prompt must end in '\\nTrue:' (truth) or every one in '\\nHelpful:' (info)"
-        )
-    return rows
-
-
-def question_of(prompt: str) -> str:
-    return prompt.split("\nA:")[0]
-
-
-def split_by_question(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) rows, holding out `fraction` of the questions whole, drawn with `seed`."""
-    questions = sorted({question_of(row["prompt"]) for row in rows})
-    random.Random(seed).shuffle(questions)
-    count = round(fraction * len(questions))
-    if fraction > 0:
-        count = min(max(count, 1), len(questions) - 1)
-    held_out = set(questions[:count])
-    train = [row for row in rows if question_of(row["prompt"]) not in held_out]
-    return train, [row for row in rows if question_of(row["prompt"]) in held_out]
-
-
-def judge_accuracy(judge: HFJudge, rows: list[dict]) -> dict[str, float]:
-    """The judge's accuracy on labelled rows (P(" yes") > 0.5 against the label) and the share of yes labels."""
-    predictions = verdicts(judge.score_prompts([row["prompt"] for row in rows]))
-    labels = [row["completion"].strip() == "yes" for row in rows]
-    correct = sum(p == label for p, label in zip(predictions, labels, strict=True))
-    return {
-        "held_out_accuracy": correct / len(rows),
-        "held_out_examples": len(rows),
-        "held_out_questions": len({question_of(row["prompt"]) for row in rows}),
-        "held_out_yes_fraction": sum(labels) / len(rows),
-    }
-
-
-def main(data_args: JudgeDataArguments, model_args: ModelArguments, args: JudgeTrainConfig) -> dict:
-    """Train the judge, save it, score the held-out questions and write judge_metrics.json. Returns the metrics."""
-    import datasets
-    from accelerate import PartialState
-
-    if not 0 <= data_args.judge_eval_fraction < 1:
-        raise RecipeError(f"judge_eval_fraction must be in [0, 1), got {data_args.judge_eval_fraction}")
-    rows = load_judge_data(data_args.judge_data)
-    aspect = aspect_of_prompt(rows[0]["prompt"])
-    if data_args.judge_max_examples is not None:
-        if data_args.judge_max_examples < 2:
-            raise RecipeError(f"judge_max_examples must be at least 2, got {data_args.judge_max_examples}")
-        keep = sorted(random.Random(args.seed).sample(range(len(rows)), min(len(rows), data_args.judge_max_examples)))
-        rows = [rows[index] for index in keep]
-    train_rows, held_out = split_by_question(rows, data_args.judge_eval_fraction, args.seed)
-    if not train_rows:
-        raise DataError("judge data leaves no training example after holding out questions")
-    if not args.output_dir_was_given:
-        model_name = os.path.basename(os.path.normpath(model_args.model_name_or_path.replace("tiny:", "tiny-")))
-        args.output_dir = os.path.join("outputs", "judges", f"{aspect}-{model_name}")
-    model_path = resolve_model_path(model_args.model_name_or_path)
-    state = PartialState()
-    if state.is_main_process:
-        print(
-            f"locedit judge-train: {aspect} judge from {model_args.model_name_or_path} on {len(train_rows)} examples, "
-            f"{len(held_out)} held out ({data_args.judge_eval_fraction:g} of the questions) -> {args.output_dir}",
-            flush=True,
-        )
-    model, tokenizer = load_model_and_tokenizer(model_path, model_args, args.trust_remote_code)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=datasets.Dataset.from_list(train_rows),
-        processing_class=tokenizer,
-    )
-    train_result = trainer.train()
-    trainer.save_model(args.output_dir)
-    metrics = {
-        "aspect": aspect,
-        "model": model_args.model_name_or_path,
-        "judge_data": data_args.judge_data,
-        "train_examples": len(train_rows),
-        "train_loss": train_result.training_loss,
-    }
-    if held_out and trainer.is_world_process_zero():
-        trainer.model.eval()
-        judge = HFJudge.from_model(trainer.model, tokenizer, aspect, data_args.judge_batch_size, args.output_dir)
-        metrics.update(judge_accuracy(judge, held_out))
-    if trainer.is_world_process_zero():
-        _write_json_atomic(os.path.join(args.output_dir, "judge_metrics.json"), metrics)
-        if "held_out_accuracy" in metrics:
-            print(
-                f"locedit judge-train: held-out accuracy {metrics['held_out_accuracy']:.4f} on "
-                f"{metrics['held_out_examples']} answers to {metrics['held_out_questions']} unseen questions "
-                f"(yes share {metrics['held_out_yes_fraction']:.3f}); use it as hf:{args.output_dir}",
-                flush=True,
-            )
-    return metrics
+__all__ = ["main", "make_parser"]
 
 
 def make_parser() -> TrlParser:
     return TrlParser((JudgeDataArguments, ModelArguments, JudgeTrainConfig), prog="locedit judge-train")
 
 
+def main(data_args: JudgeDataArguments, model_args: ModelArguments, args: JudgeTrainConfig) -> dict:
+    """Train the judge, save it, score the held-out questions and write judge_metrics.json. Returns the metrics."""
+    return train_judge(data_args, model_args, args)
+
+
 def cli(argv: list[str] | None = None) -> int:
     """`locedit judge-train [RECIPE.yaml] [--key value ...]`: a user's mistake prints one line and exits 2."""
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
-        argv = ["--config", *argv]
-    try:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                data_args, model_args, args = make_parser().parse_args_and_config(argv)
-        except ValueError as err:
-            raise RecipeError(str(err).splitlines()[0]) from None
-        main(data_args, model_args, args)
-    except USER_ERRORS as err:
-        print(f"locedit: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    argv = config_argv(list(sys.argv[1:] if argv is None else argv))
+    return run_cli(lambda: main(*parse_dataclasses(make_parser(), argv)))
 
 
 if __name__ == "__main__":

@@ -1,228 +1,27 @@
 """`locedit sweep SWEEP.yaml`: run a W&B grid sweep file here, without W&B, one run at a time or one per GPU.
 
-The sweep files in `recipes/sweeps/` are ordinary W&B sweep files (`wandb sweep FILE`, then `wandb agent ID`). This
-command expands the same grid and builds each run's command line with W&B's own agent code, so a run started here
-is the run a W&B agent would start. Before anything runs, every run's arguments are parsed by the train entry
-point (a typo fails in seconds, not after a night of runs). A run whose output_dir already holds finished results
-(`metrics.json`) is skipped, so a stopped sweep resumes where it was; a run that fails is recorded with its error
-and the sweep goes on.
-
     locedit sweep recipes/sweeps/lr_single_head.yaml                 # one run at a time (or one per GPU)
     locedit sweep recipes/sweeps/random_heads_16_draws.yaml --gpus 0,1,2,3
     locedit sweep recipes/sweeps/tau_all_heads.yaml --dry_run        # list the runs and what is already done
+
+Every run's arguments are parsed by the train entry point before anything runs; finished runs are skipped; a failed
+run is recorded in `outputs/sweeps/<sweep>/runs.jsonl` and the sweep goes on (`locedit.pipelines.sweep`).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
-import json
 import os
-import queue
-import subprocess
 import sys
-import threading
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from .core.errors import run_cli
+from .pipelines.sweep import default_devices, plan_sweep, run_sweep
 
-from .recipe import USER_ERRORS, RecipeError, parse_recipe
-
-PROGRAM = "locedit.train"
-
-
-@dataclass
-class SweepRun:
-    """One run of a sweep: its hyperparameters, its command line and where its results go."""
-
-    index: int
-    params: dict
-    command: list[str]
-    output_dir: str
-
-    @property
-    def finished(self) -> bool:
-        return os.path.isfile(os.path.join(self.output_dir, "metrics.json"))
-
-    @property
-    def name(self) -> str:
-        return os.path.basename(os.path.normpath(self.output_dir))
+__all__ = ["cli", "main", "make_parser"]
 
 
-def load_sweep(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise RecipeError(f"sweep file '{path}' does not exist")
-    try:
-        with open(path) as f:
-            sweep = yaml.safe_load(f)
-    except yaml.YAMLError as err:
-        raise RecipeError(f"sweep file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(sweep, dict) or not isinstance(sweep.get("parameters"), dict):
-        raise RecipeError(f"sweep file '{path}' needs a 'parameters' mapping (a W&B sweep file)")
-    if sweep.get("method", "grid") != "grid":
-        raise RecipeError(
-            f"sweep file '{path}' uses method '{sweep['method']}'; locedit sweep runs grid sweeps "
-            "(use `wandb sweep` and `wandb agent` for random or bayes search)"
-        )
-    if sweep.get("program", PROGRAM) != PROGRAM:
-        raise RecipeError(f"sweep file '{path}' runs program '{sweep['program']}'; locedit sweep runs {PROGRAM}")
-    return sweep
-
-
-def grid(parameters: dict) -> list[dict]:
-    """Every combination of the grid, in the order of the file (the last parameter varies fastest)."""
-    names, choices = [], []
-    for name, spec in parameters.items():
-        if not isinstance(spec, dict) or not ({"value", "values"} & set(spec)):
-            raise RecipeError(f"sweep parameter '{name}' needs 'value' or 'values' (grid search)")
-        names.append(name)
-        choices.append(spec["values"] if "values" in spec else [spec["value"]])
-    return [dict(zip(names, combination, strict=True)) for combination in itertools.product(*choices)]
-
-
-def command_line(sweep: dict, params: dict) -> list[str]:
-    """The command a W&B agent would run for these parameters (W&B's own macro expansion)."""
-    from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
-
-    template = list(sweep.get("command") or ["${env}", "${interpreter}", "${program}", "${args}"])
-    macros = create_sweep_command_args({"args": {name: {"value": value} for name, value in params.items()}})
-    macros.update(interpreter=[sys.executable], program=[sweep.get("program", PROGRAM)], env=[])
-    command = []
-    for token in create_sweep_command(template):
-        token = str(token)
-        if token.startswith("${") and token.endswith("}"):
-            if token[2:-1] not in macros:
-                raise RecipeError(f"sweep command macro '{token}' is not supported here")
-            command += [str(part) for part in macros[token[2:-1]]]
-        else:
-            command.append(token)
-    return command
-
-
-def train_arguments(command: list[str]) -> list[str]:
-    """The arguments that reach `locedit.train` in a command (after `-m locedit.train` or the program path)."""
-    for index, token in enumerate(command):
-        if token == PROGRAM or token.endswith("locedit/train.py"):
-            return command[index + 1 :]
-    raise RecipeError(f"sweep command {' '.join(command)} does not run {PROGRAM}")
-
-
-def plan_sweep(path: str) -> list[SweepRun]:
-    """Expand and check every run of a sweep file, without starting any."""
-    from .train import default_output_dir
-
-    sweep = load_sweep(path)
-    runs, seen = [], {}
-    for index, params in enumerate(grid(sweep["parameters"])):
-        command = command_line(sweep, params)
-        try:
-            recipe = parse_recipe(train_arguments(command), prog="locedit.train")
-        except USER_ERRORS as err:
-            raise RecipeError(f"run {index} of '{path}' ({params}): {err}") from None
-        args = recipe.training
-        output_dir = (
-            args.output_dir if args.output_dir_was_given else default_output_dir(recipe.edit, args, recipe.name)
-        )
-        if output_dir in seen:
-            raise RecipeError(
-                f"runs {seen[output_dir]} and {index} of '{path}' would share output_dir '{output_dir}'; "
-                "every run of a sweep needs its own"
-            )
-        seen[output_dir] = index
-        runs.append(SweepRun(index, params, command, output_dir))
-    return runs
-
-
-def run_sweep(path: str, devices: list[str | None], log_dir: str) -> list[dict]:
-    """Run every unfinished run of the sweep, one per device at a time. Returns a record per run."""
-    runs = plan_sweep(path)
-    os.makedirs(log_dir, exist_ok=True)
-    records: list[dict] = []
-    lock = threading.Lock()
-    todo: queue.Queue = queue.Queue()
-    for run in runs:
-        if run.finished:
-            records.append(_record(run, "skipped", note="output_dir holds finished results"))
-            print(f"[{run.index + 1}/{len(runs)}] skip {run.name}: already finished", flush=True)
-        else:
-            todo.put(run)
-
-    def worker(device: str | None) -> None:
-        while True:
-            try:
-                run = todo.get_nowait()
-            except queue.Empty:
-                return
-            env = dict(os.environ)
-            if device is not None:
-                env["CUDA_VISIBLE_DEVICES"] = device
-            log_path = os.path.join(log_dir, f"{run.index:03d}-{run.name}.log")
-            where = f" on GPU {device}" if device is not None else ""
-            print(f"[{run.index + 1}/{len(runs)}] start {run.name}{where}", flush=True)
-            start = time.time()
-            with open(log_path, "w") as log:
-                returncode = subprocess.call(run.command, env=env, stdout=log, stderr=subprocess.STDOUT)
-            seconds = time.time() - start
-            if returncode == 0 and run.finished:
-                record = _record(run, "finished", seconds=seconds, log=log_path)
-            else:
-                error = _last_error(log_path) or f"exit code {returncode}"
-                record = _record(run, "failed", seconds=seconds, log=log_path, returncode=returncode, error=error)
-            print(
-                f"[{run.index + 1}/{len(runs)}] {record['status']} {run.name} ({seconds:.0f} s)"
-                + (f": {record['error']}" if record["status"] == "failed" else ""),
-                flush=True,
-            )
-            with lock:
-                records.append(record)
-                _append_jsonl(os.path.join(log_dir, "runs.jsonl"), record)
-
-    threads = [threading.Thread(target=worker, args=(device,)) for device in devices]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return sorted(records, key=lambda record: record["index"])
-
-
-def _record(run: SweepRun, status: str, **extra) -> dict:
-    return {
-        "index": run.index,
-        "status": status,
-        "params": run.params,
-        "output_dir": run.output_dir,
-        "command": run.command,
-        **extra,
-    }
-
-
-def _last_error(log_path: str) -> str:
-    """The line that says what went wrong: locedit's one-line error, else the last line of a traceback."""
-    lines = [line.strip() for line in Path(log_path).read_text(errors="replace").splitlines() if line.strip()]
-    for line in reversed(lines):
-        if line.startswith("locedit: error:"):
-            return line
-    for line in reversed(lines):
-        if "Error" in line or "Exception" in line:
-            return line[:500]
-    return lines[-1][:500] if lines else ""
-
-
-def _append_jsonl(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def default_devices() -> list[str | None]:
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return [str(i) for i in range(count)] or [None]
-
-
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="locedit sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -237,22 +36,21 @@ def main(argv: list[str] | None = None) -> int:
         "--log_dir", default=None, help="where run logs and runs.jsonl go; default outputs/sweeps/<sweep name>"
     )
     parser.add_argument("--dry_run", action="store_true", help="list the runs and whether each is finished")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    try:
-        if args.dry_run:
-            runs = plan_sweep(args.sweep)
-            for run in runs:
-                state = "finished" if run.finished else "to run"
-                print(f"{run.index:3d}  {state:8s}  {run.output_dir}  {run.params}")
-            print(f"{len(runs)} runs, {sum(run.finished for run in runs)} finished")
-            return 0
-        devices = [d.strip() for d in args.gpus.split(",")] if args.gpus else default_devices()
-        log_dir = args.log_dir or os.path.join("outputs", "sweeps", Path(args.sweep).stem)
-        records = run_sweep(args.sweep, devices, log_dir)
-    except USER_ERRORS as err:
-        print(f"locedit: error: {err}", file=sys.stderr)
-        return 2
+    return parser
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """List (dry run) or run the sweep; 1 when a run failed."""
+    if args.dry_run:
+        runs = plan_sweep(args.sweep)
+        for run in runs:
+            state = "finished" if run.finished else "to run"
+            print(f"{run.index:3d}  {state:8s}  {run.output_dir}  {run.params}")
+        print(f"{len(runs)} runs, {sum(run.finished for run in runs)} finished")
+        return 0
+    devices = [d.strip() for d in args.gpus.split(",")] if args.gpus else default_devices()
+    log_dir = args.log_dir or os.path.join("outputs", "sweeps", Path(args.sweep).stem)
+    records = run_sweep(args.sweep, devices, log_dir)
     counts = {status: sum(r["status"] == status for r in records) for status in ("finished", "skipped", "failed")}
     print(
         f"sweep {args.sweep}: {counts['finished']} finished, {counts['skipped']} skipped (done before), "
@@ -261,8 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if counts["failed"] else 0
 
 
-def cli(argv: list[str] | None = None) -> int:
-    return main(argv)
+def main(argv: list[str] | None = None) -> int:
+    """`locedit sweep SWEEP.yaml [--gpus ...] [--dry_run]`: a user's mistake prints one line and returns 2."""
+    args = make_parser().parse_args(argv)
+    return run_cli(lambda: sweep(args))
+
+
+cli = main
 
 
 if __name__ == "__main__":

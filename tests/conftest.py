@@ -31,7 +31,7 @@ ARCH_SETTINGS = {"qwen2": {"num_kv_heads": 2}}
 def tiny_model_dir(tmp_path_factory):
     """Factory: `tiny_model_dir(arch, **overrides)` gives the directory of a saved tiny model, built once per
     session for each distinct set of arguments."""
-    from locedit.tiny import build_tiny_model
+    from locedit.models.tiny import build_tiny_model
 
     built: dict[tuple, Path] = {}
 

@@ -24,7 +24,7 @@ from locedit.data import (  # noqa: E402
     validate_dataset_arg,
     validate_split_fractions,
 )
-from locedit.synthetic import max_synthetic_questions, synthetic_questions  # noqa: E402
+from locedit.data.synthetic import max_synthetic_questions, synthetic_questions  # noqa: E402
 
 TRUTHFULQA_CSV = Path(__file__).resolve().parents[2] / "shared/data/truthfulqa/TruthfulQA.csv"
 needs_truthfulqa = pytest.mark.skipif(

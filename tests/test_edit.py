@@ -17,8 +17,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from locedit.edit import EditLoadError, HeadEditConfig, HeadEditLayer, add_edit, edit_layers, edit_norms, load_edit
-from locedit.heads import AttentionLayout, resolve_heads
+from locedit.core.errors import EditLoadError
+from locedit.edit import HeadEditConfig, HeadEditLayer, add_edit, edit_layers, edit_norms, load_edit
+from locedit.heads import resolve_heads
+from locedit.models.layout import AttentionLayout
 
 SPEC_ONE_LAYER = "L1H1,L1H3"  # two non-adjacent heads of layer 1; layer 0 gets no adapter
 SPEC_TWO_LAYERS = "L0H2,L1H1,L1H3"

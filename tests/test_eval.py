@@ -17,27 +17,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig
 
-import locedit.eval as eval_module
+import locedit.evaluation.run as eval_module
+import locedit.rundir as rundir_module
 from locedit import add_edit, edit_layers, load_edit
-from locedit.eval import (
-    INSTRUCTION,
-    QA_PRIMER,
-    Target,
-    _load_source,
-    answer_logprobs,
-    build_prompt,
-    cli,
-    cut_answer,
-    expand_run_dirs,
-    generate_answers,
-    merged,
-    write_outputs,
-)
-from locedit.judges import JUDGE_KINDS, HFJudge, Judge
-from locedit.recipe import parse_recipe
-from locedit.tiny import _default_corpus
+from locedit.core.recipe import parse_recipe
+from locedit.eval import cli
+from locedit.evaluation.judges import JUDGE_KINDS, HFJudge, Judge
+from locedit.evaluation.plan import Target, _load_source
+from locedit.evaluation.prompts import INSTRUCTION, QA_PRIMER, build_prompt, cut_answer
+from locedit.evaluation.scoring import answer_logprobs, generate_answers, merged
+from locedit.models.tiny import _default_corpus
+from locedit.plan import make_plan
+from locedit.rundir import expand_run_dirs, write_evaluation, write_run_description
 from locedit.train import main as train_main
-from locedit.train import make_plan, write_run_description
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "recipes" / "tiny.yaml")
@@ -92,7 +84,7 @@ def write_run_dir(path: Path, base: Path, heads: str, seed: int, *flags: str) ->
     recipe = parse_recipe([TINY, "--model_name_or_path", str(base), "--dataset", "synthetic:40", "--heads", heads,
                            "--output_dir", str(path), *flags])  # fmt: skip
     plan = make_plan(recipe)
-    write_run_description(plan, recipe)
+    write_run_description(plan.output_dir, recipe, plan.heads, plan.layout, plan.splits)
     edited = add_edit(AutoModelForCausalLM.from_pretrained(base), plan.edit_config)
     generator = torch.Generator().manual_seed(seed)
     for layer in edit_layers(edited).values():
@@ -280,7 +272,7 @@ def test_truthfulqa_test_questions_carry_category_best_answer_and_mc_choices(sha
 def test_outputs_are_replaced_atomically_and_metrics_json_marks_a_finished_evaluation(tmp_path, monkeypatch):
     target = Target("x", None, str(tmp_path), ("synthetic", None, (0.6, 0.2, 0.2), 0, None), [0], "{question}", "")
     eval_dir = tmp_path / "eval"
-    write_outputs(target, [{"question_id": 0, "answer": "old"}], {"true": 0.1})
+    write_evaluation(target.output_dir, [{"question_id": 0, "answer": "old"}], {"true": 0.1})
     assert json.loads((eval_dir / "metrics.json").read_text()) == {"true": 0.1}
 
     # Interrupted while writing the new generations: the old pair stays as it was, complete.
@@ -290,15 +282,15 @@ def test_outputs_are_replaced_atomically_and_metrics_json_marks_a_finished_evalu
     with monkeypatch.context() as patch:
         patch.setattr(os, "replace", interrupted)
         with pytest.raises(KeyboardInterrupt):
-            write_outputs(target, [{"question_id": 0, "answer": "new"}], {"true": 0.9})
+            write_evaluation(target.output_dir, [{"question_id": 0, "answer": "new"}], {"true": 0.9})
     assert read_jsonl(eval_dir / "generations.jsonl") == [{"question_id": 0, "answer": "old"}]
     assert not (eval_dir / "metrics.json").exists()  # the old metrics no longer vouch for these generations
 
     # Interrupted after the generations: no metrics.json, so the evaluation does not look finished.
     with monkeypatch.context() as patch:
-        patch.setattr(eval_module, "_write_json_atomic", interrupted)
+        patch.setattr(rundir_module, "write_json_atomic", interrupted)
         with pytest.raises(KeyboardInterrupt):
-            write_outputs(target, [{"question_id": 0, "answer": "new"}], {"true": 0.9})
+            write_evaluation(target.output_dir, [{"question_id": 0, "answer": "new"}], {"true": 0.9})
     assert read_jsonl(eval_dir / "generations.jsonl") == [{"question_id": 0, "answer": "new"}]
     assert not (eval_dir / "metrics.json").exists()
     assert sorted(p.name for p in eval_dir.iterdir()) == ["generations.jsonl"]  # no temporary files left behind

@@ -6,15 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BertConfig, T5Config
 
-from locedit.heads import (
-    OUTPUT_PROJECTIONS,
-    AttentionLayout,
-    HeadSpecError,
-    format_heads,
-    heads_by_layer,
-    resolve_heads,
-)
-from locedit.tiny import TINY_ARCHITECTURES, tiny_config
+from locedit.core.errors import HeadSpecError
+from locedit.heads import format_heads, heads_by_layer, resolve_heads
+from locedit.models.layout import OUTPUT_PROJECTIONS, AttentionLayout
+from locedit.models.tiny import TINY_ARCHITECTURES, tiny_config
 
 
 def make_layout(num_layers: int = 6, num_heads: int = 4, model_type: str = "llama") -> AttentionLayout:

@@ -11,14 +11,14 @@ from transformers import AutoModelForCausalLM
 
 from locedit import cli as locedit_cli
 from locedit import load_edit
-from locedit.edit import edit_layers
-from locedit.eval import expand_run_dirs
-from locedit.heads import AttentionLayout, resolve_heads
-from locedit.iti import add_iti_edit, iti_vectors
-from locedit.probe import ProbeResult
-from locedit.recipe import parse_recipe
+from locedit.core.recipe import parse_recipe
+from locedit.edit import add_iti_edit, edit_layers, iti_vectors
+from locedit.heads import resolve_heads
+from locedit.locate import ProbeResult
+from locedit.models.layout import AttentionLayout
+from locedit.plan import make_plan
+from locedit.rundir import expand_run_dirs, write_run_description
 from locedit.train import main as train_main
-from locedit.train import make_plan, write_run_description
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PROBE = str(REPO / "recipes" / "tiny_probe.yaml")
@@ -151,7 +151,8 @@ def test_random_heads_are_the_same_sets_for_iti_and_trained_edits(tmp_path, prob
     assert locedit_cli.main(["iti", *common, "--output_dir", str(tmp_path / "iti")]) == 0
     recipe = parse_recipe([*common, "--output_dir", str(tmp_path / "trained")])
     plan = make_plan(recipe)
-    write_run_description(plan, recipe)  # what a trained run writes first
+    # What a trained run writes first:
+    write_run_description(plan.output_dir, recipe, plan.heads, plan.layout, plan.splits)
     iti_heads = json.loads((tmp_path / "iti" / "heads.json").read_text())
     trained_heads = json.loads((tmp_path / "trained" / "heads.json").read_text())
     assert iti_heads["heads"] == trained_heads["heads"] == [list(h) for h in plan.heads]

@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig
 
+from locedit.evaluation.judge_training import load_judge_data, split_by_question
+from locedit.evaluation.judges import JUDGE_KINDS, HFJudge, Judge, JudgeError, judge_prompt, make_judge, verdicts
 from locedit.judge_train import cli as judge_train_cli
-from locedit.judge_train import load_judge_data, split_by_question
-from locedit.judges import JUDGE_KINDS, HFJudge, Judge, JudgeError, judge_prompt, make_judge, verdicts
 
 API_KEY = "sk-test-0123456789"
 

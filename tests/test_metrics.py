@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from locedit.metrics import (
+from locedit.evaluation.metrics import (
     mc1,
     mc2,
     next_token_kl,

@@ -12,10 +12,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from locedit import AttentionLayout, load_edit, resolve_heads
-from locedit.heads import HeadSpecError
-from locedit.multi import EditBank, expand_head_specs, replicate_batch
-from locedit.recipe import parse_recipe
+from locedit.core.errors import HeadSpecError
+from locedit.core.recipe import parse_recipe
+from locedit.heads import expand_head_specs
 from locedit.train import main
+from locedit.training.multi import EditBank, replicate_batch
 
 # Short runs on 40 synthetic questions; a small max_grad_norm so that per-edit clipping is active at every step.
 COMMON = [

@@ -16,10 +16,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from locedit import cli as locedit_cli
-from locedit.activations import build_probe_examples, collect_head_activations
+from locedit.core.errors import HeadSpecError
+from locedit.core.recipe import parse_recipe
 from locedit.data import load_preference_splits, load_questions
-from locedit.heads import OUTPUT_PROJECTIONS, AttentionLayout, HeadSpecError, resolve_heads
-from locedit.probe import (
+from locedit.heads import head_family, resolve_heads
+from locedit.locate import (
     ProbeResult,
     compute_probe_result,
     fit_logistic_probes,
@@ -27,10 +28,11 @@ from locedit.probe import (
     mass_mean_directions,
     probe_accuracy,
 )
+from locedit.locate.activations import build_probe_examples, collect_head_activations
+from locedit.models.layout import OUTPUT_PROJECTIONS, AttentionLayout
+from locedit.models.tiny import BOS_TOKEN, EOS_TOKEN
+from locedit.plan import make_plan
 from locedit.probe import main as probe_main
-from locedit.recipe import parse_recipe
-from locedit.tiny import BOS_TOKEN, EOS_TOKEN
-from locedit.train import head_family, make_plan
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PROBE = str(REPO / "recipes" / "tiny_probe.yaml")
@@ -327,7 +329,7 @@ def test_probe_command_writes_a_complete_result_once(tmp_path, capsys, monkeypat
     def no_model(*args, **kwargs):
         raise AssertionError("the model ran again for the same data")
 
-    monkeypatch.setattr("locedit.probe.collect_head_activations", no_model)
+    monkeypatch.setattr("locedit.locate.stage.collect_head_activations", no_model)
     assert locedit_cli.main(["probe", TINY_PROBE, "--probe_output_dir", str(out)]) == 0
     assert "up to date" in capsys.readouterr().out
     # A new fit setting refits from the cached activations, still without the model.

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from locedit.report import find_runs, main, paired_bootstrap, permutation_p_value, verdict
+from locedit.report import main
+from locedit.reporting import find_runs, paired_bootstrap, permutation_p_value, verdict
 
 QUESTIONS = 80
 

@@ -10,8 +10,11 @@ import pytest
 
 from locedit import study
 from locedit.cli import main as locedit_main
+from locedit.core.errors import RecipeError
+from locedit.core.recipe import parse_recipe
 from locedit.data import load_questions
-from locedit.recipe import RecipeError, parse_recipe
+from locedit.pipelines import study as study_pipeline
+from locedit.reporting import study as study_report
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TOY = str(RECIPES / "toy.yaml")
@@ -25,23 +28,25 @@ def _settings(recipe) -> dict:
 
 
 def test_options_are_split_from_the_recipe_flags():
-    options, rest = study.parse_options([TOY, "--study_random", "3", "--beta", "0.3", "--study_lr_all", "0.02"])
+    options, rest = study_pipeline.parse_options(
+        [TOY, "--study_random", "3", "--beta", "0.3", "--study_lr_all", "0.02"]
+    )
     assert (options.random, options.single, options.lr_all, options.lr_single) == (3, 8, 0.02, None)
     assert rest == [TOY, "--beta", "0.3"]
     with pytest.raises(RecipeError, match="0 or more"):
-        study.parse_options([TOY, "--study_single", "-1"])
+        study_pipeline.parse_options([TOY, "--study_single", "-1"])
 
 
 def test_families_scale_the_learning_rate_as_the_paper():
     recipe = parse_recipe([TOY])
-    families = dict(study.family_flags(recipe, study.StudyOptions(random=3, single=2)))
+    families = dict(study_pipeline.family_flags(recipe, study_pipeline.StudyOptions(random=3, single=2)))
     assert list(families) == ["probe", "random", "single", "all"]
     assert families["probe"] == ["--heads", "probe:4"]
     assert families["random"] == ["--heads", "random:4", "--heads_draws", "3"]
     lr = recipe.training.learning_rate
     assert families["single"] == ["--heads", "single:2", "--learning_rate", f"{lr * 4:g}"]
     assert families["all"] == ["--heads", "all", "--learning_rate", f"{lr / 5:g}"]
-    only = study.family_flags(recipe, study.StudyOptions(random=0, single=0, lr_all=0.123))
+    only = study_pipeline.family_flags(recipe, study_pipeline.StudyOptions(random=0, single=0, lr_all=0.123))
     assert only == [("probe", ["--heads", "probe:4"]), ("all", ["--heads", "all", "--learning_rate", "0.123"])]
 
 
@@ -50,21 +55,21 @@ def test_families_scale_the_learning_rate_as_the_paper():
 )
 def test_toy_variant_recipes_are_the_study_families(variant, family):
     """Each toy_* recipe trains exactly what `locedit study recipes/toy.yaml` trains for its family."""
-    flags = dict(study.family_flags(parse_recipe([TOY]), study.StudyOptions()))[family]
+    flags = dict(study_pipeline.family_flags(parse_recipe([TOY]), study_pipeline.StudyOptions()))[family]
     assert _settings(parse_recipe([str(RECIPES / f"{variant}.yaml")])) == _settings(parse_recipe([TOY, *flags]))
 
 
 def test_study_recipe_is_checked_before_any_work():
     with pytest.raises(RecipeError, match="set heads to probe:K, not 'all'"):
-        study.check_study_recipe(parse_recipe([TOY, "--heads", "all"]))
+        study_pipeline.check_study_recipe(parse_recipe([TOY, "--heads", "all"]))
     with pytest.raises(RecipeError, match="same world.*dataset toy:entities=12"):
-        study.check_study_recipe(parse_recipe([TOY, "--dataset", "toy:entities=12"]))
+        study_pipeline.check_study_recipe(parse_recipe([TOY, "--dataset", "toy:entities=12"]))
     with pytest.raises(RecipeError, match="same world.*eval_corpus toy:seed=3"):
-        study.check_study_recipe(parse_recipe([TOY, "--eval_corpus", "toy:seed=3"]))
+        study_pipeline.check_study_recipe(parse_recipe([TOY, "--eval_corpus", "toy:seed=3"]))
     with pytest.raises(RecipeError, match="eval_judge_info: unknown toy setting 'x'"):
-        study.check_study_recipe(parse_recipe([TOY, "--eval_judge_info", "toy:x"]))
+        study_pipeline.check_study_recipe(parse_recipe([TOY, "--eval_judge_info", "toy:x"]))
     # Model settings may differ from the data's: only the world must be the same.
-    study.check_study_recipe(parse_recipe([TOY, "--model_name_or_path", "toy:layers=2"]))
+    study_pipeline.check_study_recipe(parse_recipe([TOY, "--model_name_or_path", "toy:layers=2"]))
 
 
 def test_study_command_reports_mistakes_in_one_line(capsys, tmp_path, monkeypatch):
@@ -83,12 +88,12 @@ def test_summary_and_tables():
         {"model": "r", "family": "random", "heads": "L0H1", "true": 0.6, "info": 0.5, "true_info": 0.3},
         {"model": "r", "family": "random", "heads": "L1H1", "true": 0.8, "info": 1.0, "true_info": 0.8},
     ]
-    summary = study.summary_rows(rows)
+    summary = study_report.summary_rows(rows)
     assert [row["family"] for row in summary] == ["base", "random"]
     random = summary[1]
     assert random["edits"] == 2 and random["best_true_info"] == 0.8
     assert random["true"] == pytest.approx(0.7) and random["true_info"] == pytest.approx(0.55)
-    table = study.format_table(rows).splitlines()
+    table = study_report.format_table(rows).splitlines()
     assert table[0].split("|")[1:-1] == [" model      ", " heads ", " True  ", " Info  ", " True*Info "]
     assert "| base model | -     | 0.500 | 1.000 | 0.500     |" == table[2]
     assert "KL" not in table[0]  # a column no row has is left out

@@ -15,8 +15,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from locedit.recipe import RecipeError
-from locedit.sweep import command_line, grid, load_sweep, plan_sweep, train_arguments
+from locedit.core.errors import RecipeError
+from locedit.pipelines.sweep import command_line, grid, load_sweep, plan_sweep, train_arguments
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "recipes" / "sweeps").glob("*.yaml"))

@@ -6,14 +6,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import locedit.tiny as tiny
-from locedit.tiny import (
-    TINY_ARCHITECTURES,
-    build_tiny_model,
-    build_tokenizer,
-    resolve_model_path,
-    tiny_config,
-)
+import locedit.models.tiny as tiny
+from locedit.models.sources import resolve_model_path
+from locedit.models.tiny import TINY_ARCHITECTURES, build_tiny_model, build_tokenizer, tiny_config
 
 # Layer 0's attention output projection (the module the edits wrap) and its class, per architecture.
 OUTPUT_PROJECTIONS = {

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from locedit.config import EvalArguments
+from locedit.core.args import EvalArguments
 from locedit.data import DataError, load_preference_splits, load_question_details, load_questions
-from locedit.eval import load_corpus
-from locedit.judges import JUDGE_KINDS, JudgeError, judge_prompt, make_judge, verdicts
-from locedit.tiny import resolve_model_path
+from locedit.evaluation.corpus import load_corpus
+from locedit.evaluation.judges import JUDGE_KINDS, JudgeError, judge_prompt, make_judge, verdicts
+from locedit.models.sources import resolve_model_path
 from locedit.toy import (
     NO_COMMENT,
     ToySettings,
@@ -278,7 +278,8 @@ def toy_model():
 
 def _stated(model, tokenizer, questions: list[dict], prefix: str = "") -> list[list[str]]:
     """The values the model's greedy answer states, for each question asked with the training prompt template."""
-    from locedit.eval import build_prompt, generate_answers
+    from locedit.evaluation.prompts import build_prompt
+    from locedit.evaluation.scoring import generate_answers
 
     prompts = [prefix + build_prompt(q["question"]) for q in questions]
     answers = generate_answers(model, tokenizer, prompts, max_new_tokens=8, batch_size=64)

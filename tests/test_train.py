@@ -12,11 +12,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BertConfig, LlamaConfig
 
-import locedit.config
+import locedit.core.args
 from locedit import load_edit
-from locedit.config import LocEditConfig
-from locedit.recipe import parse_recipe
-from locedit.train import cli, default_output_dir, main, setup_wandb
+from locedit.core.args import LocEditConfig
+from locedit.core.recipe import parse_recipe
+from locedit.core.tracking import wandb_tracking
+from locedit.heads import head_family
+from locedit.rundir import default_output_dir
+from locedit.train import cli, main
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -162,7 +165,7 @@ def test_paper_recipes_use_the_paper_settings():
 def test_paged_optimizer_falls_back_to_adamw_on_cpu_with_one_notice(tmp_path, caplog, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("paged optimizers run on this machine")
-    monkeypatch.setattr(locedit.config, "_warned", set())  # other tests parsed paper recipes in this process
+    monkeypatch.setattr(locedit.core.args, "_warned", set())  # other tests parsed paper recipes in this process
     for _ in range(3):  # a sweep parses one recipe per run: still one notice
         args = LocEditConfig(output_dir=str(tmp_path), optim="paged_adamw_32bit")
         assert args.optim.value == "adamw_torch"
@@ -175,14 +178,12 @@ def test_wandb_goes_offline_without_credentials_and_never_prompts(tmp_path, monk
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     monkeypatch.setenv("NETRC", str(tmp_path / "missing"))
     recipe = parse_recipe(["recipes/tiny.yaml", "--report_to", "wandb", "--heads", "random:1"])
-    edit_args, training_args = recipe.edit, recipe.training
+    training_args = recipe.training
+    training_args.output_dir = "outputs/tiny/random1-hs0"
 
-    class Plan:
-        output_dir = "outputs/tiny/random1-hs0"
-
-    setup_wandb(edit_args, training_args, Plan(), is_main=True)
-    assert os.environ["WANDB_MODE"] == "offline"
-    assert os.environ["WANDB_RUN_GROUP"] == "single-head" and training_args.run_name == "random1-hs0"
+    with wandb_tracking(training_args, recipe.edit.wandb_project, head_family(recipe.edit.heads)):
+        assert os.environ["WANDB_MODE"] == "offline"
+        assert os.environ["WANDB_RUN_GROUP"] == "single-head" and training_args.run_name == "random1-hs0"
     assert capsys.readouterr().err.count("offline") == 1
 
 

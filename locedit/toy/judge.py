@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..judges import Judge, JudgeError, judge_prompt, register_judge_kind
+from ..core.errors import JudgeError
+from ..evaluation.judges import Judge, judge_prompt, register_judge_kind
 from .world import TOY_PREFIX, ToySpecError, judge_answer, make_world, parse_toy_spec
 
 

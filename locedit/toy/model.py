@@ -1,7 +1,7 @@
 """The toy model: a small Llama pre-trained from scratch on the toy world's text, cached once per machine.
 
-`resolve_toy_model("toy")` (also `locedit.tiny.resolve_model_path`, so `model_name_or_path: toy` in a recipe) builds
-the tokenizer from the world's text (`locedit.tiny.build_tokenizer`), pre-trains the model on every document of the
+`resolve_toy_model("toy")` (registered as a model source, so `model_name_or_path: toy` in a recipe) builds the
+tokenizer from the world's text (`locedit.models.tiny.build_tokenizer`), pre-trains the model on every document of the
 world with transformers' `Trainer`, saves both with `save_pretrained` and caches the directory under
 `$LOCEDIT_CACHE/toy` keyed by the settings and the code that builds it. `toy_world.json` in the directory records
 the spec and the training run.
@@ -17,16 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..tiny import (
-    BOS_TOKEN_ID,
-    EOS_TOKEN_ID,
-    PAD_TOKEN_ID,
-    build_cached,
-    build_tokenizer,
-    cache_key,
-    cache_root,
-    tiny_config,
-)
+from ..core.cache import build_cached, cache_key, cache_root
+from ..models.tiny import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, build_tokenizer, tiny_config
 from . import world as world_module
 from .world import ToySettings, make_world, parse_toy_spec
 

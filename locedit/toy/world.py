@@ -21,7 +21,15 @@ import random
 import re
 from dataclasses import dataclass
 
-from ..data import TOY_PREFIX, DataError, is_toy_spec
+from ..core.errors import DataError
+
+TOY_PREFIX = "toy"
+
+
+def is_toy_spec(name) -> bool:
+    """Whether `name` is `toy` or `toy:...`: the toy world's data set, model, judge or corpus."""
+    return isinstance(name, str) and (name.strip() == TOY_PREFIX or name.strip().startswith(TOY_PREFIX + ":"))
+
 
 NO_COMMENT = "I have no comment."
 

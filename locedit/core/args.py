@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 import torch
 from trl import DPOConfig
 
-from .edit import EDIT_READS, EDIT_STRENGTHS
-
 logger = logging.getLogger(__name__)
+
+# What the edit strength reads, and what it is (locedit.edit): choices of the recipe fields below.
+EDIT_READS = ("all", "heads")
+EDIT_STRENGTHS = ("adaptive", "constant")
 
 
 @dataclass

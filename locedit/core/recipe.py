@@ -1,7 +1,7 @@
-"""One recipe for every stage: the argument sets, the parser, and one-line errors for a user's mistakes.
+"""One recipe for every stage: the argument sets and the parser.
 
-`train`, `probe`, `iti` and `eval` all read the same recipe file with the same parser, so one YAML describes a
-whole experiment and an unknown key is an error for every command alike.
+`train`, `probe`, `iti`, `eval` and `study` all read the same recipe file with the same parser, so one YAML describes
+a whole experiment and an unknown key is an error for every command alike.
 """
 
 from __future__ import annotations
@@ -9,25 +9,14 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from trl import TrlParser
 
-from .config import EditArguments, EvalArguments, LocEditConfig, ModelArguments, ProbeArguments
-from .data import DataError
-from .edit import EditLoadError
-from .heads import HeadSpecError
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot run; the message is one line."""
-
-
-# Mistakes a user can make in a recipe: reported in one line, never with a traceback.
-USER_ERRORS = (RecipeError, HeadSpecError, DataError, EditLoadError, FileNotFoundError)
+from .args import EditArguments, EvalArguments, LocEditConfig, ModelArguments, ProbeArguments
+from .errors import RecipeError
 
 
 @dataclass
@@ -48,14 +37,26 @@ def make_parser(prog: str = "locedit") -> TrlParser:
     return TrlParser(dataclass_types, prog=prog, allow_abbrev=False)
 
 
-def parse_recipe(argv: list[str] | None = None, prog: str = "locedit") -> Recipe:
-    """Parse a recipe file and CLI flags (flags override the file).
-
-    A leading positional `.yaml` is taken as `--config`, so `python -m locedit.train recipes/x.yaml` works.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
+def config_argv(argv: list[str]) -> list[str]:
+    """A leading positional `.yaml` is taken as `--config`, so `python -m locedit.train recipes/x.yaml` works."""
     if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
-        argv = ["--config", *argv]
+        return ["--config", *argv]
+    return list(argv)
+
+
+def parse_dataclasses(parser: TrlParser, argv: list[str]) -> tuple:
+    """TrlParser's recipe file + flags parse; its errors become one RecipeError line."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return parser.parse_args_and_config(argv)
+    except ValueError as err:
+        raise RecipeError(str(err).splitlines()[0]) from None
+
+
+def parse_recipe(argv: list[str] | None = None, prog: str = "locedit") -> Recipe:
+    """Parse a recipe file and CLI flags (flags override the file)."""
+    argv = config_argv(list(sys.argv[1:] if argv is None else argv))
     name = "cli"
     if "--config" in argv:
         index = argv.index("--config") + 1
@@ -64,12 +65,7 @@ def parse_recipe(argv: list[str] | None = None, prog: str = "locedit") -> Recipe
             raise RecipeError(f"recipe file '{config_path}' does not exist")
         name = Path(config_path).stem
         _check_recipe_keys(config_path, prog)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            edit, model, probe, evaluation, training = make_parser(prog).parse_args_and_config(argv)
-    except ValueError as err:
-        raise RecipeError(str(err).splitlines()[0]) from None
+    edit, model, probe, evaluation, training = parse_dataclasses(make_parser(prog), argv)
     return Recipe(edit=edit, model=model, probe=probe, eval=evaluation, training=training, name=name)
 
 
@@ -89,14 +85,3 @@ def _check_recipe_keys(config_path: str, prog: str) -> None:
             f"unknown recipe key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in '{config_path}' "
             f"(see {prog} --help)"
         )
-
-
-def run_command(main: Callable[[Recipe], object], argv: list[str] | None, prog: str) -> int:
-    """Parse a recipe and run a stage; a user's mistake prints one line `locedit: error: ...` and returns 2."""
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    try:
-        main(parse_recipe(argv, prog))
-    except USER_ERRORS as err:
-        print(f"locedit: error: {err}", file=sys.stderr)
-        return 2
-    return 0

@@ -18,12 +18,11 @@ A judge spec is `KIND:NAME`:
 - `none`: no judge (True/Info are not computed).
 
 An answer counts as yes when its score is above 0.5 (TruthfulQA counts >= 0.5; the two differ only at exactly 0.5).
-New kinds register with `register_judge_kind` (issue 5's `toy` judge, for instance).
+New kinds register with `register_judge_kind` (the toy world's plugin registers `toy`, for instance).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -34,7 +33,11 @@ import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
-from .recipe import RecipeError
+from ..core.errors import JudgeError
+from ..core.plugins import load_plugins
+from ..models.loading import batches, pad_id, pad_right
+from ..models.sources import resolve_model_path
+from .metrics import sequence_logprobs
 
 ASPECTS = {"truth": "True", "info": "Helpful"}
 DEFAULT_JUDGES = {
@@ -43,10 +46,6 @@ DEFAULT_JUDGES = {
 }
 YES = " yes"
 THRESHOLD = 0.5
-
-
-class JudgeError(RecipeError):
-    """A judge that cannot be used (not a causal LM, endpoint unreachable or unauthorised); one line."""
 
 
 def judge_prompt(question: str, answer: str, aspect: str) -> str:
@@ -143,8 +142,6 @@ class HFJudge(Judge):
     def check(self) -> None:
         from transformers import AutoConfig
 
-        from .tiny import resolve_model_path
-
         try:
             config = AutoConfig.from_pretrained(resolve_model_path(self.name))
         except (OSError, ValueError) as err:
@@ -160,8 +157,6 @@ class HFJudge(Judge):
             return
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from .tiny import resolve_model_path
 
         path = resolve_model_path(self.name)
         dtype = self.dtype if self.dtype in (None, "auto") else getattr(torch, self.dtype)
@@ -191,23 +186,18 @@ class HFJudge(Judge):
     def score_prompts(self, prompts: Sequence[str]) -> list[float]:
         import torch
 
-        from .metrics import sequence_logprobs
-
         self.load()
         scores: list[float] = []
         device = next(self.model.parameters()).device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        for start in range(0, len(prompts), self.batch_size):
+        for start in batches(len(prompts), self.batch_size, f"judging {self.aspect}"):
             batch = prompts[start : start + self.batch_size]
             rows, targets = [], []
             for prompt in batch:
                 ids, yes = self.split_yes(prompt)
                 rows.append(ids + yes)
                 targets.append([0] * len(ids) + [1] * len(yes))
-            width = max(len(row) for row in rows)
-            input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], device=device)
-            attention = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
-            target_mask = torch.tensor([t + [0] * (width - len(t)) for t in targets], device=device)
+            input_ids, attention = pad_right(rows, pad_id(self.tokenizer), device)
+            target_mask, _ = pad_right(targets, 0, device)
             with torch.no_grad():
                 logits = self.model(input_ids=input_ids, attention_mask=attention).logits
             scores += torch.exp(sequence_logprobs(logits, input_ids, target_mask)).tolist()
@@ -288,7 +278,7 @@ class OpenAIJudge(Judge):
 
     def score_prompts(self, prompts: Sequence[str], retries: int | None = None, timeout: float | None = None):
         scores: list[float] = []
-        for start in range(0, len(prompts), self.batch_size):
+        for start in batches(len(prompts), self.batch_size, f"judging {self.aspect}"):
             batch = list(prompts[start : start + self.batch_size])
             answer = self._request(batch, retries or self.retries, timeout or self.timeout_s)
             choices = sorted(answer.get("choices") or [], key=lambda choice: choice.get("index", 0))
@@ -320,9 +310,6 @@ def _error_detail(err: urllib.error.HTTPError) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 JUDGE_KINDS: dict[str, Callable[..., Judge]] = {"hf": HFJudge, "openai": OpenAIJudge}
-# Kinds defined in modules that import this one (so they cannot be imported here at load time): their module is
-# imported, and registers the kind, on first use.
-LAZY_JUDGE_KINDS = {"toy": "locedit.toy"}
 
 
 def register_judge_kind(kind: str, factory: Callable[..., Judge]) -> None:
@@ -335,10 +322,10 @@ def make_judge(spec: str | None, aspect: str, batch_size: int = 16, dtype: str =
     if spec is None or spec.strip().lower() in ("", "none"):
         return None
     kind, _, name = spec.strip().partition(":")
-    if kind not in JUDGE_KINDS and kind in LAZY_JUDGE_KINDS:
-        importlib.import_module(LAZY_JUDGE_KINDS[kind])
     if kind not in JUDGE_KINDS:
-        kinds = [k + ":MODEL" if k in ("hf", "openai") else k for k in {**JUDGE_KINDS, **LAZY_JUDGE_KINDS}]
+        load_plugins()  # a plugin's kind (the toy world's `toy`) registers when its plugin is imported
+    if kind not in JUDGE_KINDS:
+        kinds = [k + ":MODEL" if k in ("hf", "openai") else k for k in JUDGE_KINDS]
         raise JudgeError(f"{aspect} judge '{spec}': unknown kind '{kind}'; use one of {', '.join(kinds)} or none")
     if not name and kind in ("hf", "openai"):
         raise JudgeError(f"{aspect} judge '{spec}' names no model; write {kind}:MODEL")

@@ -3,7 +3,7 @@
 A probe example is `Q: {question} A: {answer} Q: {other_question}` (the template is configurable) with a correct
 (label 1) or incorrect (label 0) answer, built from the *training* questions only. A head's output is its slice of
 the input of its layer's attention output projection (eq. 2.1-2.2); it is read by a forward pre-hook on every
-projection, so one code path serves every layout `locedit.heads` knows.
+projection, so one code path serves every layout `locedit.models.layout` knows.
 
 Collected activations are saved in one safetensors file named by a key of everything they depend on (model, data,
 template, split, seed), so probing and ITI never run the model twice for the same examples.
@@ -24,8 +24,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .data import DataError
-from .heads import AttentionLayout
+from ..core.errors import DataError
+from ..core.files import atomic_path
+from ..models.layout import AttentionLayout
+from ..models.loading import model_input_device, pad_id, pad_right
 
 TEMPLATE_FIELDS = ("question", "answer", "other_question")
 # Bump when the meaning of saved activations changes, so old cache files are never read as new ones.
@@ -109,14 +111,6 @@ def activations_path(directory: str, key: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def model_input_device(model: nn.Module) -> torch.device:
-    """Where the inputs go: the device of the input embeddings (also for a model spread by a device map)."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
-        return embeddings.weight.device
-    return next(model.parameters()).device
-
-
 @torch.inference_mode()
 def collect_head_activations(
     model: nn.Module, tokenizer, texts: list[str], batch_size: int = 16, progress: bool = True
@@ -154,7 +148,6 @@ def collect_head_activations(
         projection.register_forward_pre_hook(hook_for(layer), with_kwargs=True)
         for layer, projection in enumerate(layout.projections(model))
     ]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
     # The logits are not needed: where the model allows it, compute them for one position only.
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     was_training = model.training
@@ -164,11 +157,7 @@ def collect_head_activations(
             for start in range(0, len(order), batch_size):
                 indices = order[start : start + batch_size]
                 lengths = torch.tensor([len(encoded[i]) for i in indices])
-                # Right padding: a causal model's activations at real tokens never see the pads after them.
-                input_ids = torch.full((len(indices), int(lengths.max())), pad_id, dtype=torch.long)
-                for row, i in enumerate(indices):
-                    input_ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-                mask = (torch.arange(input_ids.shape[1])[None] < lengths[:, None]).long()
+                input_ids, mask = pad_right([encoded[i] for i in indices], pad_id(tokenizer))
                 gather["rows"] = torch.arange(len(indices))
                 gather["last"] = lengths - 1
                 captured.clear()
@@ -200,9 +189,8 @@ def save_activations(path: str, activations: torch.Tensor, examples: ProbeExampl
         "labels": torch.tensor(examples.labels, dtype=torch.int8),
         "question_ids": torch.tensor(examples.question_ids, dtype=torch.int64),
     }
-    tmp = f"{path}.tmp"
-    save_file(tensors, tmp, metadata={key: json.dumps(value) for key, value in metadata.items()})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={key: json.dumps(value) for key, value in metadata.items()})
 
 
 def load_activations(path: str, examples: ProbeExamples | None = None) -> torch.Tensor | None:

@@ -7,9 +7,11 @@ the reference, so the first IPO loss is exactly 1 / (4 tau^2).
 
 from __future__ import annotations
 
+import os
+
 from trl import DPOTrainer
 
-from .edit import HeadEditConfig, edit_norms
+from ..edit import HeadEditConfig, edit_norms
 
 
 class LocEditTrainer(DPOTrainer):
@@ -32,3 +34,28 @@ def require_ipo(args) -> None:
     loss_type = getattr(args, "loss_type", ["ipo"])
     if "ipo" not in ([loss_type] if isinstance(loss_type, str) else list(loss_type)):
         raise ValueError("locedit trains edits with the IPO objective; set loss_type: ipo")
+
+
+def preference_datasets(plan) -> dict:
+    """The trainer's train and eval (validation) datasets: the pairs' prompt, chosen and rejected columns."""
+    columns = ["prompt", "chosen", "rejected"]
+    validation = plan.splits["validation"]
+    return {
+        "train_dataset": plan.splits["train"].select_columns(columns),
+        "eval_dataset": validation.select_columns(columns) if len(validation) else None,
+    }
+
+
+def train_and_validate(trainer, output_dir: str) -> dict:
+    """Train (resuming from the last checkpoint in output_dir, if any), then score the validation pairs."""
+    from accelerate import PartialState
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last_checkpoint = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if last_checkpoint and PartialState().is_main_process:
+        print(f"locedit: resuming from {last_checkpoint}", flush=True)
+    train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
+    metrics = {f"train_{k}" if not k.startswith("train_") else k: v for k, v in train_result.metrics.items()}
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    return metrics

@@ -1,52 +1,28 @@
-"""Preference pairs (prompt, chosen, rejected) for IPO/DPO, split by question so no question leaks between splits.
+"""Preference pairs (prompt, chosen, rejected) for IPO/DPO, and the questions they come from, split by question.
 
-Sources, picked by the `dataset` argument of `load_preference_splits`:
-
-- ``"synthetic"`` or ``"synthetic:N"``: N made-up questions from `locedit.synthetic` (no download).
-- ``"toy"`` or ``"toy:SETTINGS"``: the questions of the toy world (`locedit.toy`), which the toy model was trained on.
-- a local ``.csv``, ``.json``, ``.jsonl`` or ``.parquet`` file.
-- anything else is passed to `datasets.load_dataset` (a Hub id, or a local dataset folder); ``"owner/name:split"``
-  picks a split, otherwise a lone split or ``train`` is used.
-
-Two layouts are understood. Column names are matched case-insensitively with spaces read as underscores, so the
-original TruthfulQA CSV header (``Question``, ``Correct Answers``, ...) and the Hub's (``question``,
-``correct_answers``, ...) both work.
+Two layouts are understood (`locedit.data.sources` reads them):
 
 - question-style: ``question``, ``correct_answers``, ``incorrect_answers``. Answers are lists, or strings separated
   by ``;`` as in the TruthfulQA CSV. Every correct answer is paired with every incorrect answer of its question.
 - preference-style: ``prompt``, ``chosen``, ``rejected``, used as they are.
 """
 
-import csv
+from __future__ import annotations
+
 import json
 import logging
-import math
 import random
 import string
 import warnings
 from itertools import product
-from pathlib import Path
 
 import datasets
 
-from locedit.synthetic import synthetic_questions
+from ..core.errors import DataError
+from .sources import PREFERENCE_COLUMNS, column_names, detect_layout, load_rows, load_source
+from .splits import SPLIT_NAMES, split_units, validate_split_fractions
 
 logger = logging.getLogger(__name__)
-
-SUPPORTED_EXTENSIONS = (".csv", ".json", ".jsonl", ".parquet")
-# Other data-file endings, so that a typo such as "qa.tsv" is reported as a file problem, not sent to the Hub.
-_FILE_LIKE_EXTENSIONS = SUPPORTED_EXTENSIONS + (".tsv", ".txt", ".arrow", ".gz", ".zip", ".xlsx", ".pkl")
-QUESTION_COLUMNS = ("question", "correct_answers", "incorrect_answers")
-PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
-SPLIT_NAMES = ("train", "validation", "test")
-
-
-class DataError(ValueError):
-    """A problem with the user's data or data settings; its message is one line meant for the user."""
-
-
-class DataFileNotFoundError(DataError, FileNotFoundError):
-    """A local data file that does not exist (both a `DataError` and a `FileNotFoundError`)."""
 
 
 class DataWarning(UserWarning):
@@ -57,102 +33,6 @@ def _warn(message: str) -> None:
     warnings.warn(message, DataWarning, stacklevel=2)
 
 
-def _column_name(name: str) -> str:
-    return name.strip().lower().replace(" ", "_")
-
-
-def _synthetic_size(dataset: str) -> int | None:
-    """Returns the number of questions asked for by "synthetic[:N]", or None for any other dataset."""
-    name, _, size = dataset.partition(":")
-    if name != "synthetic":
-        return None
-    if not size:
-        return 120
-    if not size.isdigit() or int(size) < 1:
-        raise DataError(f"dataset {dataset!r}: expected 'synthetic' or 'synthetic:N' with N a positive integer")
-    return int(size)
-
-
-TOY_PREFIX = "toy"
-
-
-def is_toy_spec(name) -> bool:
-    """Whether `name` is `toy` or `toy:...`: the toy world's data set, model, judge or corpus (`locedit.toy`)."""
-    return isinstance(name, str) and (name.strip() == TOY_PREFIX or name.strip().startswith(TOY_PREFIX + ":"))
-
-
-def _toy_rows(dataset: str) -> list[dict]:
-    """The toy world's questions; a malformed spec is a DataError."""
-    # Imported here: importing locedit.toy registers its judge with locedit.judges, which imports this module.
-    from .toy.world import toy_questions
-
-    return toy_questions(dataset)
-
-
-def _looks_local(dataset: str) -> bool:
-    """True when `dataset` names something on disk rather than a Hub id."""
-    return (
-        Path(dataset).suffix.lower() in _FILE_LIKE_EXTENSIONS
-        or dataset.startswith(("/", "./", "../", "~"))
-        or Path(dataset).expanduser().exists()
-    )
-
-
-def validate_dataset_arg(dataset: str) -> None:
-    """Checks a `dataset` argument without loading anything, so a recipe can be rejected in seconds.
-
-    Hub ids are accepted as they are; whether they exist is only known when they are loaded.
-
-    Args:
-        dataset: The `dataset` argument of `load_preference_splits`.
-
-    Raises:
-        DataFileNotFoundError: If it names a local file that does not exist.
-        DataError: If it is a malformed "synthetic:N" or "toy:SETTINGS", or a local file of an unsupported type.
-    """
-    if not isinstance(dataset, str) or not dataset.strip():
-        raise DataError(f"dataset must be a non-empty string, got {dataset!r}")
-    if is_toy_spec(dataset):
-        _toy_rows(dataset)  # the world is generated once and cached: a bad spec is reported now, cheaply
-        return
-    if _synthetic_size(dataset) is not None or not _looks_local(dataset):
-        return
-    path = Path(dataset).expanduser()
-    if path.is_dir():
-        return  # a local dataset folder, read by datasets.load_dataset
-    if not path.exists():
-        raise DataFileNotFoundError(f"dataset file not found: {dataset}")
-    if path.suffix.lower() not in SUPPORTED_EXTENSIONS:
-        raise DataError(f"dataset file {path} has an unsupported type; use one of {', '.join(SUPPORTED_EXTENSIONS)}")
-
-
-def validate_split_fractions(split_fractions) -> tuple[float, float, float]:
-    """Checks that the split fractions are three non-negative numbers summing to 1.
-
-    Args:
-        split_fractions: Fractions of questions for train, validation and test.
-
-    Returns:
-        The fractions as a tuple of floats.
-
-    Raises:
-        DataError: If they are not three finite non-negative numbers summing to 1.
-    """
-    message = (
-        "split_fractions must be three non-negative numbers (train, validation, test) summing to 1, "
-        f"got {split_fractions!r}"
-    )
-    try:
-        fractions = tuple(float(value) for value in split_fractions)
-    except (TypeError, ValueError):
-        raise DataError(message) from None
-    if len(fractions) != 3 or not all(math.isfinite(f) and f >= 0 for f in fractions):
-        raise DataError(message)
-    if not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
-        raise DataError(message)
-    return fractions
-
-
 def _check_template(template: str, field: str, argument: str) -> None:
     """Requires `template` to use `{field}` and no other replacement field, so `.format` cannot fail later."""
     try:
@@ -161,131 +41,6 @@ def _check_template(template: str, field: str, argument: str) -> None:
         raise DataError(f"{argument} {template!r} is not a valid format string: {error}") from None
     if fields != {field}:
         raise DataError(f"{argument} must contain {{{field}}} and no other field, got {template!r}")
-
-
-def _read_csv(path: Path) -> list[dict]:
-    # utf-8-sig: spreadsheet exports often start with a byte-order mark, which would rename the first column.
-    with path.open(newline="", encoding="utf-8-sig") as file:
-        return list(csv.DictReader(file))
-
-
-def _read_json_lines(text: str, path: Path) -> list[dict]:
-    rows = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{line_number}: invalid JSON ({error.msg})") from None
-    return rows
-
-
-def _read_json(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        if error.msg == "Extra data":
-            # JSON Lines under a .json name, which is what `datasets.Dataset.to_json` writes.
-            return _read_json_lines(text, path)
-        raise DataError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
-    if isinstance(data, list):
-        return data
-    if isinstance(data, dict) and data and all(isinstance(value, list) for value in data.values()):
-        lengths = {len(value) for value in data.values()}
-        if len(lengths) == 1:  # a dict of columns, as pandas' to_json(orient="list") writes
-            return [dict(zip(data, values, strict=True)) for values in zip(*data.values(), strict=True)]
-    if isinstance(data, dict):
-        return [data]
-    raise DataError(f"{path}: expected a list of records, a dict of equal-length columns, or JSON Lines")
-
-
-def _read_local(path: Path) -> list[dict]:
-    """Reads the rows of a local data file as dicts."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".csv":
-            rows = _read_csv(path)
-        elif suffix == ".json":
-            rows = _read_json(path)
-        elif suffix == ".jsonl":
-            rows = _read_json_lines(path.read_text(encoding="utf-8"), path)
-        else:
-            import pyarrow.parquet  # installed with datasets; imported here as only parquet files need it
-
-            rows = pyarrow.parquet.read_table(path).to_pylist()
-    except DataError:
-        raise
-    except (OSError, ValueError) as error:  # undecodable text, corrupt parquet, ...
-        raise DataError(f"could not read {path}: {error}") from None
-    if not all(isinstance(row, dict) for row in rows):
-        raise DataError(f"{path}: every record must be an object with named fields")
-    return rows
-
-
-def _load_hub(dataset: str, dataset_config: str | None) -> list[dict]:
-    """Loads rows with `datasets.load_dataset`; "name:split" picks a split."""
-    name, _, split = dataset.partition(":")
-    try:
-        loaded = datasets.load_dataset(name, name=dataset_config, split=split or None)
-    except (ConnectionError, FileNotFoundError, ValueError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DataError(
-            f"could not load dataset {name!r} (config {dataset_config!r}) with datasets.load_dataset: {reason}"
-        ) from error
-    if isinstance(loaded, datasets.DatasetDict):
-        if len(loaded) == 1:
-            loaded = next(iter(loaded.values()))
-        elif "train" in loaded:
-            logger.info("%s has splits %s; using 'train' (pick another with '%s:<split>')", name, list(loaded), name)
-            loaded = loaded["train"]
-        else:
-            raise DataError(f"dataset {name!r} has splits {list(loaded)}; pick one with '{name}:<split>'")
-    return loaded.to_list()
-
-
-def _load_rows(dataset: str, dataset_config: str | None, seed: int) -> list[dict]:
-    """Loads the raw rows of any supported source, with normalised column names."""
-    validate_dataset_arg(dataset)
-    size = _synthetic_size(dataset)
-    if is_toy_spec(dataset):
-        rows = _toy_rows(dataset)  # the world has its own seed: `seed` only splits its questions
-    elif size is not None:
-        rows = synthetic_questions(size, seed=seed)
-    elif _looks_local(dataset) and Path(dataset).expanduser().is_file():
-        rows = _read_local(Path(dataset).expanduser())
-    else:
-        rows = _load_hub(dataset, dataset_config)
-    if not rows:
-        raise DataError(f"dataset {dataset!r} has no rows")
-    # DictReader stores surplus cells of a ragged CSV row under the key None; they belong to no column.
-    return [{_column_name(key): value for key, value in row.items() if isinstance(key, str)} for row in rows]
-
-
-def _columns(rows: list[dict]) -> list[str]:
-    return list(dict.fromkeys(key for row in rows for key in row))
-
-
-def _detect_layout(columns: list[str], dataset: str) -> str:
-    """Returns "preference" or "question", or raises a DataError naming the missing columns."""
-    if all(column in columns for column in PREFERENCE_COLUMNS):
-        return "preference"
-    if all(column in columns for column in QUESTION_COLUMNS):
-        return "question"
-    missing_question = [column for column in QUESTION_COLUMNS if column not in columns]
-    missing_preference = [column for column in PREFERENCE_COLUMNS if column not in columns]
-    # Name the missing columns of whichever layout the data is closer to.
-    if len(missing_question) < len(missing_preference):
-        missing = f"missing column(s) {', '.join(missing_question)} for question-style data"
-    elif len(missing_preference) < len(missing_question):
-        missing = f"missing column(s) {', '.join(missing_preference)} for preference-style data"
-    else:
-        missing = (
-            f"missing column(s) {', '.join(missing_question)} for question-style data "
-            f"or {', '.join(missing_preference)} for preference-style data"
-        )
-    raise DataError(f"dataset {dataset!r} is {missing}; found columns: {', '.join(columns) or 'none'}")
 
 
 def _answer_list(value) -> list[str]:
@@ -310,7 +65,7 @@ def _question_pairs(
     rows: list[dict], dataset: str, group_by: str | None, prompt_template: str, completion_template: str
 ) -> list[dict]:
     """Pairs every unique correct answer with every unique incorrect answer of each question."""
-    keep_category = "category" in _columns(rows)
+    keep_category = "category" in column_names(rows)
     unit_ids: dict = {}
     pairs = []
     empty_answers = questions_with_empty = duplicate_answers = 0
@@ -374,7 +129,7 @@ def _is_blank(value) -> bool:
 
 def _preference_pairs(rows: list[dict], dataset: str, group_by: str | None) -> list[dict]:
     """Takes prompt/chosen/rejected rows as they are; rows sharing a prompt (or `group_by` value) form one unit."""
-    keep_category = "category" in _columns(rows)
+    keep_category = "category" in column_names(rows)
     unit_ids: dict = {}
     pairs = []
     blank_rows = identical_pairs = 0
@@ -408,29 +163,6 @@ def _cap_pairs(pairs: list[dict], max_pairs_per_question: int, seed: int) -> lis
     for indices in by_unit.values():
         kept.extend(indices if len(indices) <= max_pairs_per_question else rng.sample(indices, max_pairs_per_question))
     return [pairs[index] for index in sorted(kept)]
-
-
-def _split_units(unit_ids: list[int], fractions: tuple[float, float, float], seed: int) -> dict[str, set[int]]:
-    """Shuffles the question ids with `seed` and cuts them by `fractions` into train, validation and test."""
-    order = sorted(unit_ids)
-    random.Random(seed).shuffle(order)
-    first = round(fractions[0] * len(order))
-    second = min(len(order), max(first, round((fractions[0] + fractions[1]) * len(order))))
-    return dict(zip(SPLIT_NAMES, (set(order[:first]), set(order[first:second]), set(order[second:])), strict=True))
-
-
-def _load_source(dataset: str, dataset_config: str | None, seed: int, group_by: str | None):
-    """The rows of a data set, its layout (question- or preference-style) and the checked group_by column."""
-    rows = _load_rows(dataset, dataset_config, seed)
-    columns = _columns(rows)
-    layout = _detect_layout(columns, dataset)
-    if group_by is not None:
-        group_by = _column_name(group_by)
-        if group_by not in columns:
-            raise DataError(
-                f"group_by column {group_by!r} is not in dataset {dataset!r}; found columns: {', '.join(columns)}"
-            )
-    return rows, layout, group_by
 
 
 def load_preference_splits(
@@ -481,7 +213,7 @@ def load_preference_splits(
     ):
         raise DataError(f"max_pairs_per_question must be a positive integer or None, got {max_pairs_per_question!r}")
 
-    rows, layout, group_by = _load_source(dataset, dataset_config, seed, group_by)
+    rows, layout, group_by = load_source(dataset, dataset_config, seed, group_by)
     if layout == "question":
         pairs = _question_pairs(rows, dataset, group_by, prompt_template, completion_template)
     else:
@@ -491,7 +223,7 @@ def load_preference_splits(
     if max_pairs_per_question is not None:
         pairs = _cap_pairs(pairs, max_pairs_per_question, seed)
 
-    units = _split_units(list({pair["question_id"] for pair in pairs}), fractions, seed)
+    units = split_units(list({pair["question_id"] for pair in pairs}), fractions, seed)
     total = sum(len(members) for members in units.values())
     for name, fraction in zip(SPLIT_NAMES, fractions, strict=True):
         if fraction > 0 and not units[name]:
@@ -568,11 +300,11 @@ def load_questions(
         DataError: For bad arguments, unreadable files, missing columns or data with no usable question.
     """
     fractions = validate_split_fractions(split_fractions)
-    rows, layout, group_by = _load_source(dataset, dataset_config, seed, group_by)
+    rows, layout, group_by = load_source(dataset, dataset_config, seed, group_by)
     records = _question_records(rows, layout, dataset, group_by)
     if not records:
         raise DataError(f"dataset {dataset!r} gives no question with both a correct and an incorrect answer")
-    units = _split_units(list({record["question_id"] for record in records}), fractions, seed)
+    units = split_units(list({record["question_id"] for record in records}), fractions, seed)
     split_of = {unit: name for name, members in units.items() for unit in members}
     features = datasets.Features(
         {
@@ -613,8 +345,8 @@ def load_question_details(dataset: str, dataset_config: str | None = "generation
         DataError: For preference-style data (it has no questions to generate answers for), or a source that
             cannot be read.
     """
-    rows = _load_rows(dataset, dataset_config, seed)
-    if _detect_layout(_columns(rows), dataset) != "question":
+    rows = load_rows(dataset, dataset_config, seed)
+    if detect_layout(column_names(rows), dataset) != "question":
         raise DataError(
             f"dataset {dataset!r} is preference-style (prompt/chosen/rejected); evaluating generations needs "
             "question-style data (question, correct_answers, incorrect_answers)"

@@ -2,26 +2,16 @@
 
 Each model is saved with `save_pretrained` next to a locally trained byte-level BPE tokenizer, so it loads through
 the same `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained` path as a real model.
-`resolve_model_path("tiny:llama")` builds such a model once, caches it on disk and returns its directory.
+`model_name_or_path: tiny:llama` (`locedit.models.sources`) builds such a model once and caches it on disk.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
-import tokenizers
 import torch
-import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedTokenizerFast
-
-from .data import is_toy_spec
 
 # Special tokens get the first ids, in this order (the BPE trainer assigns them first).
 PAD_TOKEN = "<|pad|>"
@@ -46,8 +36,6 @@ CHAT_TEMPLATE = (
 )
 
 TINY_ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma", "phi3", "phi", "gpt2", "gpt_neox", "qwen3")
-
-TINY_PREFIX = "tiny:"
 
 
 def _default_corpus() -> list[str]:
@@ -235,75 +223,3 @@ def build_tiny_model(
 
 # What `tiny:ARCH` builds: build_tiny_model's defaults, written out because they are part of the cache key.
 TINY_DEFAULTS = {"num_layers": 2, "hidden_size": 64, "num_heads": 4, "seed": 0}
-
-
-def cache_root() -> Path:
-    """Where locedit caches the models it builds: `$LOCEDIT_CACHE`, by default `~/.cache/locedit`."""
-    return Path(os.environ.get("LOCEDIT_CACHE") or Path.home() / ".cache" / "locedit")
-
-
-def tiny_cache_dir() -> Path:
-    """Where `tiny:` models are cached: `$LOCEDIT_CACHE/tiny`, by default `~/.cache/locedit/tiny`."""
-    return cache_root() / "tiny"
-
-
-def cache_key(settings: dict, sources: list[Path]) -> str:
-    """A short hash of what a cached model depends on: its settings, the source of the code that builds it, and the
-    library versions (a config saved by one transformers version may not load in an older one)."""
-    blob = json.dumps(
-        {
-            "settings": settings,
-            "sources": [hashlib.sha256(Path(source).read_bytes()).hexdigest() for source in sources],
-            "transformers": transformers.__version__,
-            "tokenizers": tokenizers.__version__,
-            "torch": torch.__version__,
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def build_cached(target: Path, build: Callable[[Path], object]) -> Path:
-    """`target`, built by `build(directory)` first if it does not exist yet; returns `target`.
-
-    Safe when several processes ask for the same target at once: each builds into its own temporary directory
-    and renames it into place; a loser of the race discards its copy and uses the winner's.
-    """
-    target = Path(target)
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        build(tmp)
-        try:
-            # Renaming a directory is atomic and fails if the target exists and is not empty.
-            os.rename(tmp, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _cache_key(arch: str) -> str:
-    # This file's source is in the key so that any change to how models are built invalidates old copies.
-    return cache_key({"arch": arch, **TINY_DEFAULTS}, [Path(__file__)])
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """Turn `tiny:ARCH` into the directory of a cached tiny model, and `toy` / `toy:SETTINGS` into that of the toy
-    world's pre-trained model (`locedit.toy`), building them on first use; pass anything else on."""
-    if is_toy_spec(name_or_path):
-        from .toy.model import resolve_toy_model  # here: the toy model is built with this module's tokenizer
-
-        return resolve_toy_model(name_or_path)
-    if not name_or_path.startswith(TINY_PREFIX):
-        return name_or_path
-    arch = name_or_path[len(TINY_PREFIX) :]
-    if arch not in TINY_ARCHITECTURES:
-        valid = ", ".join(TINY_PREFIX + name for name in TINY_ARCHITECTURES)
-        raise ValueError(f"unknown tiny model {name_or_path!r}; valid: {valid}")
-    target = tiny_cache_dir() / f"{arch}-{_cache_key(arch)}"
-    return str(build_cached(target, lambda tmp: build_tiny_model(arch, tmp, **TINY_DEFAULTS)))

@@ -31,38 +31,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from trl import DPOTrainer
 
-from .edit import HeadEditConfig, head_mask, initial_read_vector
-from .heads import AttentionLayout, HeadSpecError, format_heads, heads_by_layer, resolve_heads
-from .trainer import require_ipo
+from ..core.errors import HeadSpecError
+from ..core.files import atomic_path
+from ..edit import HeadEditConfig, head_mask, initial_read_vector
+from ..heads import expand_head_specs, heads_by_layer, resolve_heads
+from ..models.layout import AttentionLayout
+from ..rundir import default_output_dir, write_metrics, write_run_description
+from .trainer import preference_datasets, require_ipo, train_and_validate
 
 BANK_FILE = "locedit_bank.safetensors"
-
-
-def expand_head_specs(spec: str, heads_seed: int, heads_draws: int, layout: AttentionLayout) -> list[tuple[str, int]]:
-    """The (spec, seed) of every edit of a run: `single:K` is K distinct random single heads (the heads of
-    `random:K` with heads_seed, each as its own edit, e.g. `L3H7`); `random:N` with heads_draws K is K random sets
-    of N heads (seeds heads_seed .. heads_seed + K - 1); anything else is one edit."""
-    kind, _, arg = spec.strip().partition(":")
-    if kind.lower() == "single":
-        if not arg.strip().isdigit() or int(arg) < 1:
-            raise HeadSpecError(f"bad head spec '{spec}': single:K needs a count K >= 1, e.g. single:24")
-        if heads_draws != 1:
-            raise HeadSpecError(f"'{spec}' already sets the number of draws; remove heads_draws ({heads_draws})")
-        total = layout.num_layers * layout.num_heads
-        if int(arg) > total:
-            raise HeadSpecError(f"bad head count in '{spec}': expected 1 to {total} (model has {layout.shape})")
-        # Drawn as one set, so no head is trained twice (K independent random:1 draws would repeat heads).
-        heads = resolve_heads(f"random:{int(arg)}", layout, seed=heads_seed)
-        return [(format_heads([head]), heads_seed) for head in heads]
-    if heads_draws < 1:
-        raise HeadSpecError(f"heads_draws must be at least 1, got {heads_draws}")
-    if heads_draws > 1 and kind.lower() != "random":
-        raise HeadSpecError(f"heads_draws {heads_draws} needs a random:K head spec (every draw of '{spec}' is equal)")
-    return [(spec, heads_seed + i) for i in range(heads_draws)]
-
-
-def is_multi_edit(spec: str, heads_draws: int) -> bool:
-    return heads_draws > 1 or spec.strip().lower().startswith("single:")
 
 
 class EditBank(nn.Module):
@@ -168,7 +145,8 @@ class EditBank(nn.Module):
             if a is not None:
                 tensors[f"{prefix}.lora_A.weight"] = a.detach().float().cpu().clone()[None]
             tensors[f"{prefix}.lora_B.weight"] = b.detach().float().cpu().clone()[None]
-        save_file(tensors, os.path.join(output_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+        with atomic_path(os.path.join(output_dir, "adapter_model.safetensors")) as tmp:
+            save_file(tensors, tmp, metadata={"format": "pt"})
         config.save_pretrained(output_dir)
 
 
@@ -243,8 +221,6 @@ class EditRun:
 
 def plan_edits(recipe, plan) -> list[EditRun]:
     """Resolve every edit of a multi-edit run (before any weights are loaded)."""
-    from .train import default_output_dir
-
     edit_args, args = recipe.edit, recipe.training
     runs = []
     for spec, seed in expand_head_specs(edit_args.heads, edit_args.heads_seed, edit_args.heads_draws, plan.layout):
@@ -262,11 +238,9 @@ def plan_edits(recipe, plan) -> list[EditRun]:
     return runs
 
 
-def main(recipe, plan, model, tokenizer) -> dict:
+def train_multi_edit(recipe, plan, model, tokenizer) -> dict:
     """Train every edit of the recipe in one pass per step; write one ordinary run directory per edit."""
     from accelerate import PartialState
-
-    from .train import _write_json_atomic, preference_datasets, train_and_validate, write_run_description
 
     args = recipe.training
     if not args.precompute_ref_log_probs:
@@ -292,14 +266,10 @@ def main(recipe, plan, model, tokenizer) -> dict:
         for index, run in enumerate(runs):
             edit_recipe = copy.copy(recipe)
             edit_recipe.edit = replace(recipe.edit, heads=run.spec, heads_seed=run.seed, heads_draws=1)
-            edit_plan = replace(plan, heads=run.heads, edit_config=run.config, output_dir=run.output_dir)
-            write_run_description(edit_plan, edit_recipe)
+            write_run_description(run.output_dir, edit_recipe, run.heads, layout, plan.splits, plan.probe_dir)
             bank.save_edit(index, run.config, layout, run.output_dir)
-            shared = {**metrics, "multi_edit_run": plan.output_dir, "multi_edit_index": index}
-            _write_json_atomic(os.path.join(run.output_dir, "metrics.json"), shared)
-        _write_json_atomic(
-            os.path.join(plan.output_dir, "metrics.json"), {**metrics, "edits": [run.output_dir for run in runs]}
-        )
+            write_metrics(run.output_dir, {**metrics, "multi_edit_run": plan.output_dir, "multi_edit_index": index})
+        write_metrics(plan.output_dir, {**metrics, "edits": [run.output_dir for run in runs]})
     if hasattr(trainer, "end"):
         trainer.end()
     return metrics

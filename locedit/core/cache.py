@@ -1,0 +1,60 @@
+"""What locedit builds once and keeps: the cache directory, its keys, and building an entry safely."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """Where locedit caches the models it builds: `$LOCEDIT_CACHE`, by default `~/.cache/locedit`."""
+    return Path(os.environ.get("LOCEDIT_CACHE") or Path.home() / ".cache" / "locedit")
+
+
+def cache_key(settings: dict, sources: list[Path]) -> str:
+    """A short hash of what a cached model depends on: its settings, the source of the code that builds it, and the
+    library versions (a config saved by one transformers version may not load in an older one)."""
+    import tokenizers
+    import torch
+    import transformers
+
+    blob = json.dumps(
+        {
+            "settings": settings,
+            "sources": [hashlib.sha256(Path(source).read_bytes()).hexdigest() for source in sources],
+            "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
+            "torch": torch.__version__,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def build_cached(target: Path, build: Callable[[Path], object]) -> Path:
+    """`target`, built by `build(directory)` first if it does not exist yet; returns `target`.
+
+    Safe when several processes ask for the same target at once: each builds into its own temporary directory
+    and renames it into place; a loser of the race discards its copy and uses the winner's.
+    """
+    target = Path(target)
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            # Renaming a directory is atomic and fails if the target exists and is not empty.
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

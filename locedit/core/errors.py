@@ -1,0 +1,60 @@
+"""Every mistake a user can make is a `LocEditError` whose message is one line; `run_cli` prints it as such.
+
+The subclasses say which stage found the mistake; commands never need to know them all, only the root.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+
+class LocEditError(ValueError):
+    """A user's mistake (recipe, data, heads, model, judge, ...); the message is one line meant for the user."""
+
+
+class RecipeError(LocEditError):
+    """A recipe that cannot run."""
+
+
+class DataError(LocEditError):
+    """A problem with the user's data or data settings."""
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+    """A local data file that does not exist (both a `DataError` and a `FileNotFoundError`)."""
+
+
+class HeadSpecError(LocEditError):
+    """A head selection (or model) that cannot be resolved."""
+
+
+class EditLoadError(LocEditError):
+    """A saved edit that does not fit the model it is loaded onto."""
+
+
+class JudgeError(RecipeError):
+    """A judge that cannot be used (not a causal LM, endpoint unreachable or unauthorised)."""
+
+
+class ProbeResultError(RecipeError):
+    """A probe result that is missing, unreadable, or made for another model."""
+
+
+# What a user's mistake raises: locedit's own errors, and a file named on the command line that does not exist.
+USER_ERRORS = (LocEditError, FileNotFoundError)
+
+
+def run_cli(main: Callable[[], object]) -> int:
+    """Run a command; a user's mistake prints one line `locedit: error: ...` and returns 2 (no traceback).
+
+    Returns the command's own exit code when it returns an int (a sweep with failed runs: 1), else 0.
+    """
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        result = main()
+    except USER_ERRORS as err:
+        print(f"locedit: error: {err}", file=sys.stderr)
+        return 2
+    return result if type(result) is int else 0

@@ -1,0 +1,250 @@
+"""Where preference data comes from: named sources (`synthetic`, plugins such as `toy`), local files, the Hub.
+
+`dataset:` in a recipe is a named source (`synthetic` or `synthetic:N`; a plugin's, e.g. `toy` or `toy:SETTINGS`),
+a local `.csv`, `.json`, `.jsonl` or `.parquet` file, or anything `datasets.load_dataset` takes (a Hub id, or a local
+dataset folder; `owner/name:split` picks a split, otherwise a lone split or `train` is used). Column names are
+matched case-insensitively with spaces read as underscores, so the original TruthfulQA CSV header (`Question`,
+`Correct Answers`, ...) and the Hub's (`question`, `correct_answers`, ...) both work.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from ..core.errors import DataError, DataFileNotFoundError
+from ..core.plugins import load_plugins
+from .synthetic import synthetic_questions
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_EXTENSIONS = (".csv", ".json", ".jsonl", ".parquet")
+# Other data-file endings, so that a typo such as "qa.tsv" is reported as a file problem, not sent to the Hub.
+_FILE_LIKE_EXTENSIONS = SUPPORTED_EXTENSIONS + (".tsv", ".txt", ".arrow", ".gz", ".zip", ".xlsx", ".pkl")
+QUESTION_COLUMNS = ("question", "correct_answers", "incorrect_answers")
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A named source of question-style rows. `rows(spec, seed)` makes them; `check(spec)` rejects a malformed spec
+    cheaply (before any weights load)."""
+
+    rows: Callable[[str, int], list[dict]]
+    check: Callable[[str], object]
+
+
+DATA_SOURCES: dict[str, DataSource] = {}
+
+
+def register_data_source(name: str, rows: Callable[[str, int], list[dict]], check: Callable[[str], object]) -> None:
+    """Make `dataset: NAME` and `dataset: NAME:SETTINGS` load through `rows(spec, seed)`."""
+    DATA_SOURCES[name] = DataSource(rows, check)
+
+
+def named_source(dataset: str) -> DataSource | None:
+    """The registered source a `dataset` value names, or None for a file or a Hub id."""
+    name = dataset.strip().partition(":")[0]
+    if name not in DATA_SOURCES:
+        load_plugins()
+    return DATA_SOURCES.get(name)
+
+
+def synthetic_size(dataset: str) -> int:
+    """The number of questions "synthetic[:N]" asks for."""
+    size = dataset.partition(":")[2]
+    if not size:
+        return 120
+    if not size.isdigit() or int(size) < 1:
+        raise DataError(f"dataset {dataset!r}: expected 'synthetic' or 'synthetic:N' with N a positive integer")
+    return int(size)
+
+
+register_data_source(
+    "synthetic", lambda spec, seed: synthetic_questions(synthetic_size(spec), seed=seed), synthetic_size
+)
+
+
+def column_name(name: str) -> str:
+    return name.strip().lower().replace(" ", "_")
+
+
+def _looks_local(dataset: str) -> bool:
+    """True when `dataset` names something on disk rather than a Hub id."""
+    return (
+        Path(dataset).suffix.lower() in _FILE_LIKE_EXTENSIONS
+        or dataset.startswith(("/", "./", "../", "~"))
+        or Path(dataset).expanduser().exists()
+    )
+
+
+def validate_dataset_arg(dataset: str) -> None:
+    """Checks a `dataset` argument without loading anything, so a recipe can be rejected in seconds.
+
+    Hub ids are accepted as they are; whether they exist is only known when they are loaded.
+
+    Args:
+        dataset: The `dataset` argument of `load_preference_splits`.
+
+    Raises:
+        DataFileNotFoundError: If it names a local file that does not exist.
+        DataError: If it is a malformed named source ("synthetic:N", ...), or a local file of an unsupported type.
+    """
+    if not isinstance(dataset, str) or not dataset.strip():
+        raise DataError(f"dataset must be a non-empty string, got {dataset!r}")
+    source = named_source(dataset)
+    if source is not None:
+        source.check(dataset)  # e.g. the toy world is generated once and cached: a bad spec is reported now, cheaply
+        return
+    if not _looks_local(dataset):
+        return
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        return  # a local dataset folder, read by datasets.load_dataset
+    if not path.exists():
+        raise DataFileNotFoundError(f"dataset file not found: {dataset}")
+    if path.suffix.lower() not in SUPPORTED_EXTENSIONS:
+        raise DataError(f"dataset file {path} has an unsupported type; use one of {', '.join(SUPPORTED_EXTENSIONS)}")
+
+
+def _read_csv(path: Path) -> list[dict]:
+    # utf-8-sig: spreadsheet exports often start with a byte-order mark, which would rename the first column.
+    with path.open(newline="", encoding="utf-8-sig") as file:
+        return list(csv.DictReader(file))
+
+
+def _read_json_lines(text: str, path: Path) -> list[dict]:
+    rows = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{line_number}: invalid JSON ({error.msg})") from None
+    return rows
+
+
+def _read_json(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        if error.msg == "Extra data":
+            # JSON Lines under a .json name, which is what `datasets.Dataset.to_json` writes.
+            return _read_json_lines(text, path)
+        raise DataError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict) and data and all(isinstance(value, list) for value in data.values()):
+        lengths = {len(value) for value in data.values()}
+        if len(lengths) == 1:  # a dict of columns, as pandas' to_json(orient="list") writes
+            return [dict(zip(data, values, strict=True)) for values in zip(*data.values(), strict=True)]
+    if isinstance(data, dict):
+        return [data]
+    raise DataError(f"{path}: expected a list of records, a dict of equal-length columns, or JSON Lines")
+
+
+def _read_local(path: Path) -> list[dict]:
+    """Reads the rows of a local data file as dicts."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            rows = _read_csv(path)
+        elif suffix == ".json":
+            rows = _read_json(path)
+        elif suffix == ".jsonl":
+            rows = _read_json_lines(path.read_text(encoding="utf-8"), path)
+        else:
+            import pyarrow.parquet  # installed with datasets; imported here as only parquet files need it
+
+            rows = pyarrow.parquet.read_table(path).to_pylist()
+    except DataError:
+        raise
+    except (OSError, ValueError) as error:  # undecodable text, corrupt parquet, ...
+        raise DataError(f"could not read {path}: {error}") from None
+    if not all(isinstance(row, dict) for row in rows):
+        raise DataError(f"{path}: every record must be an object with named fields")
+    return rows
+
+
+def _load_hub(dataset: str, dataset_config: str | None) -> list[dict]:
+    """Loads rows with `datasets.load_dataset`; "name:split" picks a split."""
+    name, _, split = dataset.partition(":")
+    try:
+        loaded = datasets.load_dataset(name, name=dataset_config, split=split or None)
+    except (ConnectionError, FileNotFoundError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(
+            f"could not load dataset {name!r} (config {dataset_config!r}) with datasets.load_dataset: {reason}"
+        ) from error
+    if isinstance(loaded, datasets.DatasetDict):
+        if len(loaded) == 1:
+            loaded = next(iter(loaded.values()))
+        elif "train" in loaded:
+            logger.info("%s has splits %s; using 'train' (pick another with '%s:<split>')", name, list(loaded), name)
+            loaded = loaded["train"]
+        else:
+            raise DataError(f"dataset {name!r} has splits {list(loaded)}; pick one with '{name}:<split>'")
+    return loaded.to_list()
+
+
+def load_rows(dataset: str, dataset_config: str | None, seed: int) -> list[dict]:
+    """Loads the raw rows of any supported source, with normalised column names."""
+    validate_dataset_arg(dataset)
+    source = named_source(dataset)
+    if source is not None:
+        rows = source.rows(dataset, seed)
+    elif _looks_local(dataset) and Path(dataset).expanduser().is_file():
+        rows = _read_local(Path(dataset).expanduser())
+    else:
+        rows = _load_hub(dataset, dataset_config)
+    if not rows:
+        raise DataError(f"dataset {dataset!r} has no rows")
+    # DictReader stores surplus cells of a ragged CSV row under the key None; they belong to no column.
+    return [{column_name(key): value for key, value in row.items() if isinstance(key, str)} for row in rows]
+
+
+def column_names(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
+def detect_layout(columns: list[str], dataset: str) -> str:
+    """Returns "preference" or "question", or raises a DataError naming the missing columns."""
+    if all(column in columns for column in PREFERENCE_COLUMNS):
+        return "preference"
+    if all(column in columns for column in QUESTION_COLUMNS):
+        return "question"
+    missing_question = [column for column in QUESTION_COLUMNS if column not in columns]
+    missing_preference = [column for column in PREFERENCE_COLUMNS if column not in columns]
+    # Name the missing columns of whichever layout the data is closer to.
+    if len(missing_question) < len(missing_preference):
+        missing = f"missing column(s) {', '.join(missing_question)} for question-style data"
+    elif len(missing_preference) < len(missing_question):
+        missing = f"missing column(s) {', '.join(missing_preference)} for preference-style data"
+    else:
+        missing = (
+            f"missing column(s) {', '.join(missing_question)} for question-style data "
+            f"or {', '.join(missing_preference)} for preference-style data"
+        )
+    raise DataError(f"dataset {dataset!r} is {missing}; found columns: {', '.join(columns) or 'none'}")
+
+
+def load_source(dataset: str, dataset_config: str | None, seed: int, group_by: str | None):
+    """The rows of a data set, its layout (question- or preference-style) and the checked group_by column."""
+    rows = load_rows(dataset, dataset_config, seed)
+    columns = column_names(rows)
+    layout = detect_layout(columns, dataset)
+    if group_by is not None:
+        group_by = column_name(group_by)
+        if group_by not in columns:
+            raise DataError(
+                f"group_by column {group_by!r} is not in dataset {dataset!r}; found columns: {', '.join(columns)}"
+            )
+    return rows, layout, group_by

@@ -1,0 +1,19 @@
+"""Edit: the optimal localized edit as a PEFT adapter (head-masked rank-1 LoRA), and ITI's edit as the same kind."""
+
+from .adapter import HeadEditConfig, HeadEditLayer, head_mask, initial_read_vector
+from .iti import add_iti_edit, iti_vectors
+from .model import add_edit, check_edit_fits, edit_layers, edit_norms, load_edit
+
+__all__ = [
+    "HeadEditConfig",
+    "HeadEditLayer",
+    "add_edit",
+    "add_iti_edit",
+    "check_edit_fits",
+    "edit_layers",
+    "edit_norms",
+    "head_mask",
+    "initial_read_vector",
+    "iti_vectors",
+    "load_edit",
+]

@@ -1,0 +1,229 @@
+"""Planning an evaluation: which models, which test questions, where the results go; no weights are loaded.
+
+Everything that can fail on a user's mistake (a run directory without a split, edits of different base models, a
+judge that is not a causal LM, an unreachable or unauthorised endpoint, a missing corpus) is checked here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+from ..core.args import EvalArguments, ModelArguments
+from ..core.errors import RecipeError
+from ..core.recipe import Recipe
+from ..data import load_question_details, load_questions, validate_dataset_arg
+from ..models.layout import AttentionLayout
+from ..models.loading import read_config
+from ..rundir import eval_dir, expand_run_dirs, read_adapter_config, read_run_dir
+from .corpus import load_corpus
+from .judges import ASPECTS, Judge, make_judge
+from .prompts import PROMPT_PREFIXES
+
+
+@dataclass
+class Target:
+    """One model to evaluate: the base model (`run_dir` None) or one edit, with its test questions."""
+
+    name: str
+    run_dir: str | None
+    output_dir: str  # the eval files go to output_dir/eval
+    source: tuple  # (dataset, dataset_config, split_fractions, split_seed, group_by)
+    question_ids: list[int]
+    prompt_template: str
+    completion_template: str
+    heads: dict = field(default_factory=dict)
+
+    @property
+    def eval_dir(self) -> str:
+        return eval_dir(self.output_dir)
+
+
+@dataclass
+class EvalResources:
+    """The checked judges and the loaded corpus: what does not depend on the model or the run directories."""
+
+    judges: dict[str, Judge | None]
+    corpus: list[str] | None
+
+
+@dataclass
+class EvalPlan:
+    model_name: str
+    model_path: str
+    model_args: ModelArguments
+    trust_remote_code: bool
+    targets: list[Target]
+    questions: dict[tuple, dict[int, list[dict]]]  # source -> question id -> question records
+    resources: EvalResources
+
+
+def check_settings(args: EvalArguments) -> EvalResources:
+    """Validate the eval settings, check the judges (config only, or one endpoint request) and load the corpus."""
+    if args.eval_prompt not in PROMPT_PREFIXES:
+        raise RecipeError(f"eval_prompt '{args.eval_prompt}' is not valid; choose one of {', '.join(PROMPT_PREFIXES)}")
+    if args.eval_judge_dtype not in ("auto", "bfloat16", "float16", "float32"):
+        raise RecipeError(f"eval_judge_dtype '{args.eval_judge_dtype}' is not valid")
+    for name in ("eval_max_new_tokens", "eval_batch_size", "eval_corpus_docs", "eval_corpus_max_tokens"):
+        if getattr(args, name) < 1:
+            raise RecipeError(f"{name} must be at least 1, got {getattr(args, name)}")
+    if args.eval_max_questions is not None and args.eval_max_questions < 1:
+        raise RecipeError(f"eval_max_questions must be at least 1, got {args.eval_max_questions}")
+    if args.eval_corpus_max_tokens < 2:
+        raise RecipeError("eval_corpus_max_tokens must be at least 2 (cross-entropy needs a token to predict)")
+    judges = {}
+    for aspect in ASPECTS:
+        spec = getattr(args, f"eval_judge_{aspect}")
+        judge = make_judge(spec, aspect, batch_size=args.eval_batch_size, dtype=args.eval_judge_dtype)
+        if judge is not None:
+            judge.check()
+        judges[aspect] = judge
+    return EvalResources(judges=judges, corpus=load_corpus(args))
+
+
+def _model_args_from(settings: dict) -> ModelArguments:
+    names = {f.name for f in fields(ModelArguments)}
+    return ModelArguments(**{key: value for key, value in settings.items() if key in names})
+
+
+def _model_key(settings: dict) -> tuple[str, str]:
+    return settings["model_name_or_path"], settings.get("model_revision", "main")
+
+
+def _check_one_base_model(runs: list[tuple]) -> None:
+    first_dir, first, _, _ = runs[0]
+    for run_dir, settings, _, _ in runs[1:]:
+        if _model_key(settings) != _model_key(first):
+            (name, revision), (other, other_revision) = _model_key(first), _model_key(settings)
+            raise RecipeError(
+                f"edits of different base models cannot be evaluated together: '{first_dir}' edits "
+                f"{name} ({revision}), '{run_dir}' edits {other} ({other_revision})"
+            )
+
+
+def _edit_target(run_dir: str, settings: dict, split: dict, heads: dict) -> Target:
+    source = (
+        split.get("dataset", settings.get("dataset")),
+        split.get("dataset_config", settings.get("dataset_config")),
+        tuple(split.get("split_fractions", settings.get("split_fractions"))),
+        int(split.get("split_seed", settings.get("split_seed", 0))),
+        settings.get("group_by"),
+    )
+    return Target(
+        name=os.path.basename(os.path.normpath(run_dir)),
+        run_dir=run_dir,
+        output_dir=run_dir,
+        source=source,
+        question_ids=sorted(int(i) for i in split["question_ids"]["test"]),
+        prompt_template=settings.get("prompt_template", "Q: {question}\nA:"),
+        completion_template=settings.get("completion_template", " {answer}"),
+        heads=heads,
+    )
+
+
+def _base_target(recipe: Recipe, targets: list[Target], run_dirs: list[str], test_ids: dict) -> Target:
+    """The base model on the runs' test questions (which must be one split), or on the recipe's own split."""
+    if targets:
+        splits = {(t.source, tuple(t.question_ids), t.prompt_template, t.completion_template) for t in targets}
+        if len(splits) > 1:
+            raise RecipeError(
+                "the run directories use different question splits or templates; evaluate the base model with "
+                "each split separately"
+            )
+        source, ids, prompt_template, completion_template = splits.pop()
+        default_dir = os.path.join(os.path.dirname(os.path.normpath(run_dirs[0])), "base")
+    else:
+        source = _recipe_source(recipe)
+        ids = sorted(test_ids[source])
+        prompt_template, completion_template = recipe.edit.prompt_template, recipe.edit.completion_template
+        default_dir = os.path.join("outputs", recipe.name, "base")
+    return Target(
+        name="base",
+        run_dir=None,
+        output_dir=recipe.eval.eval_output_dir or default_dir,
+        source=source,
+        question_ids=list(ids),
+        prompt_template=prompt_template,
+        completion_template=completion_template,
+    )
+
+
+def plan_evaluation(
+    recipe: Recipe, run_dirs: list[str], base: bool = False, resources: EvalResources | None = None
+) -> EvalPlan:
+    """Check everything and resolve the models, questions and output directories; loads no model weights."""
+    run_dirs = expand_run_dirs(list(run_dirs))
+    if not run_dirs and not base:
+        raise RecipeError("nothing to evaluate: give run directories, --base, or both")
+    runs = [(run_dir, *read_run_dir(run_dir)) for run_dir in run_dirs]
+    if runs:
+        _check_one_base_model(runs)
+        first = runs[0][1]
+        model_args = _model_args_from(first)
+        trust_remote_code = bool(first.get("trust_remote_code", False))
+    else:
+        model_args, trust_remote_code = recipe.model, recipe.training.trust_remote_code
+    targets = [_edit_target(run_dir, settings, split, heads) for run_dir, settings, split, heads in runs]
+
+    sources = {target.source for target in targets} | ({_recipe_source(recipe)} if base and not runs else set())
+    questions, test_ids = {}, {}
+    for source in sources:
+        questions[source], test_ids[source] = _load_source(source)
+    for target in targets:
+        if set(target.question_ids) != test_ids[target.source]:
+            raise RecipeError(
+                f"the test questions recorded in '{target.run_dir}/splits.json' differ from those that "
+                f"{target.source[0]} gives now with the same split settings (has the data set changed?)"
+            )
+    if base:
+        targets.insert(0, _base_target(recipe, targets, run_dirs, test_ids))
+    if recipe.eval.eval_max_questions is not None:
+        for target in targets:
+            target.question_ids = target.question_ids[: recipe.eval.eval_max_questions]
+
+    model_path, config = read_config(model_args, trust_remote_code)
+    for target in targets:
+        if target.run_dir is not None:
+            _check_edit_fits(target.run_dir, AttentionLayout.from_config(config))
+    return EvalPlan(
+        model_name=model_args.model_name_or_path,
+        model_path=model_path,
+        model_args=model_args,
+        trust_remote_code=trust_remote_code,
+        targets=targets,
+        questions=questions,
+        resources=resources if resources is not None else check_settings(recipe.eval),
+    )
+
+
+def _recipe_source(recipe: Recipe) -> tuple:
+    edit = recipe.edit
+    return (edit.dataset, edit.dataset_config, tuple(edit.split_fractions), edit.split_seed, edit.group_by)
+
+
+def _load_source(source: tuple) -> tuple[dict[int, list[dict]], set[int]]:
+    """Question records (with category and best answer) by question id, and the ids of the test split."""
+    dataset, dataset_config, fractions, seed, group_by = source
+    validate_dataset_arg(dataset)
+    details = load_question_details(dataset, dataset_config, seed)
+    splits = load_questions(dataset, dataset_config, split_fractions=fractions, seed=seed, group_by=group_by)
+    by_id: dict[int, list[dict]] = {}
+    for split in splits.values():
+        for record in split:
+            record = {**record, **details.get(record["question"], {"category": "", "best_answer": ""})}
+            if not record["best_answer"]:
+                record["best_answer"] = record["correct_answers"][0]
+            by_id.setdefault(int(record["question_id"]), []).append(record)
+    return by_id, {int(i) for i in splits["test"]["question_id"]}
+
+
+def _check_edit_fits(run_dir: str, layout) -> None:
+    """The saved edit is a locedit edit made for a model of this shape (checked from the configs alone)."""
+    saved = read_adapter_config(run_dir)
+    if "edit_layers" not in saved:
+        raise RecipeError(f"'{run_dir}' holds a PEFT adapter that is not a locedit edit")
+    if (saved.get("num_layers"), saved.get("num_heads")) != (layout.num_layers, layout.num_heads):
+        raise RecipeError(
+            f"the edit in '{run_dir}' was made for a model of {saved.get('num_layers')} layers x "
+            f"{saved.get('num_heads')} heads, but its base model has {layout.shape}"
+        )

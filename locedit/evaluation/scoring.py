@@ -1,0 +1,125 @@
+"""Running a model over many examples for evaluation: greedy generation, answer log-probs, KL and cross-entropy.
+
+Batches are right-padded for scoring (every row keeps the positions it has alone) and left-padded for generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+from ..core.args import ModelArguments
+from ..core.errors import DataError
+from ..edit import edit_layers
+from ..models.loading import batches, model_input_device, pad_id, pad_right
+from .metrics import next_token_kl, sequence_logprobs, token_cross_entropy
+from .prompts import STOP, cut_answer
+
+
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 50, batch_size: int = 16):
+    """Greedy answers to `prompts`, batched with left padding, stopped and cut at the next `Q:`."""
+    import torch
+
+    config = copy.deepcopy(model.generation_config)
+    config.update(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        stop_strings=[STOP],
+        pad_token_id=pad_id(tokenizer),
+    )
+    if config.eos_token_id is None:
+        config.eos_token_id = tokenizer.eos_token_id
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    answers = []
+    try:
+        for start in batches(len(prompts), batch_size, "generating"):
+            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+            batch = batch.to(model_input_device(model))
+            with torch.no_grad():
+                output = model.generate(**batch, generation_config=config, tokenizer=tokenizer)
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            answers += [cut_answer(text) for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+def answer_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16) -> list[float]:
+    """log p(completion | prompt): the sum of the completion's token log-probs. As lm-evaluation-harness does, the
+    completion's tokens are those of tokenize(prompt + completion) after the first len(tokenize(prompt))."""
+    import torch
+
+    rows, targets = [], []
+    for prompt, completion in pairs:
+        context = tokenizer(prompt)["input_ids"]
+        whole = tokenizer(prompt + completion)["input_ids"]
+        rows.append(whole)
+        targets.append([0] * len(context) + [1] * (len(whole) - len(context)))
+    scores: list[float] = []
+    for start in batches(len(rows), batch_size, "MC answer log-probs"):
+        ids, mask = pad_right(rows[start : start + batch_size], pad_id(tokenizer), model_input_device(model))
+        target, _ = pad_right(targets[start : start + batch_size], 0, model_input_device(model))
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        scores += sequence_logprobs(logits, ids, target).tolist()
+    return scores
+
+
+def corpus_scores(model, tokenizer, docs: list[str], max_tokens: int = 128, batch_size: int = 16, edited=True):
+    """Cross-entropy on `docs` cut at `max_tokens` tokens; for an edit (a PEFT model) also KL(original || edited)
+    per token and the original's cross-entropy, the original being the model with its edit disabled."""
+    import torch
+
+    rows = [tokenizer(doc, truncation=True, max_length=max_tokens)["input_ids"] for doc in docs]
+    rows = [row for row in rows if len(row) >= 2]
+    if not rows:
+        raise DataError("no eval_corpus document has two tokens or more")
+    kl, ce, ce_original = [], [], []
+    for start in batches(len(rows), batch_size, "KL and CE on the corpus"):
+        ids, mask = pad_right(rows[start : start + batch_size], pad_id(tokenizer), model_input_device(model))
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            ce += token_cross_entropy(logits, ids, mask).tolist()
+            if edited:
+                with model.disable_adapter():
+                    reference = model(input_ids=ids, attention_mask=mask).logits
+                kl += next_token_kl(reference, logits, mask).tolist()
+                ce_original += token_cross_entropy(reference, ids, mask).tolist()
+    scores = {"ce": sum(ce) / len(ce), "corpus_docs": len(rows)}
+    if edited:
+        scores.update(kl=sum(kl) / len(kl), ce_original=sum(ce_original) / len(ce_original))
+    return scores
+
+
+def can_merge(model_args: ModelArguments) -> bool:
+    return not (model_args.load_in_4bit or model_args.load_in_8bit)
+
+
+@contextlib.contextmanager
+def merged(edited):
+    """The edit folded into the base weights for the duration; afterwards the base weights are restored bit for bit
+    (unmerging alone is exact only up to rounding, which would drift over many edits evaluated on one base)."""
+    layers = list(edit_layers(edited).values())
+    saved = [
+        (layer, layer.get_base_layer().weight.detach().clone(), _clone(layer.get_base_layer().bias))
+        for layer in layers
+    ]
+    edited.merge_adapter()
+    try:
+        yield edited
+    finally:
+        edited.unmerge_adapter()
+        for layer, weight, bias in saved:
+            base = layer.get_base_layer()
+            base.weight.data.copy_(weight)
+            if bias is not None:
+                base.bias.data.copy_(bias)
+
+
+def _clone(tensor):
+    return None if tensor is None else tensor.detach().clone()

@@ -1,0 +1,57 @@
+"""Named model sources: `model_name_or_path: tiny:llama` (built here), or a plugin's (`toy`), resolved to a folder.
+
+A source is a prefix (`tiny`, `toy`) and a function from the whole name (`tiny:llama`, `toy:layers=2`) to a local
+model directory, built and cached on first use. Any other name (a Hub id, a local path) is passed on unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from ..core.cache import build_cached, cache_key, cache_root
+from ..core.errors import RecipeError
+from ..core.plugins import load_plugins
+
+MODEL_SOURCES: dict[str, Callable[[str], str]] = {}
+
+
+def register_model_source(prefix: str, resolve: Callable[[str], str]) -> None:
+    """Make `PREFIX` and `PREFIX:SETTINGS` model names resolve to the directory `resolve(name)` returns."""
+    MODEL_SOURCES[prefix] = resolve
+
+
+def source_of(name: str) -> Callable[[str], str] | None:
+    """The source a model name belongs to (`tiny:llama` -> tiny's), or None for a Hub id or a path."""
+    prefix = name.strip().partition(":")[0]
+    if prefix not in MODEL_SOURCES:
+        load_plugins()
+    return MODEL_SOURCES.get(prefix)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """The local directory of a named source's model (built on first use); any other name unchanged."""
+    source = source_of(name_or_path)
+    return name_or_path if source is None else source(name_or_path.strip())
+
+
+def tiny_cache_dir() -> Path:
+    """Where `tiny:` models are cached: `$LOCEDIT_CACHE/tiny`, by default `~/.cache/locedit/tiny`."""
+    return cache_root() / "tiny"
+
+
+def resolve_tiny_model(name: str) -> str:
+    """`tiny:ARCH`: a randomly initialised tiny model of that architecture (`locedit.models.tiny`), cached."""
+    from . import tiny
+
+    arch = name.partition(":")[2]
+    if arch not in tiny.TINY_ARCHITECTURES:
+        valid = ", ".join(f"tiny:{name}" for name in tiny.TINY_ARCHITECTURES)
+        raise RecipeError(f"unknown tiny model {name!r}; valid: {valid}")
+    # The builder's source is in the key so that any change to how models are built invalidates old copies.
+    key = cache_key({"arch": arch, **tiny.TINY_DEFAULTS}, [Path(tiny.__file__)])
+    target = tiny_cache_dir() / f"{arch}-{key}"
+    return str(build_cached(target, lambda tmp: tiny.build_tiny_model(arch, tmp, **tiny.TINY_DEFAULTS)))
+
+
+register_model_source("tiny", resolve_tiny_model)

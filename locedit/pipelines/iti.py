@@ -1,0 +1,109 @@
+"""ITI's edit from a recipe: the heads it selects (probe:K, random sets, ...) made into run directories.
+
+    locedit iti recipes/probe_heads_16.yaml --iti_alpha 15
+    python -m locedit.iti recipes/random_heads_16.yaml --heads_seed 3 --probe_results outputs/probe_heads_16/probe
+
+Each head set's run directory is laid out like a trained run's (adapter, heads.json, splits.json, recipe.yaml and
+metrics.json with method, alpha and heads), so ITI and the optimal edit at the same heads evaluate alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import replace
+
+from ..core.recipe import Recipe
+from ..edit import add_iti_edit
+from ..heads import expand_head_specs, format_heads, resolve_heads
+from ..models.loading import load_model_and_tokenizer
+from ..plan import make_plan, resolve_probe_heads
+from ..rundir import iti_output_dir, write_metrics, write_run_description
+
+
+def iti_run_dir(recipe: Recipe) -> str:
+    """outputs/<recipe>/iti-<heads>-alpha<alpha>: one directory per head set and strength."""
+    return iti_output_dir(recipe.edit, recipe.probe.iti_alpha, recipe.name)
+
+
+def _draws(recipe: Recipe, output_dir: str, layout) -> list[tuple[Recipe, str]]:
+    """One (recipe, output_dir) per head set: `heads_draws` / `single:K` give several, each in its own directory."""
+    edit_args = recipe.edit
+    draws = expand_head_specs(edit_args.heads, edit_args.heads_seed, edit_args.heads_draws, layout)
+    if len(draws) == 1:
+        return [(recipe, output_dir)]
+    runs = []
+    for spec, seed in draws:
+        single = copy.copy(recipe)
+        single.edit = replace(edit_args, heads=spec, heads_seed=seed, heads_draws=1)
+        runs.append((single, os.path.join(output_dir, os.path.basename(iti_run_dir(single)))))
+    return runs
+
+
+def describe(plan, recipe: Recipe, runs: list[tuple[Recipe, str]]) -> str:
+    probe = plan.probe_result.path if plan.probe_result is not None else f"{plan.probe_dir} (probe stage runs first)"
+    if len(runs) == 1:
+        heads = [f"  heads        {plan.heads_line(recipe.edit)}"]
+    else:  # several draws of a random spec: each draw's heads (no probe scores needed)
+        heads = [
+            f"  heads        {run.edit.heads} seed {run.edit.heads_seed} -> "
+            f"{format_heads(resolve_heads(run.edit.heads, plan.layout, seed=run.edit.heads_seed))}"
+            for run, _ in runs
+        ]
+    lines = [
+        "locedit iti",
+        f"  model        {recipe.model.model_name_or_path} ({plan.layout.model_type}, {plan.layout.shape}, "
+        f"head_dim {plan.head_dim})",
+        *heads,
+        f"  edit         alpha {recipe.probe.iti_alpha:g} * sigma * u at each head (a constant edit; merges into a "
+        "bias)",
+        f"  probe        {probe}",
+        f"  data         {plan.data_line(recipe.edit)}",
+    ]
+    lines += [f"  output_dir   {output_dir}" for _, output_dir in runs]
+    return "\n".join(lines)
+
+
+def make_iti_edits(recipe: Recipe):
+    """Make ITI's edit at the recipe's heads and write its run directory (one per head set). Returns the plan in a
+    dry run, else the run's metrics (for several head sets, the list of their run directories under "edits")."""
+    recipe.edit.edit_strength = "constant"  # what ITI is; recorded as such in the run's recipe.yaml
+    plan = make_plan(recipe, need_probe=True)
+    args = recipe.training
+    plan.output_dir = args.output_dir if args.output_dir_was_given else iti_run_dir(recipe)
+    runs = _draws(recipe, plan.output_dir, plan.layout)
+    print(describe(plan, recipe, runs), flush=True)
+    if recipe.edit.dry_run:
+        return plan
+
+    model, tokenizer = load_model_and_tokenizer(plan.model_path, recipe.model, args.trust_remote_code)
+    if plan.probe_result is None:
+        resolve_probe_heads(plan, recipe, model, tokenizer)
+        print(f"  heads        {plan.heads_line(recipe.edit)}", flush=True)
+    result, alpha = plan.probe_result, recipe.probe.iti_alpha
+    metrics = {}
+    for run_recipe, output_dir in runs:
+        heads = plan.heads
+        if run_recipe is not recipe or heads is None:
+            spec, seed = run_recipe.edit.heads, run_recipe.edit.heads_seed
+            heads = resolve_heads(spec, plan.layout, seed=seed, probe_scores=result.val_accuracy.tolist())
+        edited = add_iti_edit(model, result, heads, alpha)
+        write_run_description(output_dir, run_recipe, heads, plan.layout, plan.splits, plan.probe_dir)
+        edited.save_pretrained(output_dir)
+        metrics = {
+            "method": "iti",
+            "iti_alpha": alpha,
+            "heads": [list(h) for h in heads],
+            "heads_spec": format_heads(heads),
+            "probe_results": result.path,
+            "probe_val_accuracy": [round(float(result.val_accuracy[layer, head]), 6) for layer, head in heads],
+            "theta_norm": [round(float(result.sigma[layer, head]), 6) for layer, head in heads],  # ||sigma u||
+        }
+        write_metrics(output_dir, metrics)  # last: marks the run finished
+        model = edited.unload()  # the base model again, for the next head set
+        print(f"  saved        {output_dir}", flush=True)
+    if len(runs) > 1:
+        # As a multi-edit training run: the top directory lists its edits, so `locedit eval DIR` evaluates them all.
+        metrics = {"method": "iti", "iti_alpha": alpha, "edits": [output_dir for _, output_dir in runs]}
+        write_metrics(plan.output_dir, metrics)
+    return metrics

@@ -1,0 +1,185 @@
+"""The study: every stage of the paper's comparison from one `probe:K` recipe, in one process (`locedit study`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from ..core.errors import RecipeError
+from ..core.plugins import load_plugins
+from ..core.recipe import Recipe, parse_recipe
+from ..core.tracking import reports_to_wandb
+from ..evaluation import evaluate
+from ..heads import is_probe_spec, spec_count
+from ..locate import probe_recipe
+from ..models.sources import resolve_model_path
+from ..reporting import find_runs, write_report
+from ..reporting.study import Edit, format_timings, write_study_files, write_study_report
+from ..rundir import expand_run_dirs, output_dir_of, read_heads_spec
+from .iti import iti_run_dir, make_iti_edits
+from .train import train_recipe
+
+# The paper's learning rates (appendix A) relative to its 16-head one, 5e-4: 1e-4 for all heads, 2e-3 for one head.
+LR_SCALE = {"all": 0.2, "single": 4.0}
+STUDY_DIR = "study"
+REPORT_DIR = "report"
+
+# Checks of a study recipe that plugins add (the toy world: model, data and judges name one world).
+STUDY_CHECKS: list[Callable[[Recipe], None]] = []
+
+
+def register_study_check(check: Callable[[Recipe], None]) -> None:
+    STUDY_CHECKS.append(check)
+
+
+@dataclass
+class StudyOptions:
+    random: int = 8  # random sets of K heads (the paper draws 16)
+    single: int = 8  # random single heads (the paper draws 24)
+    lr_all: float | None = None  # default: the recipe's learning rate x LR_SCALE["all"]
+    lr_single: float | None = None  # default: the recipe's learning rate x LR_SCALE["single"]
+
+
+def parse_options(argv: list[str]) -> tuple[StudyOptions, list[str]]:
+    """The study's own `--study_*` flags, and the recipe's arguments (everything else)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--study_random", type=int, default=StudyOptions.random)
+    parser.add_argument("--study_single", type=int, default=StudyOptions.single)
+    parser.add_argument("--study_lr_all", type=float, default=None)
+    parser.add_argument("--study_lr_single", type=float, default=None)
+    known, rest = parser.parse_known_args(argv)
+    options = StudyOptions(known.study_random, known.study_single, known.study_lr_all, known.study_lr_single)
+    if options.random < 0 or options.single < 0:
+        raise RecipeError("--study_random and --study_single must be 0 or more")
+    return options, rest
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Planning
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def family_flags(recipe: Recipe, options: StudyOptions) -> list[tuple[str, list[str]]]:
+    """(family, recipe flags) of each optimal edit the study trains, in order."""
+    spec = recipe.edit.heads.strip()
+    lr = recipe.training.learning_rate
+    lr_all = options.lr_all if options.lr_all is not None else lr * LR_SCALE["all"]
+    lr_single = options.lr_single if options.lr_single is not None else lr * LR_SCALE["single"]
+    families = [("probe", ["--heads", spec])]
+    if options.random:
+        families.append(("random", random_heads_flags(recipe, options)))
+    if options.single:
+        families.append(("single", ["--heads", f"single:{options.single}", "--learning_rate", f"{lr_single:g}"]))
+    families.append(("all", ["--heads", "all", "--learning_rate", f"{lr_all:g}"]))
+    return families
+
+
+def check_study_recipe(recipe: Recipe) -> None:
+    """The study needs `probe:K` heads; plugins add their own checks."""
+    if not is_probe_spec(recipe.edit.heads):
+        raise RecipeError(
+            f"the study compares edits at the probe heads with others: set heads to probe:K, not '{recipe.edit.heads}'"
+        )
+    load_plugins()  # their checks register when they are imported
+    for check in STUDY_CHECKS:
+        check(recipe)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Timer:
+    """Wall and CPU seconds (all threads of the process) of each stage."""
+
+    def __init__(self):
+        self.stages: dict[str, dict[str, float]] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            entry = self.stages.setdefault(stage, {"wall_s": 0.0, "cpu_s": 0.0})
+            entry["wall_s"] += time.perf_counter() - wall
+            entry["cpu_s"] += time.process_time() - cpu
+
+
+def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
+    """Run every stage of the study and write its report. Returns the report: rows, summary, timings."""
+    timer = Timer()
+    recipe = parse_recipe(recipe_argv, prog="locedit study")
+    check_study_recipe(recipe)
+    study_dir = os.path.join("outputs", recipe.name, STUDY_DIR)
+    base_argv = list(recipe_argv)
+
+    def stage(command: str, flags: list[str], shown: list[str] | None = None) -> Recipe:
+        print(f"\nlocedit study: {shlex.join(['locedit', command, *(shown or []), *base_argv, *flags])}", flush=True)
+        return parse_recipe(base_argv + flags, prog=f"locedit {command}")
+
+    print(f"locedit study: {recipe.name}: model {recipe.model.model_name_or_path}, data {recipe.edit.dataset}")
+    with timer("model"):
+        resolve_model_path(recipe.model.model_name_or_path)  # pre-trains the toy model on first use
+    with timer("probe"):
+        probe_recipe(stage("probe", []))
+
+    edits: list[Edit] = []
+    with timer("iti"):
+        iti_recipe = stage("iti", [])
+        heads = make_iti_edits(iti_recipe)["heads_spec"]
+        edits.append(Edit("iti", iti_run_dir(iti_recipe), heads))
+        if options.random:  # the same random sets as the optimal edits' (same heads_seed), for Fig. 1a
+            random_recipe = stage("iti", random_heads_flags(recipe, options))
+            make_iti_edits(random_recipe)
+            for edit_dir in expand_run_dirs([iti_run_dir(random_recipe)]):
+                edits.append(Edit("iti_random", edit_dir, read_heads_spec(edit_dir)))
+
+    for family, flags in family_flags(recipe, options):
+        with timer(f"train {family}"):
+            run_recipe = stage("train", flags)
+            run_dir = output_dir_of(run_recipe)
+            train_recipe(run_recipe)
+        for edit_dir in expand_run_dirs([run_dir]):  # a multi-edit run holds one directory per edit
+            edits.append(Edit(family, edit_dir, read_heads_spec(edit_dir), run_recipe.training.learning_rate))
+
+    base = Edit("base", os.path.join(study_dir, "base"))
+    with timer("eval"):
+        eval_recipe = stage("eval", ["--eval_output_dir", base.output_dir], shown=["RUN_DIR...", "--base"])
+        all_metrics = evaluate(eval_recipe, [edit.output_dir for edit in edits], base=True)
+    by_dir = {os.path.normpath(m["edit"]) if m["edit"] else None: m for m in all_metrics}
+    base.metrics = by_dir[None]
+    for edit in edits:
+        edit.metrics = by_dir[os.path.normpath(edit.output_dir)]
+
+    with timer("report"):
+        report = write_study_report([base, *edits], recipe, study_dir)
+        report["verdict"] = write_paper_report([base, *edits], recipe, study_dir)
+    report["timings"] = timer.stages
+    write_study_files(report, recipe, study_dir)
+    print(f"\n{report['table']}\n\n{report['summary_table']}\n\n{format_timings(timer.stages)}", flush=True)
+    print("\n" + "\n".join(f"- {sentence}" for sentence in report["verdict"]["sentences"]), flush=True)
+    print(
+        f"\nlocedit study: wrote {study_dir}/study.md, study.json and study.png; the paper's figures, table and "
+        f"verdict in {study_dir}/{REPORT_DIR}/",
+        flush=True,
+    )
+    return report
+
+
+def random_heads_flags(recipe: Recipe, options: StudyOptions) -> list[str]:
+    """The head flags of the `--study_random` random sets of K heads (K of the recipe's `probe:K`)."""
+    return ["--heads", f"random:{spec_count(recipe.edit.heads)}", "--heads_draws", str(options.random)]
+
+
+def write_paper_report(rows: list[Edit], recipe: Recipe, study_dir: str) -> dict:
+    """`locedit report` of the study's runs in `study/report/`: the paper's figures, table and verdict."""
+    runs = find_runs([edit.output_dir for edit in rows])
+    report_to = "wandb" if reports_to_wandb(recipe.training.report_to) else "none"
+    return write_report(runs, os.path.join(study_dir, REPORT_DIR), report_to, recipe.edit.wandb_project)

@@ -1,0 +1,218 @@
+"""Running a W&B grid sweep file here, without W&B, one run at a time or one per GPU (`locedit sweep`).
+
+The sweep files in `recipes/sweeps/` are ordinary W&B sweep files (`wandb sweep FILE`, then `wandb agent ID`). This
+command expands the same grid and builds each run's command line with W&B's own agent code, so a run started here
+is the run a W&B agent would start. Before anything runs, every run's arguments are parsed by the train entry
+point (a typo fails in seconds, not after a night of runs). A run whose output_dir already holds finished results
+(`metrics.json`) is skipped, so a stopped sweep resumes where it was; a run that fails is recorded with its error
+and the sweep goes on.
+
+    locedit sweep recipes/sweeps/lr_single_head.yaml                 # one run at a time (or one per GPU)
+    locedit sweep recipes/sweeps/random_heads_16_draws.yaml --gpus 0,1,2,3
+    locedit sweep recipes/sweeps/tau_all_heads.yaml --dry_run        # list the runs and what is already done
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ..core.errors import USER_ERRORS, RecipeError
+from ..core.recipe import parse_recipe
+from ..rundir import is_finished, output_dir_of
+
+PROGRAM = "locedit.train"
+
+
+@dataclass
+class SweepRun:
+    """One run of a sweep: its hyperparameters, its command line and where its results go."""
+
+    index: int
+    params: dict
+    command: list[str]
+    output_dir: str
+
+    @property
+    def finished(self) -> bool:
+        return is_finished(self.output_dir)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(os.path.normpath(self.output_dir))
+
+
+def load_sweep(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise RecipeError(f"sweep file '{path}' does not exist")
+    try:
+        with open(path) as f:
+            sweep = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"sweep file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(sweep, dict) or not isinstance(sweep.get("parameters"), dict):
+        raise RecipeError(f"sweep file '{path}' needs a 'parameters' mapping (a W&B sweep file)")
+    if sweep.get("method", "grid") != "grid":
+        raise RecipeError(
+            f"sweep file '{path}' uses method '{sweep['method']}'; locedit sweep runs grid sweeps "
+            "(use `wandb sweep` and `wandb agent` for random or bayes search)"
+        )
+    if sweep.get("program", PROGRAM) != PROGRAM:
+        raise RecipeError(f"sweep file '{path}' runs program '{sweep['program']}'; locedit sweep runs {PROGRAM}")
+    return sweep
+
+
+def grid(parameters: dict) -> list[dict]:
+    """Every combination of the grid, in the order of the file (the last parameter varies fastest)."""
+    names, choices = [], []
+    for name, spec in parameters.items():
+        if not isinstance(spec, dict) or not ({"value", "values"} & set(spec)):
+            raise RecipeError(f"sweep parameter '{name}' needs 'value' or 'values' (grid search)")
+        names.append(name)
+        choices.append(spec["values"] if "values" in spec else [spec["value"]])
+    return [dict(zip(names, combination, strict=True)) for combination in itertools.product(*choices)]
+
+
+def command_line(sweep: dict, params: dict) -> list[str]:
+    """The command a W&B agent would run for these parameters (W&B's own macro expansion)."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
+
+    template = list(sweep.get("command") or ["${env}", "${interpreter}", "${program}", "${args}"])
+    macros = create_sweep_command_args({"args": {name: {"value": value} for name, value in params.items()}})
+    macros.update(interpreter=[sys.executable], program=[sweep.get("program", PROGRAM)], env=[])
+    command = []
+    for token in create_sweep_command(template):
+        token = str(token)
+        if token.startswith("${") and token.endswith("}"):
+            if token[2:-1] not in macros:
+                raise RecipeError(f"sweep command macro '{token}' is not supported here")
+            command += [str(part) for part in macros[token[2:-1]]]
+        else:
+            command.append(token)
+    return command
+
+
+def train_arguments(command: list[str]) -> list[str]:
+    """The arguments that reach `locedit.train` in a command (after `-m locedit.train` or the program path)."""
+    for index, token in enumerate(command):
+        if token == PROGRAM or token.endswith("locedit/train.py"):
+            return command[index + 1 :]
+    raise RecipeError(f"sweep command {' '.join(command)} does not run {PROGRAM}")
+
+
+def plan_sweep(path: str) -> list[SweepRun]:
+    """Expand and check every run of a sweep file, without starting any."""
+    sweep = load_sweep(path)
+    runs, seen = [], {}
+    for index, params in enumerate(grid(sweep["parameters"])):
+        command = command_line(sweep, params)
+        try:
+            recipe = parse_recipe(train_arguments(command), prog="locedit.train")
+        except USER_ERRORS as err:
+            raise RecipeError(f"run {index} of '{path}' ({params}): {err}") from None
+        output_dir = output_dir_of(recipe)
+        if output_dir in seen:
+            raise RecipeError(
+                f"runs {seen[output_dir]} and {index} of '{path}' would share output_dir '{output_dir}'; "
+                "every run of a sweep needs its own"
+            )
+        seen[output_dir] = index
+        runs.append(SweepRun(index, params, command, output_dir))
+    return runs
+
+
+def run_sweep(path: str, devices: list[str | None], log_dir: str) -> list[dict]:
+    """Run every unfinished run of the sweep, one per device at a time. Returns a record per run."""
+    runs = plan_sweep(path)
+    os.makedirs(log_dir, exist_ok=True)
+    records: list[dict] = []
+    lock = threading.Lock()
+    todo: queue.Queue = queue.Queue()
+    for run in runs:
+        if run.finished:
+            records.append(_record(run, "skipped", note="output_dir holds finished results"))
+            print(f"[{run.index + 1}/{len(runs)}] skip {run.name}: already finished", flush=True)
+        else:
+            todo.put(run)
+
+    def worker(device: str | None) -> None:
+        while True:
+            try:
+                run = todo.get_nowait()
+            except queue.Empty:
+                return
+            env = dict(os.environ)
+            if device is not None:
+                env["CUDA_VISIBLE_DEVICES"] = device
+            log_path = os.path.join(log_dir, f"{run.index:03d}-{run.name}.log")
+            where = f" on GPU {device}" if device is not None else ""
+            print(f"[{run.index + 1}/{len(runs)}] start {run.name}{where}", flush=True)
+            start = time.time()
+            with open(log_path, "w") as log:
+                returncode = subprocess.call(run.command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            seconds = time.time() - start
+            if returncode == 0 and run.finished:
+                record = _record(run, "finished", seconds=seconds, log=log_path)
+            else:
+                error = _last_error(log_path) or f"exit code {returncode}"
+                record = _record(run, "failed", seconds=seconds, log=log_path, returncode=returncode, error=error)
+            print(
+                f"[{run.index + 1}/{len(runs)}] {record['status']} {run.name} ({seconds:.0f} s)"
+                + (f": {record['error']}" if record["status"] == "failed" else ""),
+                flush=True,
+            )
+            with lock:
+                records.append(record)
+                _append_jsonl(os.path.join(log_dir, "runs.jsonl"), record)
+
+    threads = [threading.Thread(target=worker, args=(device,)) for device in devices]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sorted(records, key=lambda record: record["index"])
+
+
+def _record(run: SweepRun, status: str, **extra) -> dict:
+    return {
+        "index": run.index,
+        "status": status,
+        "params": run.params,
+        "output_dir": run.output_dir,
+        "command": run.command,
+        **extra,
+    }
+
+
+def _last_error(log_path: str) -> str:
+    """The line that says what went wrong: locedit's one-line error, else the last line of a traceback."""
+    lines = [line.strip() for line in Path(log_path).read_text(errors="replace").splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("locedit: error:"):
+            return line
+    for line in reversed(lines):
+        if "Error" in line or "Exception" in line:
+            return line[:500]
+    return lines[-1][:500] if lines else ""
+
+
+def _append_jsonl(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def default_devices() -> list[str | None]:
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [str(i) for i in range(count)] or [None]

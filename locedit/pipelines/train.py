@@ -1,0 +1,55 @@
+"""A training recipe, end to end: plan, (probe,) train, write the run directory, and evaluate when asked."""
+
+from __future__ import annotations
+
+import gc
+
+from ..core.recipe import Recipe
+from ..core.tracking import wandb_tracking
+from ..evaluation import check_settings, evaluate_after_training
+from ..heads import head_family
+from ..models.loading import load_model_and_tokenizer
+from ..plan import RunPlan, make_plan, resolve_probe_heads
+from ..rundir import write_run_description
+from ..training import train_edits
+
+
+def train_recipe(recipe: Recipe) -> dict | RunPlan:
+    """Plan, then (unless dry_run) train the edit and write the run directory. Returns the plan or the metrics."""
+    from accelerate import PartialState
+
+    edit_args, model_args, training_args = recipe.edit, recipe.model, recipe.training
+    plan = make_plan(recipe)
+    is_main = PartialState().is_main_process
+    if is_main:
+        print(plan.describe(model_args, edit_args, training_args), flush=True)
+    # eval_after_train: the judges and the corpus are checked now (in every process, so all stop alike), not after
+    # hours of training; the main process evaluates.
+    eval_resources = check_settings(recipe.eval) if recipe.eval.eval_after_train else None
+    if edit_args.dry_run:
+        return plan
+
+    training_args.output_dir = plan.output_dir
+    with wandb_tracking(training_args, edit_args.wandb_project, head_family(edit_args.heads), announce=is_main):
+        model = tokenizer = None
+        if plan.heads is None:
+            # probe:K with no probe result yet: probe the loaded model, then train at the heads it ranks first.
+            model, tokenizer = load_model_and_tokenizer(plan.model_path, model_args, training_args.trust_remote_code)
+            resolve_probe_heads(plan, recipe, model, tokenizer)
+            if is_main:
+                print(f"  heads        {plan.heads_line(edit_args)}", flush=True)
+        if is_main:
+            write_run_description(plan.output_dir, recipe, plan.heads, plan.layout, plan.splits, plan.probe_dir)
+        if model is None:
+            model, tokenizer = load_model_and_tokenizer(plan.model_path, model_args, training_args.trust_remote_code)
+        metrics = train_edits(recipe, plan, model, tokenizer)
+        del model, tokenizer
+    if eval_resources is not None and is_main:
+        # eval_after_train: evaluate the edits just written, in the main process, once the training model is freed.
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        evaluate_after_training(recipe, [plan.output_dir], eval_resources)
+    return metrics

@@ -1,0 +1,187 @@
+"""The run plan: everything a training or ITI recipe resolves to before any weights are loaded.
+
+Every check that can fail on a user's mistake (recipe keys, head spec, data file, model layout, probe result) runs
+here, so a typo ends the run in seconds with one line, not after the weights have loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .core.args import EditArguments, LocEditConfig, ModelArguments
+from .core.errors import RecipeError
+from .core.recipe import Recipe
+from .data import load_preference_splits, question_counts, validate_dataset_arg
+from .edit import HeadEditConfig
+from .heads import (
+    expand_head_specs,
+    format_heads,
+    heads_by_layer,
+    is_multi_edit,
+    is_probe_spec,
+    probe_head_count,
+    resolve_heads,
+)
+from .locate import find_probe_result, make_probe_stage, run_probe_stage
+from .models.layout import AttentionLayout
+from .models.loading import config_head_dim, read_model_config
+from .rundir import output_dir_of
+
+
+@dataclass
+class RunPlan:
+    """Everything resolved before any weights are loaded.
+
+    A `probe:K` spec with no probe result yet leaves `heads` and `edit_config` None: the probe stage must run on the
+    loaded model first (`resolve_probe_heads`), writing its result to `probe_dir`.
+    """
+
+    model_path: str
+    layout: AttentionLayout
+    head_dim: int
+    heads: list[tuple[int, int]] | None
+    edit_config: HeadEditConfig | None
+    splits: object  # datasets.DatasetDict
+    output_dir: str
+    recipe_name: str
+    probe_dir: str | None = None  # where the probe result is, or will be written
+    probe_result: object = None  # locedit.probe.ProbeResult, once there is one
+
+    def use_probe_result(self, result, probe_dir: str, recipe: Recipe) -> None:
+        """Resolve a `probe:K` spec from a probe result (the K heads of highest validation accuracy)."""
+        self.probe_result, self.probe_dir = result, probe_dir
+        if is_probe_spec(recipe.edit.heads):
+            self.heads = resolve_heads(recipe.edit.heads, self.layout, probe_scores=result.val_accuracy.tolist())
+            self.edit_config = edit_config_for(self.layout, self.heads, recipe)
+
+    @property
+    def trainable_parameters(self) -> int:
+        per_layer = self.layout.num_heads * self.head_dim
+        vectors = 2 if self.edit_config.edit_strength == "adaptive" else 1
+        return vectors * per_layer * len(heads_by_layer(self.heads))
+
+    def _draws(self, edit_args: EditArguments) -> str:
+        if not is_multi_edit(edit_args.heads, edit_args.heads_draws):
+            return ""
+        count = len(expand_head_specs(edit_args.heads, edit_args.heads_seed, edit_args.heads_draws, self.layout))
+        return f" ({count} edits trained in one pass; the first)"
+
+    def heads_line(self, edit_args: EditArguments) -> str:
+        """What the head spec resolved to, or, for a probe spec with no probe result yet, what will happen."""
+        if self.heads is None:
+            return (
+                f"{edit_args.heads} -> the {probe_head_count(edit_args.heads, self.layout)} best-probing heads, "
+                f"known after probing: no probe result at {self.probe_dir} yet, so the probe stage runs first"
+            )
+        heads = format_heads(self.heads)
+        if len(heads) > 80:
+            heads = heads[:77] + "..."
+        line = (
+            f"{edit_args.heads}{self._draws(edit_args)} -> {len(self.heads)} heads in "
+            f"{len(heads_by_layer(self.heads))} layers: {heads}"
+        )
+        if is_probe_spec(edit_args.heads) and self.probe_result is not None:
+            accuracy = self.probe_result.val_accuracy
+            picked = [float(accuracy[layer, head]) for layer, head in self.heads]
+            line += f" (probe {self.probe_dir}: validation accuracy {min(picked):.3f}-{max(picked):.3f})"
+        return line
+
+    def data_line(self, edit_args: EditArguments) -> str:
+        pairs = {name: len(split) for name, split in self.splits.items()}
+        questions = question_counts(self.splits)
+        data = ", ".join(f"{name} {pairs[name]} pairs ({questions[name]} questions)" for name in pairs)
+        return f"{edit_args.dataset}: {data}"
+
+    def describe(self, model_args: ModelArguments, edit_args: EditArguments, args: LocEditConfig) -> str:
+        if self.edit_config is None:
+            edit = f"{edit_args.edit_strength} strength; trainable parameters known once the heads are"
+        else:
+            read = "every head" if self.edit_config.edit_read == "all" else "the selected heads"
+            edit = (
+                f"{self.edit_config.edit_strength} strength reading {read}; "
+                f"{self.trainable_parameters} trainable parameters"
+            )
+        lines = [
+            "locedit plan",
+            f"  model        {model_args.model_name_or_path} ({self.layout.model_type}, {self.layout.shape}, "
+            f"head_dim {self.head_dim})",
+            f"  heads        {self.heads_line(edit_args)}",
+            f"  edit         {edit}",
+            f"  data         {self.data_line(edit_args)}",
+            f"  training     IPO tau {args.beta:g}, lr {args.learning_rate:g} {_plain(args.lr_scheduler_type)}, "
+            f"{args.num_train_epochs:g} epochs, batch {args.per_device_train_batch_size} per device, "
+            f"optim {_plain(args.optim)}, bf16 {args.bf16}",
+            f"  output_dir   {self.output_dir}",
+        ]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _plain(value) -> str:
+    """An enum's value (TrainingArguments turns some strings into enums), else the value itself."""
+    return str(getattr(value, "value", value))
+
+
+def edit_config_for(layout: AttentionLayout, heads: list[tuple[int, int]], recipe: Recipe) -> HeadEditConfig:
+    """The edit config of a recipe at `heads`: its edit_read and edit_strength, a's init seeded by its seed."""
+    edit_args = recipe.edit
+    return HeadEditConfig.for_heads(
+        layout,
+        heads,
+        edit_read=edit_args.edit_read,
+        edit_strength=edit_args.edit_strength,
+        init_seed=recipe.training.seed,
+    )
+
+
+def make_plan(recipe: Recipe, need_probe: bool = False) -> RunPlan:
+    """Check the recipe and resolve everything that needs no weights. `need_probe` (ITI) looks for a probe result
+    whatever the head spec; a `probe:K` spec always does."""
+    edit_args = recipe.edit
+    validate_dataset_arg(edit_args.dataset)
+    model_path, config, layout = read_model_config(recipe.model, recipe.training.trust_remote_code)
+    probe_spec = is_probe_spec(edit_args.heads)
+    if probe_spec:
+        probe_head_count(edit_args.heads, layout)  # K against the model's heads, before any data is read
+    # A multi-edit spec (single:K, or heads_draws > 1) is checked on every draw; the plan shows the first.
+    draws = expand_head_specs(edit_args.heads, edit_args.heads_seed, edit_args.heads_draws, layout)
+    heads = None if probe_spec else [resolve_heads(spec, layout, seed=seed) for spec, seed in draws][0]
+    splits = load_preference_splits(
+        dataset=edit_args.dataset,
+        dataset_config=edit_args.dataset_config,
+        split_fractions=tuple(edit_args.split_fractions),
+        seed=edit_args.split_seed,
+        prompt_template=edit_args.prompt_template,
+        completion_template=edit_args.completion_template,
+        group_by=edit_args.group_by,
+        max_pairs_per_question=edit_args.max_pairs_per_question,
+    )
+    if len(splits["train"]) == 0:
+        raise RecipeError(f"data set '{edit_args.dataset}' gives no training pairs")
+    plan = RunPlan(
+        model_path=model_path,
+        layout=layout,
+        head_dim=config_head_dim(config, layout),
+        heads=heads,
+        edit_config=None if heads is None else edit_config_for(layout, heads, recipe),
+        splits=splits,
+        output_dir=output_dir_of(recipe),
+        recipe_name=recipe.name,
+    )
+    if probe_spec or need_probe:
+        result, plan.probe_dir = find_probe_result(recipe, model_path, layout)
+        if result is not None:
+            plan.use_probe_result(result, plan.probe_dir, recipe)
+    return plan
+
+
+def resolve_probe_heads(plan: RunPlan, recipe: Recipe, model, tokenizer) -> None:
+    """Run the probe stage on the loaded model (once, on the main process first), then resolve the heads from it."""
+    from accelerate import PartialState
+
+    stage = make_probe_stage(recipe, plan.model_path, plan.layout)
+    with PartialState().main_process_first():
+        result = run_probe_stage(stage, recipe, model, tokenizer)
+    plan.use_probe_result(result, stage.output_dir, recipe)

@@ -1,0 +1,17 @@
+"""Reporting: the table, the paper's figures and the verdict (p-values, bootstrap) from evaluated runs."""
+
+from .report import write_report
+from .runs import COLUMNS, Run, find_runs, read_run
+from .stats import best_per_head_set, paired_bootstrap, permutation_p_value, verdict
+
+__all__ = [
+    "COLUMNS",
+    "Run",
+    "best_per_head_set",
+    "find_runs",
+    "paired_bootstrap",
+    "permutation_p_value",
+    "read_run",
+    "verdict",
+    "write_report",
+]

@@ -1,0 +1,219 @@
+"""The run directory: its name, what it holds, how it is written and read, and when it is finished.
+
+A run directory is what a training run, ITI or a multi-edit run leaves behind, and what evaluation and the report
+read. It holds the adapter (`adapter_config.json`, `adapter_model.safetensors`), `recipe.yaml` (the resolved
+recipe), `heads.json`, `splits.json` (the question ids of each split), the trainer's state and `metrics.json`,
+written last: its presence marks a finished run. A multi-edit run's top directory has no adapter; its
+`metrics.json` lists the directories of its edits under "edits". `eval/` holds an evaluation: `generations.jsonl`,
+then `metrics.json` (written last, so its presence marks a finished evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+from .core.errors import RecipeError
+from .core.files import read_json, write_json_atomic, write_text_atomic
+from .heads import format_heads, head_family, heads_slug
+
+METRICS = "metrics.json"
+HEADS = "heads.json"
+SPLITS = "splits.json"
+RECIPE = "recipe.yaml"
+ADAPTER_CONFIG = "adapter_config.json"
+EVAL_DIR = "eval"
+GENERATIONS = "generations.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Names
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def default_output_dir(edit_args, args, recipe_name: str) -> str:
+    """outputs/<recipe>/<heads>[-<edit>]-lr<lr>-tau<tau>-seed<seed>: unique per run of a sweep."""
+    slug = heads_slug(edit_args.heads, edit_args.heads_seed, edit_args.heads_draws)
+    if edit_args.edit_strength != "adaptive":
+        slug += f"-{edit_args.edit_strength}"
+    if edit_args.edit_read != "all":
+        slug += f"-read{edit_args.edit_read}"
+    name = f"{slug}-lr{args.learning_rate:g}-tau{args.beta:g}-seed{args.seed}"
+    return os.path.join("outputs", recipe_name, name)
+
+
+def iti_output_dir(edit_args, alpha: float, recipe_name: str) -> str:
+    """outputs/<recipe>/iti-<heads>-alpha<alpha>: one directory per head set and strength."""
+    slug = heads_slug(edit_args.heads, edit_args.heads_seed, edit_args.heads_draws)
+    return os.path.join("outputs", recipe_name, f"iti-{slug}-alpha{alpha:g}")
+
+
+def output_dir_of(recipe) -> str:
+    """The training run directory of a recipe: its output_dir, else the default name."""
+    args = recipe.training
+    return args.output_dir if args.output_dir_was_given else default_output_dir(recipe.edit, args, recipe.name)
+
+
+def eval_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, EVAL_DIR)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def write_run_description(output_dir: str, recipe, heads, layout, splits, probe_dir: str | None = None) -> None:
+    """The resolved recipe, the heads and the question split, written at the start of a run."""
+    os.makedirs(output_dir, exist_ok=True)
+    edit_args = recipe.edit
+    resolved = {
+        **asdict(recipe.edit),
+        **asdict(recipe.model),
+        **asdict(recipe.probe),
+        **asdict(recipe.eval),
+        **json.loads(recipe.training.to_json_string()),
+        "output_dir": output_dir,
+    }
+    write_text_atomic(os.path.join(output_dir, RECIPE), yaml.safe_dump(resolved, sort_keys=False))
+    write_json_atomic(
+        os.path.join(output_dir, HEADS),
+        {
+            "spec": edit_args.heads,
+            "heads_seed": edit_args.heads_seed,
+            "family": head_family(edit_args.heads),
+            "heads": [list(h) for h in heads],
+            "model_type": layout.model_type,
+            "num_layers": layout.num_layers,
+            "num_heads": layout.num_heads,
+            **({"probe_results": probe_dir} if probe_dir else {}),
+        },
+    )
+    write_json_atomic(
+        os.path.join(output_dir, SPLITS),
+        {
+            "dataset": edit_args.dataset,
+            "dataset_config": edit_args.dataset_config,
+            "split_fractions": list(edit_args.split_fractions),
+            "split_seed": edit_args.split_seed,
+            "question_ids": {name: sorted(set(split["question_id"])) for name, split in splits.items()},
+        },
+    )
+
+
+def write_metrics(output_dir: str, metrics: dict) -> None:
+    """metrics.json, written last: it marks the run finished."""
+    write_json_atomic(os.path.join(output_dir, METRICS), metrics)
+
+
+def write_evaluation(output_dir: str, records: list[dict], metrics: dict) -> None:
+    """eval/generations.jsonl, then eval/metrics.json last: a metrics.json always belongs to the generations
+    beside it."""
+    directory = eval_dir(output_dir)
+    os.makedirs(directory, exist_ok=True)
+    stale = os.path.join(directory, METRICS)
+    if os.path.exists(stale):
+        os.remove(stale)
+    lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    write_text_atomic(os.path.join(directory, GENERATIONS), lines)
+    write_json_atomic(os.path.join(directory, METRICS), metrics)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def is_finished(output_dir: str) -> bool:
+    return os.path.isfile(os.path.join(output_dir, METRICS))
+
+
+def is_evaluated(output_dir: str) -> bool:
+    return os.path.isfile(os.path.join(eval_dir(output_dir), METRICS))
+
+
+def has_edit(output_dir: str) -> bool:
+    return os.path.isfile(os.path.join(output_dir, ADAPTER_CONFIG))
+
+
+def read_metrics(output_dir: str) -> dict:
+    return read_json(os.path.join(output_dir, METRICS))
+
+
+def read_heads(output_dir: str) -> dict:
+    return read_json(os.path.join(output_dir, HEADS))
+
+
+def read_heads_spec(output_dir: str) -> str:
+    """An edit's heads as its heads.json lists them, as an explicit spec, e.g. `L0H1,L2H3`."""
+    return format_heads([tuple(head) for head in read_heads(output_dir)["heads"]])
+
+
+def read_recipe(output_dir: str) -> dict:
+    path = os.path.join(output_dir, RECIPE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        loaded = yaml.safe_load(f)
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def read_evaluation(output_dir: str) -> tuple[dict, list[dict]]:
+    """(eval/metrics.json, the records of eval/generations.jsonl) of an evaluated run."""
+    directory = Path(eval_dir(output_dir))
+    metrics = json.loads((directory / METRICS).read_text())
+    generations = directory / GENERATIONS
+    records = (
+        [json.loads(line) for line in generations.read_text().splitlines() if line.strip()]
+        if (generations.is_file())
+        else []
+    )
+    return metrics, records
+
+
+def find_evaluated(path: str) -> list[Path]:
+    """Every evaluated run directory below `path` (its `eval/metrics.json` marks it), in sorted order."""
+    return [metrics.parent.parent for metrics in sorted(Path(path).glob(f"**/{EVAL_DIR}/{METRICS}"))]
+
+
+def expand_run_dirs(run_dirs: list[str]) -> list[str]:
+    """Run directories as given, with a multi-edit run's directory replaced by the edits it trained."""
+    expanded = []
+    for run_dir in run_dirs:
+        if not has_edit(run_dir) and is_finished(run_dir):
+            edits = read_metrics(run_dir).get("edits")
+            if isinstance(edits, list) and edits:
+                expanded += [str(edit) for edit in edits]
+                continue
+        expanded.append(run_dir)
+    return list(dict.fromkeys(os.path.normpath(run_dir) for run_dir in expanded))
+
+
+def read_run_dir(run_dir: str) -> tuple[dict, dict, dict]:
+    """(resolved recipe, split, heads) of an edit's run directory, or a RecipeError naming what is missing."""
+    if not os.path.isdir(run_dir):
+        raise RecipeError(f"run directory '{run_dir}' does not exist")
+    if not has_edit(run_dir):
+        raise RecipeError(f"'{run_dir}' holds no trained edit (no {ADAPTER_CONFIG})")
+    split_file = os.path.join(run_dir, SPLITS)
+    if not os.path.isfile(split_file):
+        raise RecipeError(f"run directory '{run_dir}' has no {SPLITS}: its test questions are unknown")
+    split = read_json(split_file)
+    test = (split.get("question_ids") or {}).get("test")
+    if not isinstance(test, list) or not test:
+        raise RecipeError(f"'{split_file}' lists no test questions")
+    recipe_file = os.path.join(run_dir, RECIPE)
+    if not os.path.isfile(recipe_file):
+        raise RecipeError(f"run directory '{run_dir}' has no {RECIPE}: its base model is unknown")
+    settings = read_recipe(run_dir)
+    if not settings.get("model_name_or_path"):
+        raise RecipeError(f"'{recipe_file}' names no model_name_or_path")
+    return settings, split, read_heads(run_dir)
+
+
+def read_adapter_config(run_dir: str) -> dict:
+    return read_json(os.path.join(run_dir, ADAPTER_CONFIG))

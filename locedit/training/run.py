@@ -1,0 +1,32 @@
+"""Training a recipe's edits: one edit with LocEditTrainer, or many in one pass with the EditBank."""
+
+from __future__ import annotations
+
+from ..core.recipe import Recipe
+from ..heads import is_multi_edit
+from ..plan import RunPlan
+from ..rundir import write_metrics
+from .multi import train_multi_edit
+from .trainer import LocEditTrainer, preference_datasets, train_and_validate
+
+
+def train_edits(recipe: Recipe, plan: RunPlan, model, tokenizer) -> dict:
+    """Train the plan's edit (or edits) on the loaded model and write the run directory; returns the metrics."""
+    edit_args = recipe.edit
+    if is_multi_edit(edit_args.heads, edit_args.heads_draws):
+        return train_multi_edit(recipe, plan, model, tokenizer)
+    trainer = LocEditTrainer(
+        model=model,
+        args=recipe.training,
+        **preference_datasets(plan),
+        processing_class=tokenizer,
+        peft_config=plan.edit_config,
+    )
+    metrics = train_and_validate(trainer, plan.output_dir)
+    trainer.save_model(plan.output_dir)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        write_metrics(plan.output_dir, metrics)  # last: marks the run finished
+    if hasattr(trainer, "end"):
+        trainer.end()
+    return metrics
