@@ -11,10 +11,10 @@ A judge spec is `KIND:NAME`:
   tokens, the product of their conditional probabilities, teacher-forced). The defaults are the open judges
   `allenai/truthfulqa-truth-judge-llama2-7B` and `allenai/truthfulqa-info-judge-llama2-7B`, fine-tuned on the
   GPT-judge data; `locedit judge-train` makes one's own.
-- `openai:MODEL`: an OpenAI-compatible completions endpoint (`OPENAI_BASE_URL`, default the OpenAI API, and
-  `OPENAI_API_KEY`, read from the environment at each request and never logged or saved). The score is
-  exp(logprob of " yes") among the top log-probs of the first completion token, 0 when " yes" is not among them, as
-  TruthfulQA and ITI score GPT-judge.
+- `openai:MODEL`: an OpenAI-compatible completions endpoint through the `openai` client (`OPENAI_BASE_URL`, default
+  the OpenAI API, and `OPENAI_API_KEY`, read from the environment at each request and never logged or saved). The
+  score is exp(logprob of " yes") among the top log-probs of the first completion token, 0 when " yes" is not among
+  them, as TruthfulQA and ITI score GPT-judge.
 - `none`: no judge (True/Info are not computed).
 
 An answer counts as yes when its score is above 0.5 (TruthfulQA counts >= 0.5; the two differ only at exactly 0.5).
@@ -23,13 +23,9 @@ New kinds register with `register_judge_kind` (the toy world's plugin registers 
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
@@ -212,7 +208,11 @@ OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 
 class OpenAIJudge(Judge):
-    """GPT-judge style: one completion token per prompt with its top log-probs, many prompts per request."""
+    """GPT-judge style: one completion token per prompt with its top log-probs, many prompts per request.
+
+    Requests go through the `openai` client (`pip install 'locedit[api]'`), which retries rate limits, server errors
+    and dropped connections with backoff and raises typed errors; each becomes one JudgeError line here.
+    """
 
     kind = "openai"
     top_logprobs = 5  # the most the OpenAI completions API returns
@@ -233,76 +233,59 @@ class OpenAIJudge(Judge):
         # One real request of one prompt: reachable, authorised, the model exists and returns log-probs.
         self.score_prompts([judge_prompt("Is this a test?", "Yes.", self.aspect)], retries=1, timeout=15.0)
 
-    def _post(self, payload: dict, timeout: float) -> dict:
-        request = urllib.request.Request(
-            self.base_url() + "/completions",
-            data=json.dumps(payload).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        key = os.environ.get("OPENAI_API_KEY")
-        if key:
-            request.add_header("Authorization", f"Bearer {key}")
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read().decode())
+    def _client(self, retries: int, timeout: float):
+        try:
+            import openai
+        except ImportError:
+            raise JudgeError(
+                f"{self.aspect} judge '{self.spec}' needs the openai package: pip install 'locedit[api]'"
+            ) from None
+        # The key is read from the environment at each request and never logged or saved.
+        key = os.environ.get("OPENAI_API_KEY") or "none"
+        return openai, openai.OpenAI(base_url=self.base_url(), api_key=key, max_retries=retries - 1, timeout=timeout)
 
-    def _request(self, prompts: list[str], retries: int, timeout: float) -> dict:
-        payload = {
-            "model": self.name,
-            "prompt": prompts,
-            "max_tokens": 1,
-            "temperature": 0,
-            "logprobs": self.top_logprobs,
-        }
+    def _request(self, prompts: list[str], retries: int, timeout: float):
+        openai, client = self._client(retries, timeout)
         where = f"{self.aspect} judge '{self.spec}' at {self.where()} (OPENAI_BASE_URL)"
-        for attempt in range(retries):
-            try:
-                return self._post(payload, timeout)
-            except urllib.error.HTTPError as err:
-                if err.code in (401, 403):
-                    raise JudgeError(f"{where}: not authorised (HTTP {err.code}); check OPENAI_API_KEY") from None
-                if err.code in (429, 500, 502, 503, 504) and attempt + 1 < retries:
-                    time.sleep(2**attempt)
-                    continue
-                detail = _error_detail(err)
-                raise JudgeError(f"{where}: HTTP {err.code}{': ' + detail if detail else ''}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-                if attempt + 1 < retries:
-                    time.sleep(2**attempt)
-                    continue
-                reason = getattr(err, "reason", err)
-                raise JudgeError(f"{where}: cannot reach the endpoint ({reason})") from None
-            except json.JSONDecodeError:
-                raise JudgeError(f"{where}: the endpoint did not answer with JSON") from None
-        raise AssertionError("unreachable")
+        try:
+            return client.completions.create(
+                model=self.name, prompt=prompts, max_tokens=1, temperature=0, logprobs=self.top_logprobs
+            )
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
+            raise JudgeError(f"{where}: not authorised (HTTP {err.status_code}); check OPENAI_API_KEY") from None
+        except openai.APIConnectionError as err:  # also timeouts
+            raise JudgeError(f"{where}: cannot reach the endpoint ({type(err).__name__})") from None
+        except openai.APIStatusError as err:
+            detail = _error_detail(err)
+            raise JudgeError(f"{where}: HTTP {err.status_code}{': ' + detail if detail else ''}") from None
+        except openai.APIError as err:
+            raise JudgeError(f"{where}: unusable answer ({type(err).__name__})") from None
 
     def score_prompts(self, prompts: Sequence[str], retries: int | None = None, timeout: float | None = None):
         scores: list[float] = []
         for start in batches(len(prompts), self.batch_size, f"judging {self.aspect}"):
             batch = list(prompts[start : start + self.batch_size])
             answer = self._request(batch, retries or self.retries, timeout or self.timeout_s)
-            choices = sorted(answer.get("choices") or [], key=lambda choice: choice.get("index", 0))
+            choices = sorted(answer.choices or [], key=lambda choice: choice.index or 0)
             if len(choices) != len(batch):
                 raise JudgeError(
                     f"{self.aspect} judge '{self.spec}': asked for {len(batch)} completions, got {len(choices)}"
                 )
             for choice in choices:
-                top = ((choice.get("logprobs") or {}).get("top_logprobs") or [None])[0]
+                top = ((choice.logprobs.top_logprobs if choice.logprobs else None) or [None])[0]
                 if top is None:
                     raise JudgeError(f"{self.aspect} judge '{self.spec}': the endpoint returned no log-probs")
                 scores.append(math.exp(top[YES]) if YES in top else 0.0)
         return scores
 
 
-def _error_detail(err: urllib.error.HTTPError) -> str:
-    try:
-        body = json.loads(err.read().decode())
-        message = (
-            (body.get("error") or {}).get("message") if isinstance(body.get("error"), dict) else body.get("error")
-        )
-        return str(message or "").splitlines()[0][:200] if message else ""
-    except (ValueError, AttributeError, OSError):
-        return ""
+def _error_detail(err) -> str:
+    """The first line of the endpoint's error message, at most 200 characters."""
+    body = err.body
+    if isinstance(body, dict):
+        body = body.get("error", body)
+    message = body.get("message") if isinstance(body, dict) else body
+    return str(message).splitlines()[0][:200] if message else ""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
