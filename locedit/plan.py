@@ -149,13 +149,9 @@ def make_plan(recipe: Recipe, need_probe: bool = False) -> RunPlan:
     draws = expand_head_specs(edit_args.heads, edit_args.heads_seed, edit_args.heads_draws, layout)
     heads = None if probe_spec else [resolve_heads(spec, layout, seed=seed) for spec, seed in draws][0]
     splits = load_preference_splits(
-        dataset=edit_args.dataset,
-        dataset_config=edit_args.dataset_config,
-        split_fractions=tuple(edit_args.split_fractions),
-        seed=edit_args.split_seed,
+        **edit_args.split_source(),
         prompt_template=edit_args.prompt_template,
         completion_template=edit_args.completion_template,
-        group_by=edit_args.group_by,
         max_pairs_per_question=edit_args.max_pairs_per_question,
     )
     if len(splits["train"]) == 0:

@@ -72,6 +72,16 @@ class EditArguments:
         metadata={"help": "Check the recipe, resolve the heads without loading weights, print the plan and stop."},
     )
 
+    def split_source(self) -> dict:
+        """The arguments of `locedit.data.load_questions` that fix which questions land in which split."""
+        return {
+            "dataset": self.dataset,
+            "dataset_config": self.dataset_config,
+            "split_fractions": tuple(self.split_fractions),
+            "seed": self.split_seed,
+            "group_by": self.group_by,
+        }
+
     def __post_init__(self):
         # argparse checks `choices` on the command line only, not on values that come from a recipe.
         _check_choice("edit_read", self.edit_read, EDIT_READS)

@@ -77,13 +77,7 @@ def make_probe_stage(recipe: Recipe, model_path: str, layout: AttentionLayout) -
     if probe_args.probe_batch_size < 1:
         raise RecipeError(f"probe_batch_size must be at least 1, got {probe_args.probe_batch_size}")
     check_probe_template(probe_args.probe_template)
-    questions = load_questions(
-        dataset=edit_args.dataset,
-        dataset_config=edit_args.dataset_config,
-        split_fractions=tuple(edit_args.split_fractions),
-        seed=edit_args.split_seed,
-        group_by=edit_args.group_by,
-    )["train"]
+    questions = load_questions(**edit_args.split_source())["train"]
     question_ids = sorted(set(questions["question_id"]))
     if len(question_ids) < 2:
         raise DataError(
