@@ -1,4 +1,4 @@
-"""`locedit report RUN_DIR...`: the comparison the paper makes, from finished and evaluated runs.
+"""Writing the report of evaluated runs (`locedit report`): the table, the paper's figures and the verdict.
 
 Reads every evaluated run under the given directories (`eval/metrics.json` and `eval/generations.jsonl`, with the
 run's `heads.json`, `recipe.yaml` and `metrics.json`) and writes to the report directory:
