@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import sys
 
-from trl import TrlParser
-
 from .core.args import ModelArguments
 from .core.errors import run_cli
-from .core.recipe import config_argv, parse_dataclasses
+from .core.recipe import RecipeParser, config_argv, parse_dataclasses
 from .evaluation.judge_training import JudgeDataArguments, JudgeTrainConfig, train_judge
 
 __all__ = ["main", "make_parser"]
 
 
-def make_parser() -> TrlParser:
-    return TrlParser((JudgeDataArguments, ModelArguments, JudgeTrainConfig), prog="locedit judge-train")
+def make_parser() -> RecipeParser:
+    return RecipeParser((JudgeDataArguments, ModelArguments, JudgeTrainConfig), prog="locedit judge-train")
 
 
 def main(data_args: JudgeDataArguments, model_args: ModelArguments, args: JudgeTrainConfig) -> dict:

@@ -25,7 +25,7 @@ from .heads import (
 from .locate import find_probe_result, make_probe_stage, run_probe_stage
 from .models.layout import AttentionLayout
 from .models.loading import config_head_dim, read_model_config
-from .rundir import output_dir_of
+from .rundir import check_output_dir, output_dir_of
 
 
 @dataclass
@@ -45,7 +45,8 @@ class RunPlan:
     output_dir: str
     recipe_name: str
     probe_dir: str | None = None  # where the probe result is, or will be written
-    probe_result: object = None  # locedit.probe.ProbeResult, once there is one
+    probe_result: object = None  # locedit.locate.ProbeResult, once there is one
+    finished: bool = False  # output_dir holds this very run, finished
 
     def use_probe_result(self, result, probe_dir: str, recipe: Recipe) -> None:
         """Resolve a `probe:K` spec from a probe result (the K heads of highest validation accuracy)."""
@@ -136,10 +137,24 @@ def edit_config_for(layout: AttentionLayout, heads: list[tuple[int, int]], recip
     )
 
 
-def make_plan(recipe: Recipe, need_probe: bool = False) -> RunPlan:
+def make_plan(recipe: Recipe, need_probe: bool = False, output_dir: str | None = None) -> RunPlan:
     """Check the recipe and resolve everything that needs no weights. `need_probe` (ITI) looks for a probe result
-    whatever the head spec; a `probe:K` spec always does."""
+    whatever the head spec; a `probe:K` spec always does. `output_dir` defaults to the recipe's training run
+    directory."""
     edit_args = recipe.edit
+    output_dir = output_dir or output_dir_of(recipe)
+    test_fraction = float(edit_args.split_fractions[2]) if len(edit_args.split_fractions) == 3 else 1.0
+    if test_fraction <= 0:
+        raise RecipeError(
+            f"split_fractions {list(edit_args.split_fractions)} leave no test questions; locedit evaluates every edit "
+            "on held-out test questions, so give the test split (the third number) a fraction > 0"
+        )
+    if is_multi_edit(edit_args.heads, edit_args.heads_draws) and not recipe.training.precompute_ref_log_probs:
+        raise RecipeError(
+            f"heads '{edit_args.heads}' with heads_draws {edit_args.heads_draws} trains many edits in one run, which "
+            "needs precompute_ref_log_probs: true"
+        )
+    finished = check_output_dir(output_dir, recipe)  # creatable, writable, and no other run's
     validate_dataset_arg(edit_args.dataset)
     model_path, config, layout = read_model_config(recipe.model, recipe.training.trust_remote_code)
     probe_spec = is_probe_spec(edit_args.heads)
@@ -156,6 +171,11 @@ def make_plan(recipe: Recipe, need_probe: bool = False) -> RunPlan:
     )
     if len(splits["train"]) == 0:
         raise RecipeError(f"data set '{edit_args.dataset}' gives no training pairs")
+    if len(splits["test"]) == 0:
+        raise RecipeError(
+            f"data set '{edit_args.dataset}' gives no test questions with split_fractions "
+            f"{list(edit_args.split_fractions)}: too few questions for a test split"
+        )
     plan = RunPlan(
         model_path=model_path,
         layout=layout,
@@ -163,8 +183,9 @@ def make_plan(recipe: Recipe, need_probe: bool = False) -> RunPlan:
         heads=heads,
         edit_config=None if heads is None else edit_config_for(layout, heads, recipe),
         splits=splits,
-        output_dir=output_dir_of(recipe),
+        output_dir=output_dir,
         recipe_name=recipe.name,
+        finished=finished,
     )
     if probe_spec or need_probe:
         result, plan.probe_dir = find_probe_result(recipe, model_path, layout)

@@ -13,13 +13,14 @@ import sys
 from pathlib import Path
 
 from .core.errors import run_cli
+from .core.recipe import OneLineParser
 from .reporting import find_runs, write_report
 
 __all__ = ["cli", "main", "make_parser"]
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def make_parser() -> OneLineParser:
+    parser = OneLineParser(
         prog="locedit report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("run_dirs", nargs="+", help="run directories, or directories holding them")
@@ -41,8 +42,7 @@ def report(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """`locedit report RUN_DIR... [--output_dir DIR]`: a user's mistake prints one line and returns 2."""
-    args = make_parser().parse_args(argv)
-    return run_cli(lambda: report(args))
+    return run_cli(lambda: report(make_parser().parse_args(argv)))
 
 
 cli = main

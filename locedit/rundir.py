@@ -10,8 +10,12 @@ then `metrics.json` (written last, so its presence marks a finished evaluation).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,6 +26,7 @@ from .core.files import read_json, write_json_atomic, write_text_atomic
 from .heads import format_heads, head_family, heads_slug
 
 METRICS = "metrics.json"
+LOCK = ".locedit.lock"
 HEADS = "heads.json"
 SPLITS = "splits.json"
 RECIPE = "recipe.yaml"
@@ -36,20 +41,26 @@ GENERATIONS = "generations.jsonl"
 
 
 def default_output_dir(edit_args, args, recipe_name: str) -> str:
-    """outputs/<recipe>/<heads>[-<edit>]-lr<lr>-tau<tau>-seed<seed>: unique per run of a sweep."""
+    """outputs/<recipe>/<heads>[-<edit>]-lr<lr>-tau<tau>-seed<seed>[-split<split_seed>]: unique per run of a
+    sweep."""
     slug = heads_slug(edit_args.heads, edit_args.heads_seed, edit_args.heads_draws)
     if edit_args.edit_strength != "adaptive":
         slug += f"-{edit_args.edit_strength}"
     if edit_args.edit_read != "all":
         slug += f"-read{edit_args.edit_read}"
-    name = f"{slug}-lr{args.learning_rate:g}-tau{args.beta:g}-seed{args.seed}"
+    name = f"{slug}-lr{args.learning_rate:g}-tau{args.beta:g}-seed{args.seed}{_split_part(edit_args)}"
     return os.path.join("outputs", recipe_name, name)
+
+
+def _split_part(edit_args) -> str:
+    # Runs on another question split train on other questions: they get their own directory.
+    return f"-split{edit_args.split_seed}" if edit_args.split_seed else ""
 
 
 def iti_output_dir(edit_args, alpha: float, recipe_name: str) -> str:
     """outputs/<recipe>/iti-<heads>-alpha<alpha>: one directory per head set and strength."""
     slug = heads_slug(edit_args.heads, edit_args.heads_seed, edit_args.heads_draws)
-    return os.path.join("outputs", recipe_name, f"iti-{slug}-alpha{alpha:g}")
+    return os.path.join("outputs", recipe_name, f"iti-{slug}-alpha{alpha:g}{_split_part(edit_args)}")
 
 
 def output_dir_of(recipe) -> str:
@@ -67,10 +78,8 @@ def eval_dir(output_dir: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def write_run_description(output_dir: str, recipe, heads, layout, splits, probe_dir: str | None = None) -> None:
-    """The resolved recipe, the heads and the question split, written at the start of a run."""
-    os.makedirs(output_dir, exist_ok=True)
-    edit_args = recipe.edit
+def resolved_recipe(recipe, output_dir: str) -> dict:
+    """Every setting of a recipe, as recipe.yaml records it."""
     resolved = {
         **asdict(recipe.edit),
         **asdict(recipe.model),
@@ -79,7 +88,16 @@ def write_run_description(output_dir: str, recipe, heads, layout, splits, probe_
         **json.loads(recipe.training.to_json_string()),
         "output_dir": output_dir,
     }
-    write_text_atomic(os.path.join(output_dir, RECIPE), yaml.safe_dump(resolved, sort_keys=False))
+    return yaml.safe_load(yaml.safe_dump(resolved, sort_keys=False))  # as it reads back: lists, plain values
+
+
+def write_run_description(output_dir: str, recipe, heads, layout, splits, probe_dir: str | None = None) -> None:
+    """The resolved recipe, the heads and the question split, written at the start of a run."""
+    os.makedirs(output_dir, exist_ok=True)
+    edit_args = recipe.edit
+    write_text_atomic(
+        os.path.join(output_dir, RECIPE), yaml.safe_dump(resolved_recipe(recipe, output_dir), sort_keys=False)
+    )
     write_json_atomic(
         os.path.join(output_dir, HEADS),
         {
@@ -103,6 +121,13 @@ def write_run_description(output_dir: str, recipe, heads, layout, splits, probe_
             "question_ids": {name: sorted(set(split["question_id"])) for name, split in splits.items()},
         },
     )
+
+
+def clear_finished(output_dir: str) -> None:
+    """Remove the marker before a directory's results are written again: a rewrite stopped half way then does not
+    look finished."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(output_dir, METRICS))
 
 
 def write_metrics(output_dir: str, metrics: dict) -> None:
@@ -181,16 +206,26 @@ def find_evaluated(path: str) -> list[Path]:
 
 
 def expand_run_dirs(run_dirs: list[str]) -> list[str]:
-    """Run directories as given, with a multi-edit run's directory replaced by the edits it trained."""
+    """Run directories as given, with a multi-edit run's directory replaced by the edits it trained.
+
+    A multi-edit run lists its edits by name; they are the directories of those names inside it, wherever the run
+    directory is now (moved, copied, or read from another working directory).
+    """
     expanded = []
     for run_dir in run_dirs:
         if not has_edit(run_dir) and is_finished(run_dir):
             edits = read_metrics(run_dir).get("edits")
             if isinstance(edits, list) and edits:
-                expanded += [str(edit) for edit in edits]
+                expanded += [_edit_dir(run_dir, str(edit)) for edit in edits]
                 continue
         expanded.append(run_dir)
     return list(dict.fromkeys(os.path.normpath(run_dir) for run_dir in expanded))
+
+
+def _edit_dir(run_dir: str, edit: str) -> str:
+    inside = os.path.join(run_dir, os.path.basename(os.path.normpath(edit)))
+    # Files written before edits were listed by name hold paths; one that is not inside the run is taken as it is.
+    return inside if os.path.isdir(inside) or not os.path.isdir(edit) else edit
 
 
 def read_run_dir(run_dir: str) -> tuple[dict, dict, dict]:
@@ -217,3 +252,164 @@ def read_run_dir(run_dir: str) -> tuple[dict, dict, dict]:
 
 def read_adapter_config(run_dir: str) -> dict:
     return read_json(os.path.join(run_dir, ADAPTER_CONFIG))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Starting a run in a directory
+# ---------------------------------------------------------------------------------------------------------------------
+
+# The settings that determine a run's result: a run started in a directory whose recipe.yaml has other values is
+# refused (it would resume, or overwrite, another run's results). How long it trains is not among them: a run
+# started again with more steps or epochs goes on from its last checkpoint.
+LENGTH_SETTINGS = ("num_train_epochs", "max_steps")
+RESULT_SETTINGS = (
+    "model_name_or_path",
+    "model_revision",
+    "dtype",
+    "load_in_8bit",
+    "load_in_4bit",
+    "bnb_4bit_quant_type",
+    "dataset",
+    "dataset_config",
+    "split_fractions",
+    "split_seed",
+    "group_by",
+    "prompt_template",
+    "completion_template",
+    "max_pairs_per_question",
+    "heads",
+    "heads_seed",
+    "heads_draws",
+    "edit_read",
+    "edit_strength",
+    "probe_template",
+    "probe_val_fraction",
+    "probe_seed",
+    "probe_standardize",
+    "iti_alpha",
+    "beta",
+    "loss_type",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "optim",
+    "seed",
+    "max_length",
+    "bf16",
+)
+
+
+def settings_difference(old: dict, new: dict, keys=RESULT_SETTINGS) -> str | None:
+    """The first setting whose value differs between two resolved recipes, described, else None."""
+    for key in keys:
+        if key in old and key in new and old[key] != new[key]:
+            return f"{key} {old[key]!r} there, {new[key]!r} now"
+    return None
+
+
+def check_output_dir(output_dir: str, recipe) -> bool:
+    """Check before any work that a run can use `output_dir`; returns whether it already holds this run, finished
+    (a finished run asked to train longer is not: it goes on).
+
+    The directory must be creatable and writable (checked by creating a directory where it would go), and, when it
+    holds a run already, that run must have the same result-determining settings (RESULT_SETTINGS).
+    """
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise RecipeError(f"output_dir '{output_dir}' is a file, not a directory; give another output_dir")
+    check_writable(output_dir)
+    if not os.path.isfile(os.path.join(output_dir, RECIPE)):
+        return False
+    old, new = read_recipe(output_dir), resolved_recipe(recipe, output_dir)
+    difference = settings_difference(old, new)
+    if difference:
+        raise RecipeError(
+            f"output_dir '{output_dir}' holds a run with other settings ({difference}); give another output_dir "
+            "or remove that one"
+        )
+    return is_finished(output_dir) and settings_difference(old, new, LENGTH_SETTINGS) is None
+
+
+def check_writable(directory: str) -> None:
+    """`directory` exists and is writable, or can be created: a probe directory is made and removed where the
+    nearest existing parent is."""
+    parent = os.path.abspath(directory)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise RecipeError(f"cannot create '{directory}': '{parent}' is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".locedit-write-check-", dir=parent))
+    except OSError as err:
+        raise RecipeError(f"cannot write '{directory}': {err.strerror} ('{parent}')") from None
+
+
+@contextlib.contextmanager
+def run_lock(directory: str) -> Iterator[None]:
+    """Hold `directory` for this process: a second run (or probe, or eval) into it refuses with one line while this
+    one lives. A lock left by a process that no longer runs is stale, and taken over with a notice. Holding it again
+    in the same process is a no-op; a directory the lock created and that is still empty is removed at the end."""
+    created = not os.path.isdir(directory)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, LOCK)
+    while True:
+        try:
+            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = _lock_owner(path)
+            if owner == os.getpid():
+                yield  # already held by this process
+                return
+            if owner is None and _age_s(path) < 10:
+                owner = -1  # just created, its pid not written yet: busy
+            if owner == -1 or (owner is not None and _is_running(owner)):
+                who = "another process" if owner == -1 else f"process {owner}"
+                raise RecipeError(
+                    f"'{directory}' is in use by {who} (its lock {path}); wait for that run to end or stop it"
+                ) from None
+            if owner is not None:
+                print(f"locedit: taking over the stale lock of process {owner} in '{directory}'", file=sys.stderr)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            continue
+        with os.fdopen(handle, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    try:
+        yield
+    finally:
+        if _lock_owner(path) == os.getpid():
+            os.remove(path)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)  # only if empty: a run that failed before writing anything leaves nothing
+
+
+def _lock_owner(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _age_s(path: str) -> float:
+    import time
+
+    try:
+        return time.time() - os.path.getmtime(path)
+    except OSError:
+        return float("inf")

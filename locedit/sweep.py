@@ -16,13 +16,14 @@ import sys
 from pathlib import Path
 
 from .core.errors import run_cli
+from .core.recipe import OneLineParser
 from .pipelines.sweep import default_devices, plan_sweep, run_sweep
 
 __all__ = ["cli", "main", "make_parser"]
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def make_parser() -> OneLineParser:
+    parser = OneLineParser(
         prog="locedit sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("sweep", help="a W&B grid sweep file, e.g. recipes/sweeps/lr_single_head.yaml")
@@ -61,8 +62,7 @@ def sweep(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`locedit sweep SWEEP.yaml [--gpus ...] [--dry_run]`: a user's mistake prints one line and returns 2."""
-    args = make_parser().parse_args(argv)
-    return run_cli(lambda: sweep(args))
+    return run_cli(lambda: sweep(make_parser().parse_args(argv)))
 
 
 cli = main

@@ -20,6 +20,19 @@ if "LOCEDIT_CACHE" not in os.environ:
     os.environ["LOCEDIT_CACHE"] = _session_cache
     atexit.register(shutil.rmtree, _session_cache, ignore_errors=True)
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def own_working_directory(tmp_path_factory, monkeypatch):
+    """Every test runs in a fresh directory of its own (with `recipes/` linked in, as the README's commands use
+    it), so what a user's own runs left in `outputs/` can never change a test's result, nor a test leave outputs."""
+    work = tmp_path_factory.mktemp("cwd")
+    (work / "recipes").symlink_to(REPO / "recipes", target_is_directory=True)
+    monkeypatch.chdir(work)
+    return work
+
+
 # The layouts every feature must handle: plain multi-head, grouped-query, Conv1D projections, fused GPT-NeoX.
 CORE_ARCHS = ["llama", "qwen2", "gpt2", "gpt_neox"]
 

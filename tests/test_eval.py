@@ -394,7 +394,6 @@ def test_locedit_eval_command_reports_a_run_without_a_split_without_a_traceback(
     (broken / "splits.json").unlink()
     result = subprocess.run(
         [sys.executable, "-m", "locedit.cli", "eval", str(broken), "--eval_judge_truth", "none"],
-        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,

@@ -15,6 +15,7 @@ from locedit import AttentionLayout, load_edit, resolve_heads
 from locedit.core.errors import HeadSpecError
 from locedit.core.recipe import parse_recipe
 from locedit.heads import expand_head_specs
+from locedit.rundir import expand_run_dirs
 from locedit.train import main
 from locedit.training.multi import EditBank, replicate_batch
 
@@ -50,7 +51,7 @@ def test_k_edits_in_one_run_equal_k_separate_runs(tmp_path, edit_strength):
     summary = json.loads((multi_dir / "metrics.json").read_text())
     assert len(summary["edits"]) == 3
 
-    for seed, edit_dir in enumerate(summary["edits"]):
+    for seed, edit_dir in enumerate(expand_run_dirs([str(multi_dir)])):
         separate_dir = tmp_path / f"separate-{seed}"
         main(parse_recipe([*flags, "--heads_seed", str(seed), "--output_dir", str(separate_dir)]))
         # The same heads, recorded the same way.
@@ -69,7 +70,7 @@ def test_k_edits_in_one_run_equal_k_separate_runs(tmp_path, edit_strength):
 def test_saved_edits_load_as_ordinary_edits(tmp_path, tiny_model_dir):
     out = tmp_path / "singles"
     main(parse_recipe([*COMMON, "--heads", "single:2", "--output_dir", str(out)]))
-    edits = json.loads((out / "metrics.json").read_text())["edits"]
+    edits = expand_run_dirs([str(out)])
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"))
     layout = AttentionLayout.from_model(base)
     ids = torch.tensor([[5, 17, 42, 99, 3]])
@@ -133,7 +134,7 @@ def test_an_interrupted_multi_edit_run_resumes_to_the_same_edits(tmp_path):
     assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3, 4, 5, 6]
     losses = json.loads((resumed / "metrics.json").read_text())
     assert 20 < losses["train_loss"] < 30 and 20 < losses["eval_loss"] < 30  # means per edit, not sums
-    for ours, theirs in zip(losses["edits"], json.loads((whole / "metrics.json").read_text())["edits"], strict=True):
+    for ours, theirs in zip(expand_run_dirs([str(resumed)]), expand_run_dirs([str(whole)]), strict=True):
         a, b = adapter_tensors(ours), adapter_tensors(theirs)
         for key in b:
             torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)

@@ -24,7 +24,6 @@ SWEEPS = sorted((REPO / "recipes" / "sweeps").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
 def test_sweep_files_parse_and_their_commands_parse_with_the_train_parser(path, monkeypatch):
-    monkeypatch.chdir(REPO)
     sweep = load_sweep(str(path))
     command = sweep["command"]
     # W&B with accelerate: the command is split into tokens, the program run as a module, hyperparameters as flags.

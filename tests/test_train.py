@@ -233,7 +233,6 @@ def test_bad_recipes_exit_nonzero_with_one_line_and_no_traceback(flags, message,
         flags = ["--model_name_or_path", _config_only_model(tmp_path / "bert", BertConfig())]
     result = subprocess.run(
         [sys.executable, "-m", "locedit.train", "recipes/tiny.yaml", *flags],
-        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
@@ -290,7 +289,6 @@ def test_training_runs_in_two_processes_on_cpu(tmp_path):
             "--heads",
             "random:3",
         ],
-        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,

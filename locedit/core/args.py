@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -88,6 +89,7 @@ class EditArguments:
         _check_choice("edit_strength", self.edit_strength, EDIT_STRENGTHS)
         if len(self.split_fractions) != 3:
             raise ValueError(f"split_fractions {self.split_fractions} must be three numbers: train, validation, test")
+        _check_at_least("heads_draws", self.heads_draws, 1)
 
 
 @dataclass
@@ -243,6 +245,15 @@ class LocEditConfig(DPOConfig):
 
     def __post_init__(self):
         self.output_dir_was_given = self.output_dir is not None
+        # Ranges the optimizer, the loss or the data loader would reject only after the weights load (or not at all).
+        _check_positive("learning_rate", self.learning_rate)
+        _check_positive("beta", self.beta, "IPO's tau")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            _check_at_least(name, getattr(self, name), 1)
+        if not (self.max_steps > 0 or self.num_train_epochs > 0):  # max_steps > 0 overrides the epochs
+            raise ValueError(
+                f"num_train_epochs {self.num_train_epochs} is not valid: it must be > 0 (or set max_steps > 0)"
+            )
         if self.bf16 is None:
             self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.fp16
         if str(self.optim).startswith("paged") and not torch.cuda.is_available():
@@ -260,6 +271,17 @@ def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         logger.warning(message)
+
+
+def _check_positive(name: str, value, meaning: str = "") -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        what = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{name}{what} {value} is not valid: it must be a number > 0")
+
+
+def _check_at_least(name: str, value, least: int) -> None:
+    if not (isinstance(value, int) and value >= least):
+        raise ValueError(f"{name} {value} is not valid: it must be an integer >= {least}")
 
 
 def _check_choice(name: str, value, valid) -> None:

@@ -49,7 +49,8 @@ USER_ERRORS = (LocEditError, FileNotFoundError)
 def run_cli(main: Callable[[], object]) -> int:
     """Run a command; a user's mistake prints one line `locedit: error: ...` and returns 2 (no traceback).
 
-    Returns the command's own exit code when it returns an int (a sweep with failed runs: 1), else 0.
+    Returns the command's own exit code when it returns an int (a sweep with failed runs: 1), else 0; 130 after
+    Ctrl-C, with one line instead of a traceback.
     """
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
@@ -57,4 +58,8 @@ def run_cli(main: Callable[[], object]) -> int:
     except USER_ERRORS as err:
         print(f"locedit: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: what was written is whole (results are written atomically, checkpoints checked on resume).
+        print("\nlocedit: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
     return result if type(result) is int else 0

@@ -6,6 +6,7 @@ a whole experiment and an unknown key is an error for every command alike.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import warnings
@@ -17,6 +18,20 @@ from trl import TrlParser
 
 from .args import EditArguments, EvalArguments, LocEditConfig, ModelArguments, ProbeArguments
 from .errors import RecipeError
+
+
+class RecipeParser(TrlParser):
+    """TrlParser whose argument errors (a bad value, an unknown flag) are one RecipeError line, not a usage dump."""
+
+    def error(self, message: str):
+        raise RecipeError(message)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for the commands without a recipe (report, sweep, study's own flags): errors are one line."""
+
+    def error(self, message: str):
+        raise RecipeError(message)
 
 
 @dataclass
@@ -34,7 +49,7 @@ class Recipe:
 def make_parser(prog: str = "locedit") -> TrlParser:
     # No abbreviations: argparse would otherwise take a typo such as --learning_rat for --learning_rate.
     dataclass_types = (EditArguments, ModelArguments, ProbeArguments, EvalArguments, LocEditConfig)
-    return TrlParser(dataclass_types, prog=prog, allow_abbrev=False)
+    return RecipeParser(dataclass_types, prog=prog, allow_abbrev=False)
 
 
 def config_argv(argv: list[str]) -> list[str]:

@@ -316,12 +316,17 @@ def load_questions(
     )
     return datasets.DatasetDict(
         {
-            name: datasets.Dataset.from_list(
-                [record for record in records if split_of[record["question_id"]] == name], features=features
-            )
+            name: _table([record for record in records if split_of[record["question_id"]] == name], features)
             for name in SPLIT_NAMES
         }
     )
+
+
+def _table(records: list[dict], features) -> datasets.Dataset:
+    # `Dataset.from_list([])` has no columns to match `features` to: an empty split is built from empty columns.
+    if not records:
+        return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+    return datasets.Dataset.from_list(records, features=features)
 
 
 def pair_counts(splits: datasets.DatasetDict) -> dict[str, int]:

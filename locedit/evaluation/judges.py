@@ -231,7 +231,8 @@ class OpenAIJudge(Judge):
 
     def check(self) -> None:
         # One real request of one prompt: reachable, authorised, the model exists and returns log-probs.
-        self.score_prompts([judge_prompt("Is this a test?", "Yes.", self.aspect)], retries=1, timeout=15.0)
+        prompt = judge_prompt("Is this a test?", "Yes.", self.aspect)
+        self.score_prompts([prompt], retries=1, timeout=15.0, progress=False)
 
     def _client(self, retries: int, timeout: float):
         try:
@@ -261,9 +262,11 @@ class OpenAIJudge(Judge):
         except openai.APIError as err:
             raise JudgeError(f"{where}: unusable answer ({type(err).__name__})") from None
 
-    def score_prompts(self, prompts: Sequence[str], retries: int | None = None, timeout: float | None = None):
+    def score_prompts(
+        self, prompts: Sequence[str], retries: int | None = None, timeout: float | None = None, progress: bool = True
+    ):
         scores: list[float] = []
-        for start in batches(len(prompts), self.batch_size, f"judging {self.aspect}"):
+        for start in batches(len(prompts), self.batch_size, f"judging {self.aspect}", progress):
             batch = list(prompts[start : start + self.batch_size])
             answer = self._request(batch, retries or self.retries, timeout or self.timeout_s)
             choices = sorted(answer.choices or [], key=lambda choice: choice.index or 0)

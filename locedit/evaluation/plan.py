@@ -15,7 +15,15 @@ from ..core.recipe import Recipe
 from ..data import load_question_details, load_questions, validate_dataset_arg
 from ..models.layout import AttentionLayout
 from ..models.loading import read_config
-from ..rundir import eval_dir, expand_run_dirs, read_adapter_config, read_run_dir
+from ..rundir import (
+    eval_dir,
+    expand_run_dirs,
+    is_evaluated,
+    read_adapter_config,
+    read_evaluation,
+    read_run_dir,
+    settings_difference,
+)
 from .corpus import load_corpus
 from .judges import ASPECTS, Judge, make_judge
 from .prompts import PROMPT_PREFIXES
@@ -185,6 +193,9 @@ def plan_evaluation(
     for target in targets:
         if target.run_dir is not None:
             _check_edit_fits(target.run_dir, AttentionLayout.from_config(config))
+    resources = resources if resources is not None else check_settings(recipe.eval)
+    for target in targets:
+        _check_earlier_evaluation(target, recipe.eval)
     return EvalPlan(
         model_name=model_args.model_name_or_path,
         model_path=model_path,
@@ -192,7 +203,7 @@ def plan_evaluation(
         trust_remote_code=trust_remote_code,
         targets=targets,
         questions=questions,
-        resources=resources if resources is not None else check_settings(recipe.eval),
+        resources=resources,
     )
 
 
@@ -226,4 +237,33 @@ def _check_edit_fits(run_dir: str, layout) -> None:
         raise RecipeError(
             f"the edit in '{run_dir}' was made for a model of {saved.get('num_layers')} layers x "
             f"{saved.get('num_heads')} heads, but its base model has {layout.shape}"
+        )
+
+
+# The eval settings that change an evaluation's results: a finished evaluation made with others is not overwritten.
+EVAL_RESULT_SETTINGS = (
+    "eval_judge_truth",
+    "eval_judge_info",
+    "eval_judge_dtype",
+    "eval_prompt",
+    "eval_max_new_tokens",
+    "eval_max_questions",
+    "eval_mc",
+    "eval_corpus",
+    "eval_corpus_docs",
+    "eval_corpus_max_tokens",
+)
+
+
+def _check_earlier_evaluation(target: Target, args: EvalArguments) -> None:
+    if not is_evaluated(target.output_dir):
+        return
+    earlier, _ = read_evaluation(target.output_dir)
+    now = {f.name: getattr(args, f.name) for f in fields(EvalArguments)}
+    difference = settings_difference(earlier.get("settings") or {}, now, EVAL_RESULT_SETTINGS)
+    if difference:
+        where = "--eval_output_dir another directory" if target.run_dir is None else "another run directory"
+        raise RecipeError(
+            f"'{target.eval_dir}' holds an evaluation made with other settings ({difference}); give {where} or "
+            "remove that evaluation"
         )

@@ -24,7 +24,7 @@ from ..core.recipe import Recipe
 from ..core.tracking import offline_without_credentials, reports_to_wandb
 from ..edit import load_edit
 from ..models.loading import load_model_and_tokenizer
-from ..rundir import write_evaluation
+from ..rundir import run_lock, write_evaluation
 from .judges import Judge, verdicts
 from .metrics import mc1, mc2, per_category, summarise
 from .plan import EvalPlan, EvalResources, Target, plan_evaluation
@@ -157,9 +157,18 @@ def report_to_wandb(recipe: Recipe, target: Target, records: list[dict], metrics
 
 def run_evaluation(plan: EvalPlan, recipe: Recipe) -> list[dict]:
     """Load the base model once, evaluate every target on it, then judge all answers; write every output."""
-    import torch
 
     args = recipe.eval
+    with contextlib.ExitStack() as held:
+        # Each evaluation directory is this process's until its files are written: a second eval into it refuses.
+        for target in plan.targets:
+            held.enter_context(run_lock(target.eval_dir))
+        return _run_evaluation(plan, recipe, args)
+
+
+def _run_evaluation(plan: EvalPlan, recipe: Recipe, args: EvalArguments) -> list[dict]:
+    import torch
+
     model, tokenizer = load_model_and_tokenizer(plan.model_path, plan.model_args, plan.trust_remote_code)
     if not getattr(model, "hf_device_map", None):
         model.to("cuda" if torch.cuda.is_available() else "cpu")

@@ -23,6 +23,7 @@ from ..data import hold_out, load_questions
 from ..heads import format_heads
 from ..models.layout import AttentionLayout
 from ..models.loading import load_model_and_tokenizer, place_for_inference, read_model_config
+from ..rundir import run_lock
 from .activations import (
     ProbeExamples,
     activations_key,
@@ -146,6 +147,7 @@ def find_probe_result(recipe: Recipe, model_path: str, layout: AttentionLayout) 
     given = recipe.probe.probe_results
     if given:
         result = load_probe_result(given, layout)
+        check_same_split(result, recipe)
         made_on = result.info.get("model_path")
         if made_on and made_on != model_path:
             print(f"locedit: note: probe result '{given}' was made on model '{made_on}'", file=sys.stderr)
@@ -160,27 +162,28 @@ def run_probe_stage(stage: ProbeStage, recipe: Recipe, model=None, tokenizer=Non
     existing = stage.existing_result()
     if existing is not None:
         return existing
-    activations = load_activations(stage.activations_file, stage.examples)
-    if activations is None:
-        if model is None:
-            model, tokenizer = load_model_and_tokenizer(
-                stage.model_path, recipe.model, recipe.training.trust_remote_code
+    with run_lock(stage.output_dir):  # a second probe writing the same result and cache refuses meanwhile
+        activations = load_activations(stage.activations_file, stage.examples)
+        if activations is None:
+            if model is None:
+                model, tokenizer = load_model_and_tokenizer(
+                    stage.model_path, recipe.model, recipe.training.trust_remote_code
+                )
+            place_for_inference(model)
+            activations = collect_head_activations(
+                model, tokenizer, stage.examples.texts, batch_size=recipe.probe.probe_batch_size, progress=progress
             )
-        place_for_inference(model)
-        activations = collect_head_activations(
-            model, tokenizer, stage.examples.texts, batch_size=recipe.probe.probe_batch_size, progress=progress
+            save_activations(stage.activations_file, activations, stage.examples, {"key": stage.activations_key})
+        result = compute_probe_result(
+            activations,
+            torch.tensor(stage.examples.labels),
+            torch.tensor(stage.is_val),
+            info={**stage.info, "activations_file": os.path.basename(stage.activations_file)},
+            standardize=recipe.probe.probe_standardize,
         )
-        save_activations(stage.activations_file, activations, stage.examples, {"key": stage.activations_key})
-    result = compute_probe_result(
-        activations,
-        torch.tensor(stage.examples.labels),
-        torch.tensor(stage.is_val),
-        info={**stage.info, "activations_file": os.path.basename(stage.activations_file)},
-        standardize=recipe.probe.probe_standardize,
-    )
-    result.check_fits(stage.layout)
-    result.save(stage.output_dir)
-    return result
+        result.check_fits(stage.layout)
+        result.save(stage.output_dir)
+        return result
 
 
 def describe_stage(stage: ProbeStage, recipe: Recipe) -> str:
@@ -223,3 +226,26 @@ def probe_recipe(recipe: Recipe) -> ProbeResult | ProbeStage:
     print(describe_result(result), flush=True)
     print(f"  saved        {os.path.join(stage.output_dir, PROBE_JSON)}", flush=True)
     return result
+
+
+def check_same_split(result: ProbeResult, recipe: Recipe) -> None:
+    """A probe result must come from the recipe's own training questions: made on another split, its heads would
+    have been chosen on questions that are now validation or test questions (a leak)."""
+    edit_args = recipe.edit
+    wanted = {
+        "dataset": edit_args.dataset,
+        "dataset_config": edit_args.dataset_config,
+        "split_fractions": [float(f) for f in edit_args.split_fractions],
+        "split_seed": edit_args.split_seed,
+        "group_by": edit_args.group_by,
+    }
+    for key, value in wanted.items():
+        made = result.info.get(key)
+        if key == "split_fractions" and made is not None:
+            made = [float(f) for f in made]
+        if key in result.info and made != value:
+            raise RecipeError(
+                f"probe result '{result.path}' was made with {key} {made!r}, but this recipe has {value!r}: its "
+                "heads were chosen on questions that are not this recipe's training questions; probe again with "
+                "this recipe (locedit probe) or give the same split settings"
+            )

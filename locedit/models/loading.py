@@ -6,6 +6,9 @@ right-padded batches.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from ..core.args import ModelArguments
 from ..core.errors import RecipeError
 from .layout import AttentionLayout
@@ -32,15 +35,33 @@ def read_config(model_args: ModelArguments, trust_remote_code: bool = False):
 
     check_quantization(model_args)
     model_path = resolve_model_path(model_args.model_name_or_path)
+    check_local_path(model_path)
     try:
         config = AutoConfig.from_pretrained(
             model_path, revision=model_args.model_revision, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as err:
+        offline = " (HF_HUB_OFFLINE is set: only models in the local cache load)" if _offline() else ""
         raise RecipeError(
-            f"cannot read the config of model '{model_args.model_name_or_path}': {str(err).splitlines()[0]}"
+            f"cannot read the config of model '{model_args.model_name_or_path}': {str(err).splitlines()[0]}{offline}"
         ) from None
     return model_path, config
+
+
+def check_local_path(name: str) -> None:
+    """A model name that is a local path (not a Hub id `owner/name`) must exist."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        raise RecipeError(
+            f"model directory '{name}' does not exist (model_name_or_path is a Hub id such as 'owner/name', "
+            "a local model directory, or a named model such as 'tiny:llama')"
+        )
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
 def config_head_dim(config, layout: AttentionLayout) -> int:

@@ -18,7 +18,7 @@ from ..edit import add_iti_edit
 from ..heads import expand_head_specs, format_heads, resolve_heads
 from ..models.loading import load_model_and_tokenizer
 from ..plan import make_plan, resolve_probe_heads
-from ..rundir import iti_output_dir, write_metrics, write_run_description
+from ..rundir import clear_finished, iti_output_dir, run_lock, write_metrics, write_run_description
 
 
 def iti_run_dir(recipe: Recipe) -> str:
@@ -68,42 +68,45 @@ def make_iti_edits(recipe: Recipe):
     """Make ITI's edit at the recipe's heads and write its run directory (one per head set). Returns the plan in a
     dry run, else the run's metrics (for several head sets, the list of their run directories under "edits")."""
     recipe.edit.edit_strength = "constant"  # what ITI is; recorded as such in the run's recipe.yaml
-    plan = make_plan(recipe, need_probe=True)
     args = recipe.training
-    plan.output_dir = args.output_dir if args.output_dir_was_given else iti_run_dir(recipe)
+    output_dir = args.output_dir if args.output_dir_was_given else iti_run_dir(recipe)
+    plan = make_plan(recipe, need_probe=True, output_dir=output_dir)
     runs = _draws(recipe, plan.output_dir, plan.layout)
     print(describe(plan, recipe, runs), flush=True)
     if recipe.edit.dry_run:
         return plan
 
-    model, tokenizer = load_model_and_tokenizer(plan.model_path, recipe.model, args.trust_remote_code)
-    if plan.probe_result is None:
-        resolve_probe_heads(plan, recipe, model, tokenizer)
-        print(f"  heads        {plan.heads_line(recipe.edit)}", flush=True)
-    result, alpha = plan.probe_result, recipe.probe.iti_alpha
-    metrics = {}
-    for run_recipe, output_dir in runs:
-        heads = plan.heads
-        if run_recipe is not recipe or heads is None:
-            spec, seed = run_recipe.edit.heads, run_recipe.edit.heads_seed
-            heads = resolve_heads(spec, plan.layout, seed=seed, probe_scores=result.val_accuracy.tolist())
-        edited = add_iti_edit(model, result, heads, alpha)
-        write_run_description(output_dir, run_recipe, heads, plan.layout, plan.splits, plan.probe_dir)
-        edited.save_pretrained(output_dir)
-        metrics = {
-            "method": "iti",
-            "iti_alpha": alpha,
-            "heads": [list(h) for h in heads],
-            "heads_spec": format_heads(heads),
-            "probe_results": result.path,
-            "probe_val_accuracy": [round(float(result.val_accuracy[layer, head]), 6) for layer, head in heads],
-            "theta_norm": [round(float(result.sigma[layer, head]), 6) for layer, head in heads],  # ||sigma u||
-        }
-        write_metrics(output_dir, metrics)  # last: marks the run finished
-        model = edited.unload()  # the base model again, for the next head set
-        print(f"  saved        {output_dir}", flush=True)
-    if len(runs) > 1:
-        # As a multi-edit training run: the top directory lists its edits, so `locedit eval DIR` evaluates them all.
-        metrics = {"method": "iti", "iti_alpha": alpha, "edits": [output_dir for _, output_dir in runs]}
-        write_metrics(plan.output_dir, metrics)
+    with run_lock(plan.output_dir):
+        clear_finished(plan.output_dir)
+        model, tokenizer = load_model_and_tokenizer(plan.model_path, recipe.model, args.trust_remote_code)
+        if plan.probe_result is None:
+            resolve_probe_heads(plan, recipe, model, tokenizer)
+            print(f"  heads        {plan.heads_line(recipe.edit)}", flush=True)
+        result, alpha = plan.probe_result, recipe.probe.iti_alpha
+        metrics = {}
+        for run_recipe, output_dir in runs:
+            heads = plan.heads
+            if run_recipe is not recipe or heads is None:
+                spec, seed = run_recipe.edit.heads, run_recipe.edit.heads_seed
+                heads = resolve_heads(spec, plan.layout, seed=seed, probe_scores=result.val_accuracy.tolist())
+            edited = add_iti_edit(model, result, heads, alpha)
+            clear_finished(output_dir)  # a rewrite stopped half way must not look finished
+            write_run_description(output_dir, run_recipe, heads, plan.layout, plan.splits, plan.probe_dir)
+            edited.save_pretrained(output_dir)
+            metrics = {
+                "method": "iti",
+                "iti_alpha": alpha,
+                "heads": [list(h) for h in heads],
+                "heads_spec": format_heads(heads),
+                "probe_results": result.path,
+                "probe_val_accuracy": [round(float(result.val_accuracy[layer, head]), 6) for layer, head in heads],
+                "theta_norm": [round(float(result.sigma[layer, head]), 6) for layer, head in heads],  # ||sigma u||
+            }
+            write_metrics(output_dir, metrics)  # last: marks the run finished
+            model = edited.unload()  # the base model again, for the next head set
+            print(f"  saved        {output_dir}", flush=True)
+        if len(runs) > 1:
+            # As a multi-edit training run: the top directory lists its edits; `locedit eval DIR` evaluates them all.
+            metrics = {"method": "iti", "iti_alpha": alpha, "edits": [os.path.basename(d) for _, d in runs]}
+            write_metrics(plan.output_dir, metrics)
     return metrics

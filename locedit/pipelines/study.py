@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import time
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 
 from ..core.errors import RecipeError
 from ..core.plugins import load_plugins
-from ..core.recipe import Recipe, parse_recipe
+from ..core.recipe import OneLineParser, Recipe, parse_recipe
 from ..core.tracking import reports_to_wandb
 from ..evaluation import evaluate
 from ..heads import is_probe_spec, spec_count
@@ -47,7 +46,7 @@ class StudyOptions:
 
 def parse_options(argv: list[str]) -> tuple[StudyOptions, list[str]]:
     """The study's own `--study_*` flags, and the recipe's arguments (everything else)."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser = OneLineParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--study_random", type=int, default=StudyOptions.random)
     parser.add_argument("--study_single", type=int, default=StudyOptions.single)
     parser.add_argument("--study_lr_all", type=float, default=None)

@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -28,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from ..core.errors import USER_ERRORS, RecipeError
+from ..core.files import write_text_atomic
 from ..core.recipe import parse_recipe
 from ..rundir import is_finished, output_dir_of
 
@@ -132,11 +134,17 @@ def plan_sweep(path: str) -> list[SweepRun]:
 
 
 def run_sweep(path: str, devices: list[str | None], log_dir: str) -> list[dict]:
-    """Run every unfinished run of the sweep, one per device at a time. Returns a record per run."""
+    """Run every unfinished run of the sweep, one per device at a time. Returns a record per run.
+
+    The runs are child processes that die with the sweep (a parent-death signal, on Linux), so a sweep killed even
+    with SIGKILL leaves no run writing on; Ctrl-C stops the running runs and starts no new one.
+    """
     runs = plan_sweep(path)
     os.makedirs(log_dir, exist_ok=True)
     records: list[dict] = []
     lock = threading.Lock()
+    stop = threading.Event()
+    children: set[subprocess.Popen] = set()
     todo: queue.Queue = queue.Queue()
     for run in runs:
         if run.finished:
@@ -146,7 +154,7 @@ def run_sweep(path: str, devices: list[str | None], log_dir: str) -> list[dict]:
             todo.put(run)
 
     def worker(device: str | None) -> None:
-        while True:
+        while not stop.is_set():
             try:
                 run = todo.get_nowait()
             except queue.Empty:
@@ -159,7 +167,22 @@ def run_sweep(path: str, devices: list[str | None], log_dir: str) -> list[dict]:
             print(f"[{run.index + 1}/{len(runs)}] start {run.name}{where}", flush=True)
             start = time.time()
             with open(log_path, "w") as log:
-                returncode = subprocess.call(run.command, env=env, stdout=log, stderr=subprocess.STDOUT)
+                # Its own session: a Ctrl-C at the terminal reaches the sweep alone, which passes it on once.
+                child = subprocess.Popen(
+                    run.command,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent(),
+                )
+                with lock:
+                    children.add(child)
+                returncode = child.wait()
+                with lock:
+                    children.discard(child)
+            if stop.is_set():
+                return  # interrupted: the run resumes when the sweep is started again
             seconds = time.time() - start
             if returncode == 0 and run.finished:
                 record = _record(run, "finished", seconds=seconds, log=log_path)
@@ -178,9 +201,34 @@ def run_sweep(path: str, devices: list[str | None], log_dir: str) -> list[dict]:
     threads = [threading.Thread(target=worker, args=(device,)) for device in devices]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    try:
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(timeout=0.5)
+    except KeyboardInterrupt:
+        stop.set()
+        with lock:
+            running = list(children)
+        for child in running:
+            child.send_signal(signal.SIGINT)  # each run stops as after Ctrl-C: its checkpoints stay whole
+        for thread in threads:
+            thread.join()
+        raise
     return sorted(records, key=lambda record: record["index"])
+
+
+def _die_with_parent():
+    """A preexec_fn that makes the child receive SIGTERM when the sweep dies (Linux's PR_SET_PDEATHSIG), else None.
+
+    Only the prctl call runs in the child, prepared here, as preexec_fn must not take locks (the sweep has threads).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    set_parent_death_signal, sigterm = 1, int(signal.SIGTERM)
+    return lambda: prctl(set_parent_death_signal, sigterm)
 
 
 def _record(run: SweepRun, status: str, **extra) -> dict:
@@ -207,8 +255,9 @@ def _last_error(log_path: str) -> str:
 
 
 def _append_jsonl(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Add a record to runs.jsonl; the file is replaced whole, so a killed sweep never leaves a half line."""
+    previous = Path(path).read_text() if os.path.isfile(path) else ""
+    write_text_atomic(path, previous + json.dumps(record) + "\n")
 
 
 def default_devices() -> list[str | None]:

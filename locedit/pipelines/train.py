@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 
 from ..core.recipe import Recipe
@@ -10,7 +11,7 @@ from ..evaluation import check_settings, evaluate_after_training
 from ..heads import head_family
 from ..models.loading import load_model_and_tokenizer
 from ..plan import RunPlan, make_plan, resolve_probe_heads
-from ..rundir import write_run_description
+from ..rundir import clear_finished, read_metrics, run_lock, write_run_description
 from ..training import train_edits
 
 
@@ -30,20 +31,15 @@ def train_recipe(recipe: Recipe) -> dict | RunPlan:
         return plan
 
     training_args.output_dir = plan.output_dir
-    with wandb_tracking(training_args, edit_args.wandb_project, head_family(edit_args.heads), announce=is_main):
-        model = tokenizer = None
-        if plan.heads is None:
-            # probe:K with no probe result yet: probe the loaded model, then train at the heads it ranks first.
-            model, tokenizer = load_model_and_tokenizer(plan.model_path, model_args, training_args.trust_remote_code)
-            resolve_probe_heads(plan, recipe, model, tokenizer)
-            if is_main:
-                print(f"  heads        {plan.heads_line(edit_args)}", flush=True)
+    if plan.finished:
+        # The same command again: the run is done (its metrics.json is there); training again would overwrite it.
         if is_main:
-            write_run_description(plan.output_dir, recipe, plan.heads, plan.layout, plan.splits, plan.probe_dir)
-        if model is None:
-            model, tokenizer = load_model_and_tokenizer(plan.model_path, model_args, training_args.trust_remote_code)
-        metrics = train_edits(recipe, plan, model, tokenizer)
-        del model, tokenizer
+            print(f"locedit: '{plan.output_dir}' holds this run, finished; nothing to train", flush=True)
+        metrics = read_metrics(plan.output_dir)
+    else:
+        # The main process holds the run directory: a second run into it refuses while this one lives.
+        with run_lock(plan.output_dir) if is_main else contextlib.nullcontext():
+            metrics = _train(recipe, plan, is_main)
     if eval_resources is not None and is_main:
         # eval_after_train: evaluate the edits just written, in the main process, once the training model is freed.
         import torch
@@ -53,3 +49,22 @@ def train_recipe(recipe: Recipe) -> dict | RunPlan:
             torch.cuda.empty_cache()
         evaluate_after_training(recipe, [plan.output_dir], eval_resources)
     return metrics
+
+
+def _train(recipe: Recipe, plan: RunPlan, is_main: bool) -> dict:
+    """Load the model, (probe,) write the run description, train and write the results."""
+    edit_args, model_args, training_args = recipe.edit, recipe.model, recipe.training
+    with wandb_tracking(training_args, edit_args.wandb_project, head_family(edit_args.heads), announce=is_main):
+        model = tokenizer = None
+        if plan.heads is None:
+            # probe:K with no probe result yet: probe the loaded model, then train at the heads it ranks first.
+            model, tokenizer = load_model_and_tokenizer(plan.model_path, model_args, training_args.trust_remote_code)
+            resolve_probe_heads(plan, recipe, model, tokenizer)
+            if is_main:
+                print(f"  heads        {plan.heads_line(edit_args)}", flush=True)
+        if is_main:
+            clear_finished(plan.output_dir)  # a run going on (more steps) is unfinished until it ends
+            write_run_description(plan.output_dir, recipe, plan.heads, plan.layout, plan.splits, plan.probe_dir)
+        if model is None:
+            model, tokenizer = load_model_and_tokenizer(plan.model_path, model_args, training_args.trust_remote_code)
+        return train_edits(recipe, plan, model, tokenizer)

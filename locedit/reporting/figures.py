@@ -49,13 +49,13 @@ def write_figures(runs: list[Run], output_dir: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     series: dict[str, list[Run]] = {}
     for run in runs:
-        if run.method in ("ipo", "iti") and run.metrics.get("true") is not None:
+        if run.method in ("ipo", "iti") and _judged(run):
             label = f"{'ITI' if run.method == 'iti' else 'optimal'} {_family_group(run.family)}"
             series.setdefault(label, []).append(run)
     for label, members in sorted(series.items()):
         members.sort(key=lambda r: (r.tau or 0, r.alpha or 0))
         ax.scatter([r.metrics["info"] for r in members], [r.metrics["true"] for r in members], label=label, alpha=0.7)
-    if base:
+    if base and _judged(base):
         ax.scatter([base.metrics["info"]], [base.metrics["true"]], marker="*", s=150, color="black", label="base")
     ax.set_xlabel("Info")
     ax.set_ylabel("True")
@@ -98,3 +98,8 @@ def _family_group(family: str) -> str:
         if family.startswith(prefix):
             return {"all": "all heads", "single": "single heads"}.get(prefix, f"{prefix} heads")
     return family
+
+
+def _judged(run: Run) -> bool:
+    """Whether both judges scored the run (without an info judge there is no truth-info trade-off to draw)."""
+    return run.metrics.get("true") is not None and run.metrics.get("info") is not None

@@ -269,7 +269,7 @@ def train_multi_edit(recipe, plan, model, tokenizer) -> dict:
             write_run_description(run.output_dir, edit_recipe, run.heads, layout, plan.splits, plan.probe_dir)
             bank.save_edit(index, run.config, layout, run.output_dir)
             write_metrics(run.output_dir, {**metrics, "multi_edit_run": plan.output_dir, "multi_edit_index": index})
-        write_metrics(plan.output_dir, {**metrics, "edits": [run.output_dir for run in runs]})
+        write_metrics(plan.output_dir, {**metrics, "edits": [os.path.basename(run.output_dir) for run in runs]})
     if hasattr(trainer, "end"):
         trainer.end()
     return metrics

@@ -49,13 +49,44 @@ def preference_datasets(plan) -> dict:
 def train_and_validate(trainer, output_dir: str) -> dict:
     """Train (resuming from the last checkpoint in output_dir, if any), then score the validation pairs."""
     from accelerate import PartialState
-    from transformers.trainer_utils import get_last_checkpoint
 
-    last_checkpoint = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-    if last_checkpoint and PartialState().is_main_process:
+    is_main = PartialState().is_main_process
+    last_checkpoint = last_complete_checkpoint(output_dir, remove_incomplete=is_main)
+    if last_checkpoint and is_main:
         print(f"locedit: resuming from {last_checkpoint}", flush=True)
     train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
     metrics = {f"train_{k}" if not k.startswith("train_") else k: v for k, v in train_result.metrics.items()}
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
     return metrics
+
+
+def last_complete_checkpoint(output_dir: str, remove_incomplete: bool = False) -> str | None:
+    """The newest checkpoint in output_dir that was written to the end, else None.
+
+    The Trainer writes a checkpoint's trainer_state.json last, so a checkpoint without a readable one (a run killed
+    while writing it, or at the moment its directory was made) is incomplete: it is passed over, said so, and with
+    `remove_incomplete` deleted, so that the run resumes from the one before.
+    """
+    import json
+    import re
+    import shutil
+    import sys
+
+    if not os.path.isdir(output_dir):
+        return None
+    checkpoints = []
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            checkpoints.append((int(match.group(1)), os.path.join(output_dir, name)))
+    for _, path in sorted(checkpoints, reverse=True):
+        try:
+            with open(os.path.join(path, "trainer_state.json")) as f:
+                json.load(f)
+            return path
+        except (OSError, ValueError):
+            if remove_incomplete:
+                print(f"locedit: {path} is incomplete (a run stopped while writing it); removing it", file=sys.stderr)
+                shutil.rmtree(path, ignore_errors=True)
+    return None
