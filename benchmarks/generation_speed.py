@@ -36,11 +36,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per variant (best is kept)")
     args = parser.parse_args()
     shape = SMALL if args.small else MEDIUM
-    new_tokens = args.new_tokens or (8 if args.small else 50)
-    rounds = args.rounds or (1 if args.small else 3)
-
     with tempfile.TemporaryDirectory(prefix="locedit-bench-") as root:  # the weights are in memory once loaded
         model, tokenizer = load(model_dir(shape, root))
+    compare(model, tokenizer, args, shape.describe())
+
+
+def compare(model, tokenizer, args, description: str) -> dict:
+    """Time generation unmerged, merged and without the edit; print and return the figures. The model is given
+    back without the edit."""
+    new_tokens = args.new_tokens or (8 if args.small else 50)
+    rounds = args.rounds or (1 if args.small else 3)
     layout = AttentionLayout.from_model(model)
     heads = resolve_heads(args.heads, layout, seed=0)
     edited = add_edit(model, HeadEditConfig.for_heads(layout, heads))
@@ -70,7 +75,7 @@ def main() -> None:
         times["base"].append(seconds)
     rate = {name: tokens / min(values) for name, values in times.items()}
     print(
-        f"model: {shape.describe()}, edit at {len(heads)} heads in {len(edit_layers(edited))} layers, "
+        f"model: {description}, edit at {len(heads)} heads in {len(edit_layers(edited))} layers, "
         f"batch {len(prompts)} x {new_tokens} new tokens, {torch.get_num_threads()} threads, "
         f"{'cuda' if torch.cuda.is_available() else 'cpu'}"
     )
@@ -78,7 +83,19 @@ def main() -> None:
     print(f"edit merged into the weights     : {rate['merged']:10.1f} tokens/s")
     print(f"base model, no edit              : {rate['base']:10.1f} tokens/s")
     print(f"ratio merged / unmerged          : {rate['merged'] / rate['unmerged']:10.3f}")
-    print(f"identical tokens merged/unmerged : {torch.equal(outputs['merged'], outputs['unmerged'])}")
+    identical = torch.equal(outputs["merged"], outputs["unmerged"])
+    print(f"identical tokens merged/unmerged : {identical}")
+    figures = {
+        "heads": len(heads),
+        "layers": len(edit_layers(edited)),
+        "batch": len(prompts),
+        "new_tokens": new_tokens,
+        **{f"{name}_tokens_per_s": value for name, value in rate.items()},
+        "merged_over_unmerged": rate["merged"] / rate["unmerged"],
+        "identical_tokens": identical,
+    }
+    edited.unload()
+    return figures
 
 
 if __name__ == "__main__":

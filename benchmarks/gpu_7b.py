@@ -14,6 +14,7 @@ sequence length, d the hidden size (causal attention counted in full, as is usua
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -40,14 +41,45 @@ def build_model(config: LlamaConfig, device: str, dtype: torch.dtype) -> LlamaFo
     return model
 
 
-def measure(model, spec, args, device, gradient_checkpointing: bool) -> dict:
+def flops_per_token(model, seq: int) -> float:
+    """Model FLOPs per token of a training step (see the module docstring); counts unquantised parameters."""
+    config = model.config
+    non_embedding = sum(
+        p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n
+    )
+    return 2 * (2 * non_embedding + 4 * config.num_hidden_layers * seq * config.hidden_size)
+
+
+def llama_config(small: bool) -> LlamaConfig:
+    """The CI-sized Llama (--small) or the Llama-2-7B shape."""
+    if small:
+        return LlamaConfig(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+        )
+    return LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+    )
+
+
+def measure(model, spec, args, device, gradient_checkpointing: bool, optimizer_class=torch.optim.AdamW) -> dict:
     layout = AttentionLayout.from_model(model)
     edited = add_edit(model, HeadEditConfig.for_heads(layout, resolve_heads(spec, layout, seed=0)))
     if gradient_checkpointing:
         edited.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         edited.enable_input_require_grads()
     params = [p for p in edited.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = optimizer_class(params, lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -69,11 +101,6 @@ def measure(model, spec, args, device, gradient_checkpointing: bool) -> dict:
     if gradient_checkpointing:
         model.gradient_checkpointing_disable()
     seconds = sorted(times)[len(times) // 2]
-    config = model.config
-    non_embedding = sum(
-        p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n
-    )
-    flops_per_token = 2 * (2 * non_embedding + 4 * config.num_hidden_layers * args.seq * config.hidden_size)
     tokens_per_second = args.batch * args.seq / seconds
     peak = peak_tflops(args.peak_tflops)
     return {
@@ -82,7 +109,7 @@ def measure(model, spec, args, device, gradient_checkpointing: bool) -> dict:
         "trainable": sum(p.numel() for p in params),
         "ms_per_step": seconds * 1000,
         "tokens_per_s": tokens_per_second,
-        "mfu": flops_per_token * tokens_per_second / (peak * 1e12) if peak else None,
+        "mfu": flops_per_token(model, args.seq) * tokens_per_second / (peak * 1e12) if peak else None,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
     }
 
@@ -96,28 +123,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--peak_tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not known")
     args = parser.parse_args()
+    if not args.small and not torch.cuda.is_available():
+        # A 7B-shaped model in fp32 on a CPU is killed for memory minutes later; say so at once.
+        print("gpu_7b.py: error: needs a CUDA GPU (a 7B-shaped model); use --small on a CPU", file=sys.stderr)
+        sys.exit(2)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = llama_config(args.small)
     if args.small:
-        config = LlamaConfig(
-            vocab_size=512,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-        )
         defaults = dict(batch=4, seq=32, steps=2, warmup=1)
         specs = ["random:1", "random:4", "all"]
     else:
-        config = LlamaConfig(
-            vocab_size=32000,
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            max_position_embeddings=4096,
-        )
         defaults = dict(batch=16, seq=512, steps=10, warmup=3)
         specs = ["random:1", "random:16", "all"]
     for key, value in defaults.items():

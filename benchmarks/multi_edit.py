@@ -9,21 +9,38 @@ Goal on a GPU: 16 head sets in at most 3x the time of one run; on 2 CPU cores, s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
-from pathlib import Path
 
 import torch
 from common import CPU, SMALL, model_dir, timed
 from safetensors.torch import load_file
 
 from locedit.core.recipe import parse_recipe
+from locedit.rundir import expand_run_dirs
 from locedit.train import main as train
 
 
 def run(flags: list[str]) -> dict:
     return train(parse_recipe(["--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", *flags]))
+
+
+def edit_difference(edit_dir: str, other_dir: str) -> dict[str, float]:
+    """How far apart two saved edits are: the largest absolute difference of their tensors, the largest relative
+    one (a tensor's largest absolute difference over its largest absolute value in `other_dir`), and the norm of
+    all differences over the norm of `other_dir`'s tensors."""
+    ours = load_file(f"{edit_dir}/adapter_model.safetensors")
+    theirs = load_file(f"{other_dir}/adapter_model.safetensors")
+    differences = {k: float((ours[k] - theirs[k]).abs().max()) for k in theirs}
+    return {
+        "max_abs_diff": max(differences.values()),
+        "max_rel_diff": max(d / max(float(theirs[k].abs().max()), 1e-30) for k, d in differences.items()),
+        "max_abs_value": max(float(t.abs().max()) for t in theirs.values()),
+        "rel_norm_diff": float(
+            sum((ours[k] - theirs[k]).pow(2).sum() for k in theirs).sqrt()
+            / max(float(sum(t.pow(2).sum() for t in theirs.values()).sqrt()), 1e-30)
+        ),
+    }
 
 
 def main() -> None:
@@ -58,18 +75,14 @@ def main() -> None:
 
     multi_dir = os.path.join(root, "multi")
     _, multi_time = timed(lambda: run([*common, "--heads_draws", str(edits), "--output_dir", multi_dir]))
-    edit_dirs = json.loads(Path(multi_dir, "metrics.json").read_text())["edits"]
+    edit_dirs = expand_run_dirs([multi_dir])  # the multi-edit run lists its edits by name
 
     separate_time, worst = 0.0, 0.0
     for seed in range(edits):
         out = os.path.join(root, f"separate-{seed}")
         _, seconds = timed(lambda out=out, seed=seed: run([*common, "--heads_seed", str(seed), "--output_dir", out]))
         separate_time += seconds
-        ours, theirs = (
-            load_file(f"{edit_dirs[seed]}/adapter_model.safetensors"),
-            load_file(f"{out}/adapter_model.safetensors"),
-        )
-        worst = max(worst, *(float((ours[k] - theirs[k]).abs().max()) for k in theirs))
+        worst = max(worst, edit_difference(edit_dirs[seed], out)["max_abs_diff"])
     print(f"model: {shape.describe()}, {edits} edits of {args.heads_per_edit} random heads, {steps} steps")
     print(f"{edits} edits in one run   : {multi_time:8.2f} s (includes loading the model once)")
     print(f"{edits} separate runs      : {separate_time:8.2f} s")

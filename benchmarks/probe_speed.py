@@ -47,6 +47,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.small:
         args.layers, args.heads, args.head_dim, args.examples = 2, 8, 16, 400
+    compare(args)
+
+
+def compare(args) -> dict:
+    """Fit the probes both ways on the same data; print and return the figures."""
     num_heads = args.layers * args.heads
     held_out = args.examples // 4
     features, labels = make_data(args.examples + held_out, num_heads, args.head_dim)
@@ -97,6 +102,19 @@ def main() -> None:
         f"{int((difference <= 0.01).sum())}/{timed_heads} heads within one point"
     )
     print(f"ratio sklearn / batched: {sklearn_time / batched_time:.1f}x")
+    return {
+        "heads": num_heads,
+        "head_dim": args.head_dim,
+        "examples": args.examples,
+        "batched_device": str(device or ("cuda" if torch.cuda.is_available() else "cpu")),
+        "batched_s": batched_time,
+        "sklearn_s": sklearn_time,
+        "sklearn_heads_timed": timed_heads,
+        "sklearn_unconverged": unconverged,
+        "ratio_sklearn_over_batched": sklearn_time / batched_time,
+        "max_accuracy_diff_points": 100 * float(difference.max()),
+        "heads_within_one_point": int((difference <= 0.01).sum()),
+    }
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ EXPECTED = {
     "multi_edit.py": "largest parameter difference",
     "ref_precompute.py": "speed-up",
     "gpu_7b.py": "tokens/s",
+    "gpu_check.py": "gpu check summary",
 }
 
 
