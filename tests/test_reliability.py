@@ -86,6 +86,7 @@ BAD_TRAIN_FLAGS = {
     "missing-data-file": (["--dataset", "no/such/file.csv"], "no/such/file.csv"),
     "bad-split-fractions": (["--split_fractions", "0.5", "0.5", "0.5"], "split_fractions"),
     "unknown-tiny-model": (["--model_name_or_path", "tiny:nonsense"], "tiny:nonsense"),
+    "no-such-gguf-file": (["--model_name_or_path", "/no/such/model.gguf"], "/no/such/model.gguf"),
 }
 
 
@@ -103,6 +104,12 @@ def test_output_dir_that_is_a_file_or_not_writable_is_one_line(tmp_path, capsys)
     one_error_line(capsys, locedit(["train", TINY, "--output_dir", str(a_file)]), str(a_file))
     # /sys refuses new entries even to root, as a read-only file system does.
     one_error_line(capsys, locedit(["train", TINY, "--output_dir", "/sys/locedit-run"]), "/sys/locedit-run")
+
+
+def test_a_file_that_is_not_gguf_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "model.gguf"
+    bad.write_text("not a model")
+    one_error_line(capsys, locedit(["train", TINY, "--model_name_or_path", str(bad), "--dry_run", "true"]), "GGUF")
 
 
 def test_a_probe_result_made_on_another_split_is_refused(tmp_path, capsys):

