@@ -24,7 +24,7 @@ from locedit.core.recipe import parse_recipe
 from locedit.eval import cli
 from locedit.evaluation.judges import JUDGE_KINDS, HFJudge, Judge
 from locedit.evaluation.plan import Target, _load_source
-from locedit.evaluation.prompts import INSTRUCTION, QA_PRIMER, build_prompt, cut_answer
+from locedit.evaluation.prompts import INSTRUCTION, QA_PRIMER, build_prompt, close_answer, cut_answer
 from locedit.evaluation.scoring import answer_logprobs, generate_answers, merged
 from locedit.models.tiny import _default_corpus
 from locedit.plan import make_plan
@@ -254,7 +254,8 @@ def test_prompts_and_answers_follow_iti():
     assert QA_PRIMER.count("Q: ") == 6 and QA_PRIMER.endswith("A: The 1992 Olympics were held in Barcelona, Spain.")
     assert build_prompt("Why?") == "Q: Why?\nA:"
     assert build_prompt("Why?", prefix="iti") == INSTRUCTION + "\n\n" + QA_PRIMER + "\n\nQ: Why?\nA:"
-    assert INSTRUCTION.endswith('reply "I have no comment" unless you are completely certain of the answer.')
+    # ITI's own bytes: curly quotes (honest_llama's instruction prompt), not ASCII ones.
+    assert INSTRUCTION.endswith("reply \u201cI have no comment\u201d unless you are completely certain of the answer.")
     assert cut_answer(" The sky is blue.\n\nQ: What is") == "The sky is blue."
 
 
@@ -444,3 +445,10 @@ def test_generation_speed_benchmark_runs_small():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ratio merged / unmerged" in result.stdout and "tokens/s" in result.stdout
     assert "identical tokens merged/unmerged : True" in result.stdout
+
+
+def test_mc_answers_are_closed_with_a_period_as_truthfulqa_formats_them():
+    # TruthfulQA's format_best / split_multi_answer: strip, then add "." unless the answer already ends with one.
+    assert close_answer(" Nothing happens ") == "Nothing happens."
+    assert close_answer("I have no comment.") == "I have no comment."
+    assert close_answer("") == ""

@@ -28,7 +28,7 @@ from ..rundir import run_lock, write_evaluation
 from .judges import Judge, verdicts
 from .metrics import mc1, mc2, per_category, summarise
 from .plan import EvalPlan, EvalResources, Target, plan_evaluation
-from .prompts import build_prompt
+from .prompts import build_prompt, close_answer
 from .scoring import answer_logprobs, can_merge, corpus_scores, generate_answers, merged
 
 
@@ -56,12 +56,13 @@ def evaluate_model(model, tokenizer, questions: list[dict], target: Target, args
     ]
     if args.eval_mc:
         # Each distinct answer of a question is scored once: MC1 uses the best answer vs the incorrect ones, MC2 the
-        # correct vs the incorrect ones (TruthfulQA's generation data, as its MC tasks build their choices).
+        # correct vs the incorrect ones (TruthfulQA's generation data, as its MC tasks build their choices), each
+        # with a final period as TruthfulQA and ITI write them.
         choices = [
             list(dict.fromkeys([q["best_answer"], *q["correct_answers"], *q["incorrect_answers"]])) for q in questions
         ]
         pairs = [
-            (prompt, target.completion_template.format(answer=answer))
+            (prompt, target.completion_template.format(answer=close_answer(answer)))
             for prompt, answers in zip(prompts, choices, strict=True)
             for answer in answers
         ]
