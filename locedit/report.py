@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .core.errors import run_cli
 from .core.recipe import OneLineParser
-from .reporting import find_runs, write_report
+from .reporting import METRICS, find_runs, write_report
 
 __all__ = ["cli", "main", "make_parser"]
 
@@ -27,13 +27,19 @@ def make_parser() -> OneLineParser:
     parser.add_argument("--output_dir", default="outputs/report", help="where the table, figures and verdict go")
     parser.add_argument("--report_to", default="none", choices=["none", "wandb"])
     parser.add_argument("--wandb_project", default="locedit")
+    parser.add_argument(
+        "--metric", default="true_info", choices=METRICS, help="the score of each head set: its best value of this"
+    )
+    parser.add_argument(
+        "--max_kl", type=float, default=None, help="edits with KL above this are broken, left out of the verdict"
+    )
     return parser
 
 
 def report(args: argparse.Namespace) -> dict:
     """Read the evaluated runs below args.run_dirs, write the report and print its table and verdict."""
     runs = find_runs(args.run_dirs)
-    result = write_report(runs, args.output_dir, args.report_to, args.wandb_project)
+    result = write_report(runs, args.output_dir, args.report_to, args.wandb_project, args.metric, args.max_kl)
     print(Path(args.output_dir, "results.md").read_text())
     print(Path(args.output_dir, "verdict.md").read_text())
     print(f"locedit report: {len(runs)} runs; table, figures and verdict in {args.output_dir}")

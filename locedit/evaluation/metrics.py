@@ -11,6 +11,8 @@ Definitions (paper sections 2 and 7, following ITI, TruthfulQA and lm-evaluation
   logsumexp, so long answers whose probabilities underflow in float64 still give the exact ratio.
 - KL: KL(original || edited) of the next-token distribution, averaged over a document's positions, then over
   documents (ITI's `run_kl_wrt_orig`).
+- bleu_acc, bleu_diff, rouge1_max, ...: the means over questions of TruthfulQA's per-answer similarity numbers
+  (`locedit.evaluation.similarity`, lm-eval's `truthfulqa_gen`), when the `similarity` truth judge ran.
 - CE: the mean next-token cross-entropy of a document (its tokens after the first), then the mean over documents
   (ITI's `run_ce_loss`, i.e. `model(ids, labels=ids).loss` per document).
 """
@@ -21,6 +23,11 @@ import math
 from collections.abc import Sequence
 
 import torch
+
+from .similarity import FIELDS as SIMILARITY_FIELDS
+
+# The per-question numbers whose means an evaluation reports (the similarity ones where that judge ran).
+RECORD_KEYS = ("mc1", "mc2", *SIMILARITY_FIELDS)
 
 
 def mean(values: Sequence[float]) -> float:
@@ -71,7 +78,7 @@ def token_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, mask: tor
     return total / targets.sum(-1).to(total.dtype)
 
 
-def summarise(records: Sequence[dict], keys: Sequence[str] = ("mc1", "mc2")) -> dict[str, float]:
+def summarise(records: Sequence[dict], keys: Sequence[str] = RECORD_KEYS) -> dict[str, float]:
     """True/Info/True*Info (when judged) and the means of `keys` over per-question records."""
     summary: dict[str, float] = {"questions": len(records)}
     judged = {key for key in ("truthful", "informative") if records and all(key in r for r in records)}
@@ -87,7 +94,7 @@ def summarise(records: Sequence[dict], keys: Sequence[str] = ("mc1", "mc2")) -> 
     return summary
 
 
-def per_category(records: Sequence[dict], keys: Sequence[str] = ("mc1", "mc2")) -> dict[str, dict[str, float]]:
+def per_category(records: Sequence[dict], keys: Sequence[str] = RECORD_KEYS) -> dict[str, dict[str, float]]:
     """`summarise` for each category of the records (True*Info is the product of the category's means)."""
     categories: dict[str, list[dict]] = {}
     for record in records:
@@ -96,6 +103,7 @@ def per_category(records: Sequence[dict], keys: Sequence[str] = ("mc1", "mc2")) 
 
 
 __all__ = [
+    "RECORD_KEYS",
     "mc1",
     "mc2",
     "mean",

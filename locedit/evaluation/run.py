@@ -7,6 +7,7 @@ Per model:
   training prompt template, optionally after ITI's instruction and TruthfulQA's QA primer (`eval_prompt`); a trained
   edit is merged into the weights for generation (unquantised weights), so it costs nothing per token;
 - True, Info and True*Info from the truth and info judges (`locedit.evaluation.judges`), overall and per category;
+  with the `similarity` truth judge also the mean of each of TruthfulQA's BLEU/ROUGE numbers (`bleu_acc`, ...);
 - MC1 and MC2 from the answers' log-probs: MC1 compares the best answer with the incorrect answers, MC2 the correct
   answers with the incorrect ones (TruthfulQA's generation-format data, built into its MC tasks' choices);
 - KL(original || edited) of the next-token distribution and the cross-entropy on `eval_corpus` (ITI's 100
@@ -30,6 +31,7 @@ from .metrics import mc1, mc2, per_category, summarise
 from .plan import EvalPlan, EvalResources, Target, plan_evaluation
 from .prompts import build_prompt, close_answer
 from .scoring import answer_logprobs, can_merge, corpus_scores, generate_answers, merged
+from .similarity import FIELDS as SIMILARITY_FIELDS
 
 
 def _target_questions(plan: EvalPlan, target: Target) -> list[dict]:
@@ -80,20 +82,23 @@ def evaluate_model(model, tokenizer, questions: list[dict], target: Target, args
     return records, scores
 
 
-def judge_all(judges: dict[str, Judge | None], results: list[tuple[Target, list[dict], dict]]) -> None:
-    """Score every model's answers with each judge in turn: each judge is loaded once, for all models."""
+def judge_all(
+    judges: dict[str, Judge | None], results: list[tuple[Target, list[dict], dict]], questions: list[list[dict]]
+) -> None:
+    """Score every model's answers with each judge in turn: each judge is loaded once, for all models.
+    `questions[i]` are the question records (with the reference answers) of `results[i]`'s records, in order."""
     for aspect, judge in judges.items():
         if judge is None:
             continue
         print(f"locedit eval: judging {aspect} with {judge.spec}", flush=True)
         judge.load()
         try:
-            questions = [r["question"] for _, records, _ in results for r in records]
+            asked = [q for records in questions for q in records]
             answers = [r["answer"] for _, records, _ in results for r in records]
-            scores = iter(judge.score(questions, answers))
+            judged = iter(judge.judge_answers(asked, answers))
             for _, records, _ in results:
                 for record in records:
-                    record[aspect] = next(scores)
+                    record.update(next(judged))
         finally:
             judge.close()
     for _, records, _ in results:
@@ -150,6 +155,7 @@ def report_to_wandb(recipe: Recipe, target: Target, records: list[dict], metrics
     try:
         run.summary.update(_flatten(metrics))
         columns = ["question_id", "category", "question", "answer", "truth", "info", "mc1", "mc2"]
+        columns += [key for key in SIMILARITY_FIELDS if records and key in records[0]]
         table = wandb.Table(columns=columns, data=[[record.get(c) for c in columns] for record in records])
         run.log({"eval/generations": table})
     finally:
@@ -175,9 +181,10 @@ def _run_evaluation(plan: EvalPlan, recipe: Recipe, args: EvalArguments) -> list
         model.to("cuda" if torch.cuda.is_available() else "cpu")
     model.eval()
     merge = args.eval_merge and can_merge(plan.model_args)
-    results = []
+    results, asked = [], []
     for target in plan.targets:
         questions = _target_questions(plan, target)
+        asked.append(questions)
         if target.run_dir is None:
             records, scores = evaluate_model(model, tokenizer, questions, target, args, plan.resources.corpus)
         else:
@@ -195,7 +202,7 @@ def _run_evaluation(plan: EvalPlan, recipe: Recipe, args: EvalArguments) -> list
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-    judge_all(plan.resources.judges, results)
+    judge_all(plan.resources.judges, results, asked)
     all_metrics = []
     for target, records, scores in results:
         metrics = metrics_of(plan, target, records, scores, args)
@@ -208,6 +215,7 @@ def _run_evaluation(plan: EvalPlan, recipe: Recipe, args: EvalArguments) -> list
 
 def describe(metrics: dict) -> str:
     names = [("true", "True"), ("info", "Info"), ("true_info", "True*Info"), ("mc1", "MC1"), ("mc2", "MC2")]
+    names += [("bleu_acc", "BLEU acc"), ("rouge1_acc", "ROUGE-1 acc"), ("rougeL_acc", "ROUGE-L acc")]
     names += [("kl", "KL"), ("ce", "CE")]
     return ", ".join(f"{label} {metrics[key]:.4g}" for key, label in names if key in metrics)
 

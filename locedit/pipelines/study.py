@@ -181,4 +181,7 @@ def write_paper_report(rows: list[Edit], recipe: Recipe, study_dir: str) -> dict
     """`locedit report` of the study's runs in `study/report/`: the paper's figures, table and verdict."""
     runs = find_runs([edit.output_dir for edit in rows])
     report_to = "wandb" if reports_to_wandb(recipe.training.report_to) else "none"
-    return write_report(runs, os.path.join(study_dir, REPORT_DIR), report_to, recipe.edit.wandb_project)
+    judged = {aspect: getattr(recipe.eval, f"eval_judge_{aspect}") not in ("", "none") for aspect in ("truth", "info")}
+    # True*Info needs both judges; with a truth judge alone the verdict runs on True, with none on MC2.
+    metric = "true_info" if all(judged.values()) else ("true" if judged["truth"] else "mc2")
+    return write_report(runs, os.path.join(study_dir, REPORT_DIR), report_to, recipe.edit.wandb_project, metric)

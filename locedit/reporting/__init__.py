@@ -1,13 +1,15 @@
 """Reporting: the table, the paper's figures and the verdict (p-values, bootstrap) from evaluated runs."""
 
-from .report import write_report
-from .runs import COLUMNS, Run, find_runs, read_run
+from .report import check_metric, write_report
+from .runs import COLUMNS, METRICS, Run, find_runs, read_run
 from .stats import best_per_head_set, paired_bootstrap, permutation_p_value, verdict
 
 __all__ = [
     "COLUMNS",
+    "METRICS",
     "Run",
     "best_per_head_set",
+    "check_metric",
     "find_runs",
     "paired_bootstrap",
     "permutation_p_value",

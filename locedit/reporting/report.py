@@ -4,16 +4,20 @@ Reads every evaluated run under the given directories (`eval/metrics.json` and `
 run's `heads.json`, `recipe.yaml` and `metrics.json`) and writes to the report directory:
 
 - `results.csv` and `results.md`: one row per run (method, head family, heads, tau, learning rate or alpha, True,
-  Info, True*Info, MC1, MC2, KL, CE);
-- the paper's figures as PNG: True*Info of ITI at probe vs random heads (fig1a), the truth-info trade-off over tau
-  of optimal edits per family and of ITI (fig2_3), the best True*Info of random single heads with all heads marked
+  Info, True*Info, MC1, MC2, the chosen metric when it is none of these, KL, CE, whether the run is its head set's
+  best by the chosen metric, and with `max_kl` whether it is broken);
+- the paper's figures as PNG: the score of ITI at probe vs random heads (fig1a), the truth-info trade-off over tau
+  of optimal edits per family and of ITI (fig2_3), the best score of random single heads with all heads marked
   (fig4a), MC against KL (fig1c_5);
 - `verdict.md` / `verdict.json`: for each method, a permutation p-value for "probe heads score higher than random
   head sets", and for each family whether it reaches the all-heads optimum within a paired bootstrap confidence
   interval over test questions.
 
-A head set's score is its best True*Info over the hyperparameters it was run with (tau, learning rate, alpha), as
-the paper compares the best edit each location allows.
+A head set's score is its best value of one metric over the hyperparameters it was run with (tau, learning rate,
+alpha), as the paper compares the best edit each location allows: True*Info by default (the paper's), or any of
+`METRICS` (True alone where no info judge ran, MC1, MC2, TruthfulQA's BLEU/ROUGE `bleu_acc`, ...). With `max_kl`,
+edits whose KL from the base model is above it are broken: flagged in the table and left out of the scores and the
+verdict, as a high score from a broken model is no evidence.
 """
 
 from __future__ import annotations
@@ -24,25 +28,66 @@ import json
 import os
 from pathlib import Path
 
+from ..core.errors import RecipeError
 from ..core.files import write_text_atomic
 from ..core.tracking import offline_without_credentials
 from .figures import write_figures
-from .runs import COLUMNS, Run
-from .stats import verdict
+from .runs import COLUMNS, METRICS, Run, metric_label
+from .stats import best_per_head_set, verdict
 
 
-def write_table(runs: list[Run], output_dir: str) -> None:
-    rows = [run.row() for run in sorted(runs, key=lambda r: (r.method, r.family, r.heads, r.heads_seed or 0))]
+def check_metric(runs: list[Run], metric: str) -> None:
+    """The metric is one the report can rank by and at least one run has it; else one error line."""
+    if metric not in METRICS:
+        raise RecipeError(
+            f"metric '{metric}' is not one a report can rank head sets by; use one of {', '.join(METRICS)}"
+        )
+    if any(run.metrics.get(metric) is not None for run in runs):
+        return
+    present = [key for key in METRICS if any(run.metrics.get(key) is not None for run in runs)]
+    why = " (True*Info needs both a truth and an info judge)" if metric == "true_info" else ""
+    has = f"they have {', '.join(present)}; name one with --metric" if present else "they have no metric to rank by"
+    raise RecipeError(f"no evaluated run has {metric}{why}: {has}")
+
+
+def table(runs: list[Run], metric: str = "true_info", max_kl: float | None = None) -> tuple[list[str], list[dict]]:
+    """The columns and rows of the results table: the chosen metric beside KL and CE, `best` marking each head
+    set's best run by it (broken runs left out), `broken` (with max_kl) the edits whose KL is above max_kl."""
+    extra = [metric] if metric not in COLUMNS else []
+    columns = COLUMNS[: COLUMNS.index("kl")] + extra + ["kl", "ce", "best"]
+    columns += ["broken"] if max_kl is not None else []
+    columns += ["run_dir"]
+    best = best_per_head_set([run for run in runs if run.method != "base" and not run.is_broken(max_kl)], metric)
+    rows = []
+    for run in sorted(runs, key=lambda r: (r.method, r.family, r.heads, r.heads_seed or 0)):
+        row = run.row(columns)
+        row["best"] = None if run.method == "base" else best.get(run.head_set) is run
+        if max_kl is not None:
+            row["broken"] = None if run.method == "base" else run.is_broken(max_kl)
+        rows.append(row)
+    return columns, rows
+
+
+def write_table(runs: list[Run], output_dir: str, metric: str = "true_info", max_kl: float | None = None) -> None:
+    columns, rows = table(runs, metric, max_kl)
     text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    writer = csv.DictWriter(text, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(os.path.join(output_dir, "results.csv"), text.getvalue())
-    shown = [c for c in COLUMNS if c != "run_dir"]
-    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    shown = [c for c in columns if c != "run_dir"]
+    lines = [_score_line(metric, max_kl), ""]
+    lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row[c]) for c in shown) + " |")
     write_text_atomic(Path(output_dir, "results.md"), "\n".join(lines) + "\n")
+
+
+def _score_line(metric: str, max_kl: float | None) -> str:
+    line = f"Score: {metric_label(metric)} (`{metric}`); `best` marks each head set's best run by it"
+    if max_kl is not None:
+        line += f"; `broken`: KL above {max_kl:g}, left out of `best` and of the verdict"
+    return line + "."
 
 
 def _cell(value) -> str:
@@ -53,8 +98,10 @@ def _cell(value) -> str:
 
 def write_verdict(result: dict, output_dir: str) -> None:
     write_text_atomic(Path(output_dir, "verdict.json"), json.dumps(result, indent=2, default=str))
-    lines = ["# Verdict", ""] + [f"- {sentence}" for sentence in result["sentences"]]
-    if not result["sentences"]:
+    lines = ["# Verdict", "", _score_line(result["metric"], result.get("max_kl")), ""]
+    lines += [f"- {sentence}" for sentence in result["sentences"]]
+    compared = result["sentences"][1:] if result.get("max_kl") is not None else result["sentences"]  # after max_kl's
+    if not compared:
         lines.append(
             "- Not enough families were evaluated for a comparison (needs probe and random head sets, "
             "or all heads and another family)."
@@ -62,25 +109,38 @@ def write_verdict(result: dict, output_dir: str) -> None:
     write_text_atomic(Path(output_dir, "verdict.md"), "\n".join(lines) + "\n")
 
 
-def log_to_wandb(output_dir: str, runs: list[Run], result: dict, figures: list[str], project: str) -> None:
+def log_to_wandb(output_dir: str, tabled: tuple, result: dict, figures: list[str], project: str) -> None:
     import wandb
 
     offline_without_credentials()
     run = wandb.init(project=project, job_type="report", mode=os.environ.get("WANDB_MODE", "online"), dir=output_dir)
-    table = wandb.Table(columns=COLUMNS, data=[[r.row()[c] for c in COLUMNS] for r in runs])
-    run.log({"results": table, **{Path(f).stem: wandb.Image(f) for f in figures}})
+    columns, rows = tabled
+    results = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
+    run.summary["metric"] = result["metric"]
+    run.log({"results": results, **{Path(f).stem: wandb.Image(f) for f in figures}})
     for method, stats in result["probe_vs_random"].items():
         run.summary[f"p_value/probe_vs_random/{method}"] = stats["p_value"]
     run.finish()
 
 
-def write_report(runs: list[Run], output_dir: str, report_to: str = "none", project: str = "locedit") -> dict:
-    """The table, the figures and the verdict of `runs` in `output_dir` (and on W&B); returns the verdict."""
+def write_report(
+    runs: list[Run],
+    output_dir: str,
+    report_to: str = "none",
+    project: str = "locedit",
+    metric: str = "true_info",
+    max_kl: float | None = None,
+) -> dict:
+    """The table, the figures and the verdict of `runs` in `output_dir` (and on W&B), head sets scored by their best
+    `metric`, edits with KL above `max_kl` broken and left out; returns the verdict."""
+    check_metric(runs, metric)
+    if max_kl is not None and not max_kl >= 0:
+        raise RecipeError(f"max_kl must be a KL, 0 or more, got {max_kl}")
     os.makedirs(output_dir, exist_ok=True)
-    write_table(runs, output_dir)
-    figures = write_figures(runs, output_dir)
-    result = verdict(runs)
+    write_table(runs, output_dir, metric, max_kl)
+    figures = write_figures(runs, output_dir, metric, max_kl)
+    result = verdict(runs, metric=metric, max_kl=max_kl)
     write_verdict(result, output_dir)
     if report_to == "wandb":
-        log_to_wandb(output_dir, runs, result, figures, project)
+        log_to_wandb(output_dir, table(runs, metric, max_kl), result, figures, project)
     return result

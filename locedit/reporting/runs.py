@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..core.errors import RecipeError
+from ..evaluation.similarity import FIELDS as SIMILARITY_FIELDS
 from ..heads import is_random_spec
 from ..rundir import find_evaluated, read_evaluation, read_heads, read_metrics, read_recipe
 
@@ -27,6 +29,24 @@ COLUMNS = [
     "run_dir",
 ]
 
+# The scores a report can rank head sets by (`--metric`; higher is better for each), and how they read in text.
+METRICS = ("true_info", "true", "info", "mc1", "mc2", *SIMILARITY_FIELDS)
+LABELS = {"true_info": "True*Info", "true": "True", "info": "Info", "mc1": "MC1", "mc2": "MC2"}
+# The per-question numbers of generations.jsonl a report reads (the judges' verdicts as 0/1).
+PER_QUESTION = ("truthful", "informative", "mc1", "mc2", *SIMILARITY_FIELDS)
+
+
+def metric_label(metric: str) -> str:
+    return LABELS.get(metric, metric)
+
+
+def metric_fields(metric: str) -> tuple[str, ...]:
+    """The per-question fields a metric is made of: it is the product of their means over questions (True*Info is
+    the one product of two, `locedit.evaluation.metrics.true_info`; every other metric is one field's mean)."""
+    return {"true_info": ("truthful", "informative"), "true": ("truthful",), "info": ("informative",)}.get(
+        metric, (metric,)
+    )
+
 
 @dataclass
 class Run:
@@ -42,15 +62,21 @@ class Run:
     alpha: float | None
     metrics: dict
     verdicts: dict[int, tuple[bool, bool]] = field(default_factory=dict, repr=False)  # question_id -> (true, info)
+    values: dict[int, dict[str, float]] = field(default_factory=dict, repr=False)  # question_id -> PER_QUESTION
 
     @property
     def head_set(self) -> tuple[str, str, int | None]:
         """Runs of the same method at the same heads, whatever their hyperparameters."""
         return (self.method, self.heads, self.heads_seed)
 
-    def row(self) -> dict:
-        values = {key: self.metrics.get(key) for key in ("true", "info", "true_info", "mc1", "mc2", "kl", "ce")}
-        return {key: value for key, value in {**asdict(self), **values}.items() if key in COLUMNS}
+    def row(self, columns=COLUMNS) -> dict:
+        settings = {f.name for f in fields(self)} - {"metrics", "verdicts", "values"}
+        return {key: getattr(self, key) if key in settings else self.metrics.get(key) for key in columns}
+
+    def is_broken(self, max_kl: float | None) -> bool:
+        """An edit whose KL from the base model is above `max_kl` (one without a KL cannot be told broken)."""
+        kl = self.metrics.get("kl")
+        return max_kl is not None and self.method != "base" and kl is not None and kl > max_kl
 
 
 def find_runs(paths: list[str]) -> list[Run]:
@@ -74,10 +100,13 @@ def read_run(run_dir: Path) -> Run:
     finished = read_metrics(str(run_dir))
     recipe = read_recipe(str(run_dir))
     method = "base" if not heads else finished.get("method", "ipo")
-    verdicts = {}
+    verdicts, values = {}, {}
     for record in records:
         if "truthful" in record and "informative" in record:
             verdicts[int(record["question_id"])] = (bool(record["truthful"]), bool(record["informative"]))
+        # Missing or NaN values are left out, as the evaluation's means leave them out.
+        numbers = {key: float(record[key]) for key in PER_QUESTION if record.get(key) is not None}
+        values[int(record["question_id"])] = {key: value for key, value in numbers.items() if not math.isnan(value)}
     return Run(
         run_dir=str(run_dir),
         method=method,
@@ -89,4 +118,5 @@ def read_run(run_dir: Path) -> Run:
         alpha=finished.get("iti_alpha") if method == "iti" else None,
         metrics=evaluation,
         verdicts=verdicts,
+        values=values,
     )

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 import random
 
 import numpy as np
 from scipy import stats
 
-from .runs import Run
+from .runs import Run, metric_fields, metric_label
 
 
-def best_per_head_set(runs: list[Run]) -> dict[tuple, Run]:
-    """For each head set, its run with the highest True*Info (over tau, learning rate, alpha)."""
+def best_per_head_set(runs: list[Run], metric: str = "true_info") -> dict[tuple, Run]:
+    """For each head set, its run with the highest `metric` (over tau, learning rate, alpha)."""
     best: dict[tuple, Run] = {}
     for run in runs:
-        if run.metrics.get("true_info") is None:
+        if run.metrics.get(metric) is None:
             continue
-        if run.head_set not in best or run.metrics["true_info"] > best[run.head_set].metrics["true_info"]:
+        if run.head_set not in best or run.metrics[metric] > best[run.head_set].metrics[metric]:
             best[run.head_set] = run
     return best
 
@@ -49,19 +51,22 @@ def permutation_p_value(treated: list[float], control: list[float], permutations
     return (extreme + 1) / (permutations + 1)
 
 
-def paired_bootstrap(run: Run, reference: Run, samples: int = 2000, seed: int = 0, level: float = 0.95):
-    """(difference, low, high): True*Info(run) - True*Info(reference) on their shared test questions, and scipy's
+def paired_bootstrap(
+    run: Run, reference: Run, samples: int = 2000, seed: int = 0, level: float = 0.95, metric: str = "true_info"
+):
+    """(difference, low, high): `metric`(run) - `metric`(reference) on their shared test questions, and scipy's
     percentile bootstrap interval of it, resampling the questions (paired: one resample serves both runs)."""
-    questions = sorted(set(run.verdicts) & set(reference.verdicts))
+    names = metric_fields(metric)
+    shared = set(run.values) & set(reference.values)
+    questions = sorted(q for q in shared if all(n in r.values[q] for r in (run, reference) for n in names))
     if not questions:
         return None
-    columns = [
-        np.array([float(r.verdicts[q][aspect]) for q in questions]) for r in (run, reference) for aspect in (0, 1)
-    ]
-    difference = float(_true_info_difference(*columns, axis=-1))
+    columns = [np.array([r.values[q][name] for q in questions]) for r in (run, reference) for name in names]
+    difference = functools.partial(_metric_difference, len(names))
+    observed = float(difference(*columns, axis=-1))
     interval = stats.bootstrap(
         columns,
-        _true_info_difference,
+        difference,
         paired=True,
         vectorized=True,
         n_resamples=samples,
@@ -69,27 +74,43 @@ def paired_bootstrap(run: Run, reference: Run, samples: int = 2000, seed: int = 
         method="percentile",
         random_state=np.random.default_rng(seed),
     ).confidence_interval
-    return difference, float(interval.low), float(interval.high)
+    return observed, float(interval.low), float(interval.high)
 
 
-def _true_info_difference(truth, info, reference_truth, reference_info, axis):
-    """True*Info (the product of the two means, `locedit.evaluation.metrics.true_info`) minus the reference's."""
-    return truth.mean(axis) * info.mean(axis) - reference_truth.mean(axis) * reference_info.mean(axis)
+def _metric_difference(fields: int, *columns, axis):
+    """The metric of the first `fields` columns minus that of the rest: each is the product of its columns' means
+    (True*Info the product of the two means, `locedit.evaluation.metrics.true_info`; a one-field metric its mean)."""
+
+    def score(group):
+        return functools.reduce(operator.mul, [column.mean(axis) for column in group])
+
+    return score(columns[:fields]) - score(columns[fields:])
 
 
-def verdict(runs: list[Run], level: float = 0.95) -> dict:
-    """The statistics behind the paper's question, as numbers and as sentences."""
-    best = best_per_head_set([run for run in runs if run.method != "base"])
-    result: dict = {"probe_vs_random": {}, "reaches_all_heads": {}, "sentences": []}
+def verdict(runs: list[Run], level: float = 0.95, metric: str = "true_info", max_kl: float | None = None) -> dict:
+    """The statistics behind the paper's question, as numbers and as sentences: each head set scored by its best
+    `metric`; edits with KL above `max_kl` are broken and left out."""
+    name = metric_label(metric)
+    broken = [run for run in runs if run.is_broken(max_kl)]
+    result: dict = {"metric": metric, "probe_vs_random": {}, "reaches_all_heads": {}, "sentences": []}
+    if max_kl is not None:
+        unchecked = [r for r in runs if r.method != "base" and r.metrics.get("kl") is None]
+        result.update(max_kl=max_kl, broken=[run.run_dir for run in broken], unchecked=[r.run_dir for r in unchecked])
+        edits = sum(run.method != "base" for run in runs)
+        sentence = f"{len(broken)} of {edits} edits have KL above {max_kl:g} (broken) and are left out of the verdict"
+        if unchecked:
+            sentence += f"; {len(unchecked)} have no KL (evaluated without a corpus) and could not be checked"
+        result["sentences"].append(sentence + ".")
+    best = best_per_head_set([run for run in runs if run.method != "base" and not run.is_broken(max_kl)], metric)
     for method in ("iti", "ipo"):
-        probe = [r.metrics["true_info"] for r in best.values() if r.method == method and r.family.startswith("probe")]
-        rand = [r.metrics["true_info"] for r in best.values() if r.method == method and r.family.startswith("random")]
+        probe = [r.metrics[metric] for r in best.values() if r.method == method and r.family.startswith("probe")]
+        rand = [r.metrics[metric] for r in best.values() if r.method == method and r.family.startswith("random")]
         if probe and rand:
             p = permutation_p_value(probe, rand)
             result["probe_vs_random"][method] = {"probe": probe, "random": rand, "p_value": p}
-            name = "ITI" if method == "iti" else "optimal edits"
+            title = "ITI" if method == "iti" else "optimal edits"
             result["sentences"].append(
-                f"Under {name}, probe heads (best True*Info {max(probe):.3f}) against {len(rand)} random head sets "
+                f"Under {title}, probe heads (best {name} {max(probe):.3f}) against {len(rand)} random head sets "
                 f"(median {sorted(rand)[len(rand) // 2]:.3f}): p = {p:.3g} (one-sided permutation test)."
             )
     optimum = [r for r in best.values() if r.method == "ipo" and r.family == "all-heads"]
@@ -100,7 +121,7 @@ def verdict(runs: list[Run], level: float = 0.95) -> dict:
             if run.method == "ipo" and run.family != "all-heads":
                 families.setdefault(run.family, []).append(run)
         for family, members in sorted(families.items()):
-            intervals = [(r, paired_bootstrap(r, reference, level=level)) for r in members]
+            intervals = [(r, paired_bootstrap(r, reference, level=level, metric=metric)) for r in members]
             intervals = [(r, ci) for r, ci in intervals if ci is not None]
             reaching = [r for r, (_, _, high) in intervals if high >= 0]
             result["reaches_all_heads"][family] = {
@@ -111,7 +132,7 @@ def verdict(runs: list[Run], level: float = 0.95) -> dict:
             if intervals:
                 result["sentences"].append(
                     f"{family}: {len(reaching)} of {len(intervals)} head sets reach the all-heads optimum "
-                    f"(True*Info {reference.metrics['true_info']:.3f}) within the {level:.0%} paired bootstrap "
+                    f"({name} {reference.metrics[metric]:.3f}) within the {level:.0%} paired bootstrap "
                     "interval over test questions."
                 )
     return result
