@@ -380,3 +380,17 @@ def test_the_7b_benchmark_without_a_gpu_says_so_at_once():
     assert result.stderr.strip().splitlines() == [
         "gpu_7b.py: error: needs a CUDA GPU (a 7B-shaped model); use --small on a CPU"
     ]
+
+
+def test_eval_and_study_dry_runs_check_everything_and_write_nothing(own_working_directory, capsys):
+    flags = ["--eval_judge_truth", "none", "--eval_judge_info", "none", "--eval_corpus", "none", "--dry_run", "true"]
+    assert locedit(["eval", TINY, "--base", *flags]) == 0
+    assert "dry run" in capsys.readouterr().out
+    assert (
+        locedit(["study", "recipes/toy.yaml", "--study_random", "1", "--study_single", "1", "--dry_run", "true"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "dry run: every stage's recipe is checked" in out and out.count("locedit plan") == 4
+    assert result_files(own_working_directory) == []
+    # A typo in a stage's recipe is found by the dry run, not after the earlier stages ran.
+    one_error_line(capsys, locedit(["study", "recipes/toy.yaml", "--dry_run", "true", "--beta", "0"]), "beta")

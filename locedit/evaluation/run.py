@@ -223,6 +223,11 @@ def describe(metrics: dict) -> str:
 def evaluate(recipe: Recipe, run_dirs: list[str] | tuple = (), base: bool = False) -> list[dict]:
     """Check everything, then evaluate the base model and/or the edits in `run_dirs`. Returns their metrics."""
     plan = plan_evaluation(recipe, list(run_dirs), base=base)
+    if recipe.edit.dry_run:  # everything is checked (judges and corpus included); nothing is loaded or written
+        print(f"locedit eval: dry run: {plan.model_name}, {len(plan.targets)} model(s)", flush=True)
+        for target in plan.targets:
+            print(f"  {target.name}: {len(target.question_ids)} test questions -> {target.eval_dir}", flush=True)
+        return []
     return run_evaluation(plan, recipe)
 
 

@@ -124,6 +124,8 @@ def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
         return parse_recipe(base_argv + flags, prog=f"locedit {command}")
 
     print(f"locedit study: {recipe.name}: model {recipe.model.model_name_or_path}, data {recipe.edit.dataset}")
+    if recipe.edit.dry_run:
+        return _dry_run(recipe, options, stage)
     with timer("model"):
         resolve_model_path(recipe.model.model_name_or_path)  # pre-trains the toy model on first use
     with timer("probe"):
@@ -170,6 +172,19 @@ def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
         flush=True,
     )
     return report
+
+
+def _dry_run(recipe: Recipe, options: StudyOptions, stage) -> dict:
+    """Check every stage's recipe and print its plan (the flags carry --dry_run true to each): probe, ITI, each
+    family's training. Evaluation and the report need the runs, so they are not planned."""
+    probe_recipe(stage("probe", []))
+    make_iti_edits(stage("iti", []))
+    if options.random:
+        make_iti_edits(stage("iti", random_heads_flags(recipe, options)))
+    for _, flags in family_flags(recipe, options):
+        train_recipe(stage("train", flags))
+    print("\nlocedit study: dry run: every stage's recipe is checked; eval and the report need the runs", flush=True)
+    return {"dry_run": True}
 
 
 def random_heads_flags(recipe: Recipe, options: StudyOptions) -> list[str]:
