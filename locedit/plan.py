@@ -143,8 +143,7 @@ def make_plan(recipe: Recipe, need_probe: bool = False, output_dir: str | None =
     directory."""
     edit_args = recipe.edit
     output_dir = output_dir or output_dir_of(recipe)
-    test_fraction = float(edit_args.split_fractions[2]) if len(edit_args.split_fractions) == 3 else 1.0
-    if test_fraction <= 0:
+    if float(edit_args.split_fractions[2]) <= 0:  # three numbers: EditArguments checks that
         raise RecipeError(
             f"split_fractions {list(edit_args.split_fractions)} leave no test questions; locedit evaluates every edit "
             "on held-out test questions, so give the test split (the third number) a fraction > 0"

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -407,8 +408,6 @@ def _is_running(pid: int) -> bool:
 
 
 def _age_s(path: str) -> float:
-    import time
-
     try:
         return time.time() - os.path.getmtime(path)
     except OSError:

@@ -208,8 +208,8 @@ def plan_evaluation(
 
 
 def _recipe_source(recipe: Recipe) -> tuple:
-    edit = recipe.edit
-    return (edit.dataset, edit.dataset_config, tuple(edit.split_fractions), edit.split_seed, edit.group_by)
+    """The recipe's question split as a hashable source: (dataset, dataset_config, split_fractions, seed, group_by)."""
+    return tuple(recipe.edit.split_source().values())
 
 
 def _load_source(source: tuple) -> tuple[dict[int, list[dict]], set[int]]:
