@@ -37,6 +37,7 @@ from ..edit import HeadEditConfig, head_mask, initial_read_vector
 from ..heads import expand_head_specs, heads_by_layer, resolve_heads
 from ..models.layout import AttentionLayout
 from ..rundir import default_output_dir, write_metrics, write_run_description
+from .reference import CachedReferenceMixin
 from .trainer import preference_datasets, require_ipo, train_and_validate
 
 BANK_FILE = "locedit_bank.safetensors"
@@ -150,7 +151,7 @@ class EditBank(nn.Module):
         config.save_pretrained(output_dir)
 
 
-class MultiEditTrainer(DPOTrainer):
+class MultiEditTrainer(CachedReferenceMixin, DPOTrainer):
     """DPOTrainer for an EditBank attached to the (frozen) base model: replicates each batch per edit and clips each
     edit's gradient on its own. With b = 0 at the start the model is the reference, whose log-probs are precomputed.
     """
@@ -174,7 +175,7 @@ class MultiEditTrainer(DPOTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Losses are sums over the K edits (see compute_loss); log the mean per edit, comparable to a single run.
         # In place: the trainer returns this same dict from train() and evaluate().
-        for key in ("loss", "eval_loss", "train_loss"):
+        for key in ("loss", "eval_loss", "train_loss", "train_pairs_loss"):
             if key in logs:
                 logs[key] = logs[key] / self.bank.num_edits
         super().log(logs, start_time)
@@ -258,7 +259,7 @@ def train_multi_edit(recipe, plan, model, tokenizer) -> dict:
         model.enable_input_require_grads()
 
     trainer = MultiEditTrainer(
-        model=model, args=args, **preference_datasets(plan), processing_class=tokenizer, bank=bank
+        model=model, args=args, **preference_datasets(plan, args), processing_class=tokenizer, bank=bank
     )
     metrics = train_and_validate(trainer, plan.output_dir)
     trainer.save_state()

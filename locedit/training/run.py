@@ -18,7 +18,7 @@ def train_edits(recipe: Recipe, plan: RunPlan, model, tokenizer) -> dict:
     trainer = LocEditTrainer(
         model=model,
         args=recipe.training,
-        **preference_datasets(plan),
+        **preference_datasets(plan, recipe.training),
         processing_class=tokenizer,
         peft_config=plan.edit_config,
     )

@@ -12,9 +12,10 @@ import os
 from trl import DPOTrainer
 
 from ..edit import HeadEditConfig, edit_norms
+from .reference import CachedReferenceMixin
 
 
-class LocEditTrainer(DPOTrainer):
+class LocEditTrainer(CachedReferenceMixin, DPOTrainer):
     """DPOTrainer for a locedit edit. Takes the same arguments; `peft_config` must be a HeadEditConfig."""
 
     def __init__(self, *args, peft_config: HeadEditConfig, **kwargs):
@@ -36,14 +37,56 @@ def require_ipo(args) -> None:
         raise ValueError("locedit trains edits with the IPO objective; set loss_type: ipo")
 
 
-def preference_datasets(plan) -> dict:
-    """The trainer's train and eval (validation) datasets: the pairs' prompt, chosen and rejected columns."""
+def pairs_per_step(args) -> int:
+    """Training pairs one optimizer step consumes, over all processes."""
+    from accelerate import PartialState
+
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * PartialState().num_processes
+
+
+def preference_datasets(plan, args) -> dict:
+    """The trainer's train and eval (validation) datasets: the pairs' prompt, chosen and rejected columns, only as
+    many as the run will use, so that no reference log-prob is computed for a pair the run never sees.
+
+    - With `max_steps` shorter than an epoch, the run trains on a seeded draw of max_steps x pairs-per-step pairs
+      (what a shuffled epoch would give it), not on the first steps of an epoch over all of them.
+    - The validation pairs are used only when `eval_strategy` is not 'no' (the pass at the end of training follows
+      it too), and at most `max_eval_pairs` of them (a seeded draw).
+    """
+    from accelerate import PartialState
+
     columns = ["prompt", "chosen", "rejected"]
-    validation = plan.splits["validation"]
-    return {
-        "train_dataset": plan.splits["train"].select_columns(columns),
-        "eval_dataset": validation.select_columns(columns) if len(validation) else None,
-    }
+    train = plan.splits["train"].select_columns(columns)
+    used = args.max_steps * pairs_per_step(args) if args.max_steps > 0 else len(train)
+    say = print if PartialState().is_main_process else (lambda *a, **k: None)
+    if used < len(train):
+        train = train.shuffle(seed=args.seed).select(range(used))
+        say(
+            f"locedit: max_steps {args.max_steps} x {pairs_per_step(args)} pairs per step: training on {used} of the "
+            f"{len(plan.splits['train'])} training pairs (a draw seeded by seed {args.seed})",
+            flush=True,
+        )
+    validation = plan.splits["validation"].select_columns(columns)
+    if len(validation) == 0 or _strategy(args.eval_strategy) == "no":
+        return {"train_dataset": train, "eval_dataset": None}
+    if args.max_eval_pairs is not None and len(validation) > args.max_eval_pairs:
+        validation = validation.shuffle(seed=args.seed).select(range(args.max_eval_pairs))
+        say(f"locedit: validating on {args.max_eval_pairs} of the {len(plan.splits['validation'])} pairs", flush=True)
+    return {"train_dataset": train, "eval_dataset": validation}
+
+
+def _strategy(value) -> str:
+    return str(getattr(value, "value", value))
+
+
+def speed_line(metrics: dict) -> str | None:
+    """Seconds per step and tokens per second of a finished training (the Trainer's own measures)."""
+    if not metrics.get("train_seconds_per_step"):
+        return None
+    line = f"locedit: training took {metrics['train_runtime']:.1f} s, {metrics['train_seconds_per_step']:.2f} s/step"
+    if metrics.get("train_tokens_per_second"):
+        line += f", {metrics['train_tokens_per_second']:.0f} tokens/s (not counting padding)"
+    return line
 
 
 def train_and_validate(trainer, output_dir: str) -> dict:
@@ -56,8 +99,18 @@ def train_and_validate(trainer, output_dir: str) -> dict:
         print(f"locedit: resuming from {last_checkpoint}", flush=True)
     train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
     metrics = {f"train_{k}" if not k.startswith("train_") else k: v for k, v in train_result.metrics.items()}
+    if metrics.get("train_steps_per_second"):
+        metrics["train_seconds_per_step"] = 1 / metrics["train_steps_per_second"]
+    if metrics.get("train_num_input_tokens_seen") and metrics.get("train_runtime"):
+        metrics["train_tokens_per_second"] = metrics["train_num_input_tokens_seen"] / metrics["train_runtime"]
+    if is_main and speed_line(metrics):
+        print(speed_line(metrics), flush=True)
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
+    cap = trainer.args.max_eval_pairs
+    if cap is None or len(trainer.train_dataset) <= cap:
+        # The IPO loss the edit reached on the pairs it trained on (the logged loss is one batch's, and noisy).
+        metrics.update(trainer.evaluate(trainer.train_dataset, metric_key_prefix="train_pairs"))
     return metrics
 
 

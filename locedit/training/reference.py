@@ -1,0 +1,161 @@
+"""The reference model's log-probs of each preference pair, computed once per model and pair and kept on disk.
+
+IPO needs log pi_ref(y|x) of every pair it trains on. TRL computes them before training
+(`precompute_ref_log_probs`), but afresh for every trainer and for every pair of the dataset it is given. The
+reference is the base model with the edit off, the same for every edit, so every run of a sweep, every draw of a
+multi-edit run and every stage of a study recomputes the same numbers. Here each pair's two values are kept in
+`$LOCEDIT_CACHE/ref_logps/<model key>.safetensors`, keyed by the pair's token ids; a trainer computes (through
+TRL's own precompute) only the pairs not there yet.
+
+The model key is a hash of the base model's weights (the edit's own parameters left out, so a PEFT-wrapped model
+and the same model with an EditBank share it), its dtype, the device type and the truncation settings: anything
+that changes the numbers changes the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..core.cache import cache_root
+from ..core.files import atomic_path
+
+# Parameter names of an edit (PEFT's lora_A/lora_B, the multi-edit bank), left out of the model key.
+EDIT_PARAMETER = re.compile(r"(^|\.)(lora_[A-Za-z_]+|locedit_bank)(\.|$)")
+KEY_BYTES = 16
+
+
+def base_weights_digest(model: torch.nn.Module) -> str:
+    """A hash of the base model's weights under their plain names (`base_model.model.` and `.base_layer` removed),
+    the edit's parameters left out."""
+    digest = hashlib.sha256()
+    entries = {}
+    for name, tensor in model.state_dict().items():
+        if EDIT_PARAMETER.search(name):
+            continue
+        plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        entries[plain] = tensor
+    for name in sorted(entries):
+        tensor = entries[name].detach().cpu()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        if tensor.dtype in (torch.bfloat16, torch.float16):
+            tensor = tensor.float()
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def reference_model_key(model: torch.nn.Module, args) -> str:
+    """The cache key of a reference model's log-probs: its weights and what the numbers depend on besides."""
+    import trl
+
+    device = next(model.parameters()).device.type
+    settings = {
+        "weights": base_weights_digest(model),
+        "device": device,
+        "max_length": getattr(args, "max_length", None),
+        "truncation_mode": getattr(args, "truncation_mode", None),
+        "use_logits_to_keep": getattr(args, "use_logits_to_keep", None),
+        "trl": trl.__version__,
+        "torch": torch.__version__,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def pair_key(prompt_ids, chosen_ids, rejected_ids) -> bytes:
+    """A pair's key: a hash of its three token-id sequences."""
+    blob = json.dumps([list(prompt_ids), list(chosen_ids), list(rejected_ids)], separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).digest()[:KEY_BYTES]
+
+
+class ReferenceLogpCache:
+    """One model's cached reference log-probs: pair key -> (chosen, rejected)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    @classmethod
+    def for_model(cls, model_key: str) -> ReferenceLogpCache:
+        return cls(os.path.join(cache_root(), "ref_logps", f"{model_key}.safetensors"))
+
+    def read(self) -> dict[bytes, tuple[float, float]]:
+        if not os.path.isfile(self.path):
+            return {}
+        try:
+            tensors = load_file(self.path)
+        except (SafetensorError, OSError):
+            return {}  # a damaged file is recomputed, not trusted
+        keys = tensors["keys"].numpy()
+        chosen, rejected = tensors["chosen"].tolist(), tensors["rejected"].tolist()
+        return {bytes(key): (c, r) for key, c, r in zip(keys, chosen, rejected, strict=True)}
+
+    def add(self, values: dict[bytes, tuple[float, float]]) -> None:
+        """Add values to the file (merged with what another process may have written meanwhile), atomically."""
+        merged = {**self.read(), **values}
+        keys = list(merged)
+        tensors = {
+            "keys": torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).view(len(keys), KEY_BYTES),
+            "chosen": torch.tensor([merged[key][0] for key in keys], dtype=torch.float32),
+            "rejected": torch.tensor([merged[key][1] for key in keys], dtype=torch.float32),
+        }
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with atomic_path(self.path) as tmp:
+            save_file(tensors, tmp)
+
+
+class CachedReferenceMixin:
+    """For a DPOTrainer subclass: `_precompute_ref_logps` (TRL's) runs only for the pairs not in the cache.
+
+    Set `cache_ref_log_probs: false` in the recipe to compute every pair afresh, as TRL does.
+    """
+
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        if {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names):
+            return dataset  # scored already (the training pairs, scored again after training)
+        if not getattr(self.args, "cache_ref_log_probs", False) or len(dataset) == 0:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        from accelerate import PartialState
+
+        if getattr(self, "_locedit_reference_cache", None) is None:
+            self._locedit_reference_cache = ReferenceLogpCache.for_model(reference_model_key(self.model, self.args))
+        cache = self._locedit_reference_cache
+        keys = [
+            pair_key(*row)
+            for row in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
+        ]
+        known = cache.read()
+        missing = sorted({i for i, key in enumerate(keys) if key not in known})
+        state = PartialState()
+        if state.is_main_process:
+            print(
+                f"locedit: reference log-probs of the {name} pairs: {len(keys) - len(missing)} of {len(keys)} "
+                f"from the cache, {len(missing)} to compute",
+                flush=True,
+            )
+        if missing:
+            computed = super()._precompute_ref_logps(dataset.select(missing), name, batch_size)
+            new = {
+                keys[i]: (c, r)
+                for i, c, r in zip(missing, computed["ref_chosen_logps"], computed["ref_rejected_logps"], strict=True)
+            }
+            if state.is_main_process:
+                cache.add(new)
+            known.update(new)
+        state.wait_for_everyone()
+        dataset = dataset.add_column("ref_chosen_logps", [known[key][0] for key in keys])
+        return dataset.add_column("ref_rejected_logps", [known[key][1] for key in keys])
+
+
+__all__ = [
+    "CachedReferenceMixin",
+    "ReferenceLogpCache",
+    "base_weights_digest",
+    "pair_key",
+    "reference_model_key",
+]

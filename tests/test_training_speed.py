@@ -1,0 +1,151 @@
+"""Training does only the work its run needs: reference log-probs for the pairs it uses, once across runs; a bounded
+validation pass; and it reports seconds per step and tokens per second."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from locedit import AttentionLayout, HeadEditConfig, resolve_heads
+from locedit.core.args import LocEditConfig
+from locedit.core.recipe import parse_recipe
+from locedit.data import load_preference_splits
+from locedit.training import LocEditTrainer, preference_datasets
+from locedit.training.reference import ReferenceLogpCache, base_weights_digest, reference_model_key
+
+FAST = ["--dataset", "synthetic:40", "--report_to", "none", "--save_strategy", "no"]
+
+
+class Plan:
+    """What preference_datasets reads of a RunPlan: the splits."""
+
+    def __init__(self, splits):
+        self.splits = splits
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return load_preference_splits("synthetic:40", split_fractions=(0.6, 0.2, 0.2), seed=0)
+
+
+def training_args(tmp_path, **overrides) -> LocEditConfig:
+    settings = dict(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+        use_cpu=True,
+    )
+    return LocEditConfig(**{**settings, **overrides})
+
+
+def test_max_steps_bounds_the_training_pairs_to_a_seeded_draw(splits, tmp_path):
+    args = training_args(tmp_path, max_steps=3, eval_strategy="no")
+    first = preference_datasets(Plan(splits), args)
+    again = preference_datasets(Plan(splits), args)
+    assert len(first["train_dataset"]) == 12 < len(splits["train"])  # 3 steps x 4 pairs
+    assert first["train_dataset"]["chosen"] == again["train_dataset"]["chosen"]
+    assert set(first["train_dataset"]["prompt"]) <= set(splits["train"]["prompt"])
+    # An epoch-long run keeps every pair.
+    whole = preference_datasets(Plan(splits), training_args(tmp_path, eval_strategy="no"))
+    assert len(whole["train_dataset"]) == len(splits["train"])
+
+
+def test_validation_pairs_follow_eval_strategy_and_the_cap(splits, tmp_path):
+    assert preference_datasets(Plan(splits), training_args(tmp_path, eval_strategy="no"))["eval_dataset"] is None
+    capped = preference_datasets(Plan(splits), training_args(tmp_path, eval_strategy="epoch", max_eval_pairs=5))
+    assert len(capped["eval_dataset"]) == 5 < len(splits["validation"])
+    every = preference_datasets(Plan(splits), training_args(tmp_path, eval_strategy="epoch", max_eval_pairs=None))
+    assert len(every["eval_dataset"]) == len(splits["validation"])
+
+
+def test_max_eval_pairs_must_be_positive(capsys):
+    from locedit.train import cli
+
+    assert cli(["recipes/tiny.yaml", "--max_eval_pairs", "0", "--dry_run", "true"]) == 2
+    assert "max_eval_pairs 0" in capsys.readouterr().err
+
+
+def _trainer(model_dir, splits, tmp_path, cache: bool, steps: int = 2):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    layout = AttentionLayout.from_model(model)
+    args = training_args(tmp_path, max_steps=steps, eval_strategy="epoch", cache_ref_log_probs=cache)
+    return LocEditTrainer(
+        model=model,
+        args=args,
+        **preference_datasets(Plan(splits), args),
+        processing_class=tokenizer,
+        peft_config=HeadEditConfig.for_heads(layout, resolve_heads("random:2", layout)),
+    )
+
+
+def test_cached_reference_log_probs_equal_trls_and_are_computed_once(tiny_model_dir, splits, tmp_path, capsys):
+    model_dir = tiny_model_dir("llama")
+    plain = _trainer(model_dir, splits, tmp_path, cache=False)
+    cached = _trainer(model_dir, splits, tmp_path, cache=True)
+    first = capsys.readouterr().out
+    again = _trainer(model_dir, splits, tmp_path, cache=True)
+    second = capsys.readouterr().out
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert cached.train_dataset[column] == plain.train_dataset[column]
+        assert again.train_dataset[column] == plain.train_dataset[column]
+        assert again.eval_dataset[column] == plain.eval_dataset[column]
+    assert "train pairs: 0 of 8 from the cache, 8 to compute" in first
+    assert "train pairs: 8 of 8 from the cache, 0 to compute" in second
+    assert f"eval pairs: {len(splits['validation'])} of {len(splits['validation'])} from the cache" in second
+    # More steps: only the pairs not seen before are computed.
+    _trainer(model_dir, splits, tmp_path, cache=True, steps=4)
+    line = next(line for line in capsys.readouterr().out.splitlines() if "train pairs" in line)
+    cached, computed = (int(n) for n in re.match(r".*: (\d+) of 16 from the cache, (\d+) to compute", line).groups())
+    assert cached >= 1 and computed == 16 - cached
+
+
+def test_the_reference_key_is_the_base_models_with_or_without_an_edit(tiny_model_dir, tmp_path):
+    model_dir = tiny_model_dir("llama")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    args = training_args(tmp_path)
+    plain = base_weights_digest(model)
+    key = reference_model_key(model, args)
+    layout = AttentionLayout.from_model(model)
+    wrapped = get_peft_model(model, HeadEditConfig.for_heads(layout, resolve_heads("all", layout)))
+    with torch.no_grad():
+        for name, parameter in wrapped.named_parameters():
+            if "lora_B" in name:
+                parameter.fill_(1.0)  # a trained edit: still the same base model
+    assert base_weights_digest(wrapped) == plain and reference_model_key(wrapped, args) == key
+    with torch.no_grad():
+        wrapped.base_model.model.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
+    assert base_weights_digest(wrapped) != plain
+    assert reference_model_key(model, training_args(tmp_path, max_length=64)) != key
+
+
+def test_a_damaged_cache_file_is_recomputed(tmp_path):
+    path = tmp_path / "key.safetensors"
+    cache = ReferenceLogpCache(str(path))
+    cache.add({b"k" * 16: (-1.5, -2.5)})
+    assert cache.read() == {b"k" * 16: (-1.5, -2.5)}
+    path.write_bytes(b"not a safetensors file")
+    assert cache.read() == {}
+
+
+def test_a_run_reports_seconds_per_step_and_tokens_per_second(tmp_path, capsys):
+    from locedit.train import main
+
+    out_dir = tmp_path / "run"
+    main(parse_recipe(["recipes/tiny.yaml", *FAST, "--max_steps", "3", "--output_dir", str(out_dir)]))
+    printed = capsys.readouterr().out
+    assert "s/step" in printed and "tokens/s" in printed and "epochs" not in printed.split("training ")[1][:60]
+    import json
+
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["train_seconds_per_step"] > 0 and metrics["train_tokens_per_second"] > 0
+    assert os.path.isdir(out_dir)
