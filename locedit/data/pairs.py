@@ -5,6 +5,10 @@ Two layouts are understood (`locedit.data.sources` reads them):
 - question-style: ``question``, ``correct_answers``, ``incorrect_answers``. Answers are lists, or strings separated
   by ``;`` as in the TruthfulQA CSV. Every correct answer is paired with every incorrect answer of its question.
 - preference-style: ``prompt``, ``chosen``, ``rejected``, used as they are.
+
+With ``chat_template`` the pairs are TRL's conversational data, which TRL's DPOTrainer renders with the tokenizer's
+chat template: the prompt is one user turn, the question itself (``prompt_template`` and ``completion_template`` are
+not used: the template supplies the roles), and chosen and rejected are one assistant turn each, the answer itself.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from itertools import product
 import datasets
 
 from ..core.errors import DataError
+from ..models.chat import assistant_turn, user_turn
 from .sources import PREFERENCE_COLUMNS, column_names, detect_layout, load_rows, load_source
 from .splits import SPLIT_NAMES, split_units, validate_split_fractions
 
@@ -59,6 +64,28 @@ def _answer_list(value) -> list[str]:
 def _group_key(value):
     # Lists (e.g. chat-format prompts) are not hashable, so they are grouped by their JSON text.
     return value if isinstance(value, str | int | float | bool | None) else json.dumps(value, sort_keys=True)
+
+
+DEFAULT_PROMPT_TEMPLATE = "Q: {question}\nA:"
+DEFAULT_COMPLETION_TEMPLATE = " {answer}"
+
+
+def _user(content) -> list[dict]:
+    return content if isinstance(content, list) else [user_turn(content)]
+
+
+def _assistant(content) -> list[dict]:
+    return content if isinstance(content, list) else [assistant_turn(content.strip())]
+
+
+def _as_chat(pair: dict) -> dict:
+    """A text pair as TRL's conversational data: the prompt a user turn, chosen and rejected assistant turns."""
+    chat = {
+        "prompt": _user(pair["prompt"]),
+        "chosen": _assistant(pair["chosen"]),
+        "rejected": _assistant(pair["rejected"]),
+    }
+    return {**pair, **chat}
 
 
 def _question_pairs(
@@ -170,10 +197,11 @@ def load_preference_splits(
     dataset_config: str | None = "generation",
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
     seed: int = 0,
-    prompt_template: str = "Q: {question}\nA:",
-    completion_template: str = " {answer}",
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+    completion_template: str = DEFAULT_COMPLETION_TEMPLATE,
     group_by: str | None = None,
     max_pairs_per_question: int | None = None,
+    chat_template: bool = False,
 ) -> datasets.DatasetDict:
     """Loads a question set or preference set and splits its pairs by question into train/validation/test.
 
@@ -193,6 +221,9 @@ def load_preference_splits(
         group_by: Column whose values define the units kept together in one split (e.g. "category"); by
             default each question (or, for preference-style data, each prompt) is a unit.
         max_pairs_per_question: If set, keep at most this many pairs per unit, chosen at random with `seed`.
+        chat_template: Give TRL's conversational pairs (for a tokenizer's chat template): the prompt a user turn
+            holding the question (or the text prompt), chosen and rejected an assistant turn each holding the
+            answer (stripped). The templates must then be left at their defaults.
 
     Returns:
         A DatasetDict with splits train, validation and test and columns prompt, chosen, rejected and
@@ -206,6 +237,12 @@ def load_preference_splits(
     fractions = validate_split_fractions(split_fractions)
     _check_template(prompt_template, "question", "prompt_template")
     _check_template(completion_template, "answer", "completion_template")
+    defaults = (DEFAULT_PROMPT_TEMPLATE, DEFAULT_COMPLETION_TEMPLATE)
+    if chat_template and (prompt_template, completion_template) != defaults:
+        raise DataError(
+            "chat_template puts the question in a user turn and the answer in an assistant turn of the tokenizer's "
+            "chat template: prompt_template and completion_template are not used with it; leave them at their defaults"
+        )
     if max_pairs_per_question is not None and (
         isinstance(max_pairs_per_question, bool)
         or not isinstance(max_pairs_per_question, int)
@@ -215,13 +252,17 @@ def load_preference_splits(
 
     rows, layout, group_by = load_source(dataset, dataset_config, seed, group_by)
     if layout == "question":
-        pairs = _question_pairs(rows, dataset, group_by, prompt_template, completion_template)
+        # With the chat template a user turn holds the question itself and an assistant turn the answer itself.
+        templates = ("{question}", "{answer}") if chat_template else (prompt_template, completion_template)
+        pairs = _question_pairs(rows, dataset, group_by, *templates)
     else:
         pairs = _preference_pairs(rows, dataset, group_by)
     if not pairs:
         raise DataError(f"dataset {dataset!r} gives no usable preference pair")
     if max_pairs_per_question is not None:
         pairs = _cap_pairs(pairs, max_pairs_per_question, seed)
+    if chat_template:
+        pairs = [_as_chat(pair) for pair in pairs]
 
     units = split_units(list({pair["question_id"] for pair in pairs}), fractions, seed)
     total = sum(len(members) for members in units.values())

@@ -78,13 +78,21 @@ def make_probe_stage(recipe: Recipe, model_path: str, layout: AttentionLayout) -
     if probe_args.probe_batch_size < 1:
         raise RecipeError(f"probe_batch_size must be at least 1, got {probe_args.probe_batch_size}")
     check_probe_template(probe_args.probe_template)
+    # With chat_template the examples are rendered by the tokenizer's template: it must have one (checked now).
+    tokenizer = None
+    if edit_args.chat_template:
+        from ..models.chat import chat_tokenizer
+
+        tokenizer = chat_tokenizer(model_path, model_args, recipe.training.trust_remote_code)
     questions = load_questions(**edit_args.split_source())["train"]
     question_ids = sorted(set(questions["question_id"]))
     if len(question_ids) < 2:
         raise DataError(
             f"probing needs at least 2 training questions, data set '{edit_args.dataset}' gives {len(question_ids)}"
         )
-    examples = build_probe_examples(questions, probe_args.probe_template, seed=probe_args.probe_seed)
+    examples = build_probe_examples(
+        questions, probe_args.probe_template, seed=probe_args.probe_seed, tokenizer=tokenizer
+    )
     # The probes' held-out part: whole questions, drawn with their own seed.
     val_ids = hold_out(question_ids, probe_args.probe_val_fraction, f"probe-val-{probe_args.probe_seed}")
     is_val = [qid in val_ids for qid in examples.question_ids]
@@ -122,6 +130,7 @@ def make_probe_stage(recipe: Recipe, model_path: str, layout: AttentionLayout) -
         "split_seed": edit_args.split_seed,
         "group_by": edit_args.group_by,
         "probe_template": probe_args.probe_template,
+        "chat_template": edit_args.chat_template,
         "probe_seed": probe_args.probe_seed,
         "probe_val_fraction": probe_args.probe_val_fraction,
         "c": PROBE_C,
@@ -202,7 +211,8 @@ def describe_stage(stage: ProbeStage, recipe: Recipe) -> str:
             f"training questions of {recipe.edit.dataset}: probes train on {examples['train']} "
             f"({len(questions['train'])} questions), score on {examples['validation']} "
             f"({len(questions['validation'])} questions)",
-            f"  template     {recipe.probe.probe_template!r}",
+            f"  template     {recipe.probe.probe_template!r}"
+            + (" (as a conversation in the tokenizer's chat template)" if recipe.edit.chat_template else ""),
             f"  output_dir   {stage.output_dir} ({cached})",
         ]
     )
