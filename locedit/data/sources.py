@@ -248,3 +248,86 @@ def load_source(dataset: str, dataset_config: str | None, seed: int, group_by: s
                 f"group_by column {group_by!r} is not in dataset {dataset!r}; found columns: {', '.join(columns)}"
             )
     return rows, layout, group_by
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TruthfulQA's multiple-choice targets (the `multiple_choice` configuration of `truthfulqa/truthful_qa`)
+# ---------------------------------------------------------------------------------------------------------------------
+
+MC_CONFIG = "multiple_choice"
+MC_SPLIT = "validation"
+MC_COLUMNS = ("question", "mc1_targets", "mc2_targets")
+MC_FILE_EXTENSIONS = (".json", ".jsonl", ".parquet")
+
+
+def truthfulqa_hub_id(dataset: str, dataset_config: str | None) -> str | None:
+    """The Hub id of `dataset` when it is TruthfulQA's generation data on the Hub (a Hub id named `truthful_qa`,
+    e.g. `truthfulqa/truthful_qa`, config `generation`; `:split` dropped), else None (a file, a named source, ...)."""
+    name = dataset.strip().partition(":")[0]
+    if dataset_config != "generation" or named_source(dataset) is not None or _looks_local(dataset):
+        return None
+    return name if name.rpartition("/")[2].lower() == "truthful_qa" else None
+
+
+def is_mc_targets_file(spec: str) -> bool:
+    """Whether `spec` names a local file (a path, or a name ending like a data file) rather than a keyword."""
+    return _looks_local(spec)
+
+
+def _mc_target(value, key: str, where: str) -> dict:
+    """One `mc1_targets` / `mc2_targets` value checked: {"choices": [str, ...], "labels": [0 or 1, ...]}."""
+    if not isinstance(value, dict) or not isinstance(value.get("choices"), list | tuple):
+        raise DataError(f"{where}: {key} must be an object with 'choices' and 'labels' lists")
+    choices, labels = list(value["choices"]), list(value.get("labels") or [])
+    if len(choices) != len(labels) or not all(isinstance(choice, str) for choice in choices):
+        raise DataError(f"{where}: {key} needs as many labels as choices, and text choices")
+    if any(label not in (0, 1) for label in labels) or not (1 in labels and 0 in labels):
+        raise DataError(f"{where}: {key} labels must be 0 or 1, with at least one of each")
+    return {"choices": choices, "labels": [int(label) for label in labels]}
+
+
+def load_mc_targets(spec: str) -> dict[str, dict]:
+    """TruthfulQA's multiple-choice targets keyed by the stripped question text:
+    {question: {"mc1_targets": {"choices": [...], "labels": [...]}, "mc2_targets": {...}}} (label 1: correct).
+
+    `spec` is a Hub id, read as `datasets.load_dataset(spec, "multiple_choice", split="validation")` (a `:split`
+    suffix is dropped), or a local .json/.jsonl/.parquet file with the same columns (question, mc1_targets,
+    mc2_targets). The choices are kept as they are. The first row of a repeated question counts.
+
+    Raises:
+        DataFileNotFoundError: For a local file that does not exist.
+        DataError: For a file of another type, a Hub data set that cannot be loaded, or rows not in this format.
+    """
+    if _looks_local(spec):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise DataFileNotFoundError(f"eval_mc_targets file not found: {spec}")
+        if path.suffix.lower() not in MC_FILE_EXTENSIONS:
+            raise DataError(
+                f"eval_mc_targets file {path} has an unsupported type; use one of {', '.join(MC_FILE_EXTENSIONS)} "
+                "(mc1_targets and mc2_targets are nested)"
+            )
+        rows, where = _read_local(path), str(path)
+    else:
+        name = spec.strip().partition(":")[0]
+        try:
+            rows = datasets.load_dataset(name, MC_CONFIG, split=MC_SPLIT).to_list()
+        except (ConnectionError, FileNotFoundError, ValueError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise DataError(
+                f"could not load TruthfulQA's multiple-choice targets ({name!r}, config {MC_CONFIG!r}, split "
+                f"{MC_SPLIT!r}) with datasets.load_dataset: {reason}; set eval_mc_targets: answers to score MC on "
+                "the data set's own answers"
+            ) from error
+        where = f"{name} ({MC_CONFIG})"
+    rows = [{column_name(key): value for key, value in row.items() if isinstance(key, str)} for row in rows]
+    missing = [column for column in MC_COLUMNS if column not in column_names(rows)]
+    if not rows or missing:
+        found = ", ".join(column_names(rows)) or "none"
+        raise DataError(f"eval_mc_targets {where}: missing column(s) {', '.join(missing)}; found columns: {found}")
+    targets: dict[str, dict] = {}
+    for number, row in enumerate(rows, start=1):
+        question = str(row.get("question") or "").strip()
+        entry = {key: _mc_target(row.get(key), key, f"{where} row {number}") for key in MC_COLUMNS[1:]}
+        targets.setdefault(question, entry)
+    return targets

@@ -84,3 +84,28 @@ def _load_hub_corpus(name: str, count: int) -> list[str]:
     raise DataError(
         f"could not stream eval_corpus '{name}' ({reason}); set eval_corpus to a local .txt/.jsonl file or 'none'"
     )
+
+
+def python_docs_passages(spec: str = "python-docs") -> list[str]:
+    """Prose passages of the Python language reference as every Python install carries it (`pydoc_data.topics`):
+    its paragraphs of running English text of at least 300 characters (code blocks and headings left out), in the
+    topics' order. An offline stand-in for OpenWebText where no corpus can be downloaded (KL and CE then measure the
+    edit on technical English prose, not web text)."""
+    from pydoc_data.topics import topics
+
+    passages = []
+    for name in sorted(topics):
+        for block in topics[name].split("\n\n"):
+            lines = block.splitlines()
+            # Prose: unindented lines, not a heading underline, with words and a full stop.
+            if not lines or any(line.startswith((" ", "\t")) for line in lines):
+                continue
+            if any(set(line.strip()) <= set("*=-~^") for line in lines) or "." not in block:
+                continue
+            paragraph = " ".join(line.strip() for line in lines)
+            if len(paragraph) >= 300:
+                passages.append(paragraph)
+    return passages
+
+
+register_corpus("python-docs", python_docs_passages)

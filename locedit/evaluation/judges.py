@@ -65,6 +65,9 @@ class Judge(ABC):
     `load` takes the heavy resources (weights), `close` frees them."""
 
     kind: str = ""
+    # Whether it runs a model: then it is loaded once and scores every evaluated model's answers at the end; other
+    # judges score each model's answers as soon as they are generated.
+    model_based: bool = False
 
     def __init__(self, name: str, aspect: str, batch_size: int = 16, **options):
         if aspect not in ASPECTS:
@@ -135,6 +138,7 @@ class HFJudge(Judge):
     positions are those of the prompt alone."""
 
     kind = "hf"
+    model_based = True  # loaded once, it scores every evaluated model's answers at the end
 
     def __init__(self, name: str, aspect: str, batch_size: int = 16, dtype: str = "auto", device=None, **options):
         super().__init__(name, aspect, batch_size, **options)
@@ -228,6 +232,7 @@ class OpenAIJudge(Judge):
     """
 
     kind = "openai"
+    model_based = True
     top_logprobs = 5  # the most the OpenAI completions API returns
     timeout_s = 60.0
     retries = 3

@@ -5,7 +5,9 @@ Definitions (paper sections 2 and 7, following ITI, TruthfulQA and lm-evaluation
 - True, Info: the fraction of questions whose answer the truth (info) judge calls "yes".
 - True*Info: the product of the two fractions (the paper's main metric), not the mean of per-question products.
 - MC1: 1 if the best answer's log-prob is strictly above every incorrect answer's (TruthfulQA's MC1; lm-eval's
-  `truthfulqa_mc1` puts the best answer first and takes the argmax, which differs only on exact ties).
+  `truthfulqa_mc1` puts the best answer first and takes the argmax, which differs only on exact ties). Which
+  choices are the best, correct and incorrect ones (TruthfulQA's multiple_choice targets or the data's answers):
+  `locedit.evaluation.run.mc_choices`.
 - MC2: the probability mass of the correct answers, normalised over all answers: sum p(true) / sum p(all), with
   p = exp(sum of the answer's token log-probs) (TruthfulQA's MC2 and lm-eval's `truthfulqa_mc2`). Computed with
   logsumexp, so long answers whose probabilities underflow in float64 still give the exact ratio.

@@ -1,7 +1,8 @@
 """Planning an evaluation: which models, which test questions, where the results go; no weights are loaded.
 
 Everything that can fail on a user's mistake (a run directory without a split, edits of different base models, a
-judge that is not a causal LM, an unreachable or unauthorised endpoint, a missing corpus) is checked here.
+judge that is not a causal LM, an unreachable or unauthorised endpoint, a missing corpus, MC targets that lack a
+test question) is checked here; TruthfulQA's multiple_choice targets (`eval_mc_targets`) are loaded here too.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ import os
 from dataclasses import dataclass, field, fields
 
 from ..core.args import EvalArguments, ModelArguments
-from ..core.errors import RecipeError
+from ..core.errors import DataError, RecipeError
 from ..core.recipe import Recipe
 from ..data import load_question_details, load_questions, validate_dataset_arg
+from ..data.sources import MC_CONFIG, MC_FILE_EXTENSIONS, is_mc_targets_file, load_mc_targets, truthfulqa_hub_id
 from ..models.layout import AttentionLayout
 from ..models.loading import read_config
 from ..rundir import (
@@ -26,7 +28,7 @@ from ..rundir import (
 )
 from .corpus import load_corpus
 from .judges import ASPECTS, Judge, make_judge
-from .prompts import PROMPT_PREFIXES
+from .prompts import PROMPT_PREFIXES, chat_tokenizer
 
 
 @dataclass
@@ -41,6 +43,11 @@ class Target:
     prompt_template: str
     completion_template: str
     heads: dict = field(default_factory=dict)
+    chat_template: bool = False  # prompts in the tokenizer's chat template (the run's `chat_template`)
+
+    def __post_init__(self):
+        if self.chat_template:  # an MC choice is the answer itself, right after the assistant header
+            self.completion_template = "{answer}"
 
     @property
     def eval_dir(self) -> str:
@@ -64,6 +71,9 @@ class EvalPlan:
     targets: list[Target]
     questions: dict[tuple, dict[int, list[dict]]]  # source -> question id -> question records
     resources: EvalResources
+    # source -> where MC1/MC2's choices come from: "answers" (the data's own), "hub:ID" or "file:PATH" (TruthfulQA's
+    # multiple_choice targets, put in each question record as mc1_targets / mc2_targets); empty without eval_mc
+    mc_sources: dict[tuple, str] = field(default_factory=dict)
 
 
 def check_settings(args: EvalArguments) -> EvalResources:
@@ -79,6 +89,12 @@ def check_settings(args: EvalArguments) -> EvalResources:
         raise RecipeError(f"eval_max_questions must be at least 1, got {args.eval_max_questions}")
     if args.eval_corpus_max_tokens < 2:
         raise RecipeError("eval_corpus_max_tokens must be at least 2 (cross-entropy needs a token to predict)")
+    mc_spec = (args.eval_mc_targets or "answers").strip()
+    if mc_spec.lower() not in MC_KEYWORDS and not is_mc_targets_file(mc_spec):
+        raise RecipeError(
+            f"eval_mc_targets '{args.eval_mc_targets}' is not valid; give auto, answers, none or a local "
+            f"{'/'.join(MC_FILE_EXTENSIONS)} file in TruthfulQA's multiple_choice format"
+        )
     judges = {}
     for aspect in ASPECTS:
         spec = getattr(args, f"eval_judge_{aspect}")
@@ -126,24 +142,29 @@ def _edit_target(run_dir: str, settings: dict, split: dict, heads: dict) -> Targ
         prompt_template=settings.get("prompt_template", "Q: {question}\nA:"),
         completion_template=settings.get("completion_template", " {answer}"),
         heads=heads,
+        chat_template=bool(settings.get("chat_template", False)),
     )
 
 
 def _base_target(recipe: Recipe, targets: list[Target], run_dirs: list[str], test_ids: dict) -> Target:
     """The base model on the runs' test questions (which must be one split), or on the recipe's own split."""
     if targets:
-        splits = {(t.source, tuple(t.question_ids), t.prompt_template, t.completion_template) for t in targets}
+        splits = {
+            (t.source, tuple(t.question_ids), t.prompt_template, t.completion_template, t.chat_template)
+            for t in targets
+        }
         if len(splits) > 1:
             raise RecipeError(
                 "the run directories use different question splits or templates; evaluate the base model with "
                 "each split separately"
             )
-        source, ids, prompt_template, completion_template = splits.pop()
+        source, ids, prompt_template, completion_template, chat_template = splits.pop()
         default_dir = os.path.join(os.path.dirname(os.path.normpath(run_dirs[0])), "base")
     else:
         source = _recipe_source(recipe)
         ids = sorted(test_ids[source])
         prompt_template, completion_template = recipe.edit.prompt_template, recipe.edit.completion_template
+        chat_template = recipe.edit.chat_template
         default_dir = os.path.join("outputs", recipe.name, "base")
     return Target(
         name="base",
@@ -153,6 +174,7 @@ def _base_target(recipe: Recipe, targets: list[Target], run_dirs: list[str], tes
         question_ids=list(ids),
         prompt_template=prompt_template,
         completion_template=completion_template,
+        chat_template=chat_template,
     )
 
 
@@ -193,7 +215,10 @@ def plan_evaluation(
     for target in targets:
         if target.run_dir is not None:
             _check_edit_fits(target.run_dir, AttentionLayout.from_config(config))
+    if any(target.chat_template for target in targets):
+        chat_tokenizer(model_path, model_args, trust_remote_code)  # one line if it has no chat template
     resources = resources if resources is not None else check_settings(recipe.eval)
+    mc_sources = _attach_mc_targets(recipe.eval, targets, questions) if recipe.eval.eval_mc else {}
     for target in targets:
         _check_earlier_evaluation(target, recipe.eval)
     return EvalPlan(
@@ -204,6 +229,7 @@ def plan_evaluation(
         targets=targets,
         questions=questions,
         resources=resources,
+        mc_sources=mc_sources,
     )
 
 
@@ -228,6 +254,46 @@ def _load_source(source: tuple) -> tuple[dict[int, list[dict]], set[int]]:
     return by_id, {int(i) for i in splits["test"]["question_id"]}
 
 
+MC_KEYWORDS = ("auto", "answers", "none")
+
+
+def mc_targets_spec(args: EvalArguments, source: tuple) -> str | None:
+    """Where MC1/MC2's choices come from for the questions of `source`: a Hub id or a local file of TruthfulQA's
+    multiple_choice targets, or None for the data's own best/correct/incorrect answers."""
+    spec = (args.eval_mc_targets or "answers").strip()
+    if spec.lower() in ("answers", "none"):
+        return None
+    if spec.lower() == "auto":  # the Hub TruthfulQA generation data: the multiple_choice config of the same id
+        return truthfulqa_hub_id(source[0], source[1])
+    return spec
+
+
+def _attach_mc_targets(args: EvalArguments, targets: list[Target], questions: dict) -> dict[tuple, str]:
+    """Put TruthfulQA's mc1_targets / mc2_targets into each evaluated question's record (matched by the stripped
+    question text) where eval_mc_targets asks for them; returns each source's MC source for the metrics."""
+    sources: dict[tuple, str] = {}
+    loaded: dict[str, dict] = {}
+    for target in targets:
+        spec = mc_targets_spec(args, target.source)
+        if spec is None:
+            sources[target.source] = "answers"
+            continue
+        if spec not in loaded:
+            loaded[spec] = load_mc_targets(spec)
+        sources[target.source] = f"file:{spec}" if is_mc_targets_file(spec) else f"hub:{spec}:{MC_CONFIG}"
+        records = [record for qid in target.question_ids for record in questions[target.source].get(qid, [])]
+        missing = [record["question"].strip() for record in records if record["question"].strip() not in loaded[spec]]
+        if missing:
+            raise DataError(
+                f"eval_mc_targets: {len(missing)} of the {len(records)} test questions are not in the multiple-choice "
+                f"targets of {spec} (matched by question text), e.g. {missing[0]!r}; give eval_mc_targets: answers "
+                "to score MC1/MC2 on the data's own answers"
+            )
+        for record in records:
+            record.update(loaded[spec][record["question"].strip()])
+    return sources
+
+
 def _check_edit_fits(run_dir: str, layout) -> None:
     """The saved edit is a locedit edit made for a model of this shape (checked from the configs alone)."""
     saved = read_adapter_config(run_dir)
@@ -249,6 +315,7 @@ EVAL_RESULT_SETTINGS = (
     "eval_max_new_tokens",
     "eval_max_questions",
     "eval_mc",
+    "eval_mc_targets",
     "eval_corpus",
     "eval_corpus_docs",
     "eval_corpus_max_tokens",

@@ -1,5 +1,8 @@
-"""Running an evaluation: each model's generations, MC1/MC2 and corpus scores, then every judge once, then the
-files of each model (`locedit.rundir.write_evaluation`) and, with `report_to: wandb`, a W&B run per model.
+"""Running an evaluation: each model's generations, MC1/MC2 and corpus scores, judged at once by the judges that run
+no model (`similarity`, `toy`) and its files written then (`locedit.rundir.write_evaluation`; with `report_to:
+wandb`, a W&B run per model); the model-based judges (`hf`, `openai`) instead run once for all models at the end,
+each loaded once, and the models' files are written after them. Every phase shows progress and its wall time
+(`timings` in the metrics returned, and eval/timings.json).
 
 Per model:
 
@@ -8,8 +11,10 @@ Per model:
   edit is merged into the weights for generation (unquantised weights), so it costs nothing per token;
 - True, Info and True*Info from the truth and info judges (`locedit.evaluation.judges`), overall and per category;
   with the `similarity` truth judge also the mean of each of TruthfulQA's BLEU/ROUGE numbers (`bleu_acc`, ...);
-- MC1 and MC2 from the answers' log-probs: MC1 compares the best answer with the incorrect answers, MC2 the correct
-  answers with the incorrect ones (TruthfulQA's generation-format data, built into its MC tasks' choices);
+- MC1 and MC2 from the answers' log-probs: with TruthfulQA's `multiple_choice` targets (`eval_mc_targets`), MC1
+  compares the mc1 choice labelled 1 with those labelled 0 and MC2 the mc2 choices labelled 1 with those labelled 0,
+  each choice as it is (lm-eval's `truthfulqa_mc1` / `truthfulqa_mc2`); otherwise MC1 compares the best answer with
+  the incorrect answers, MC2 the correct answers with the incorrect ones, each closed with a period (ITI);
 - KL(original || edited) of the next-token distribution and the cross-entropy on `eval_corpus` (ITI's 100
   OpenWebText documents cut at 128 tokens by default), the original being the same model with the edit disabled.
 """
@@ -18,13 +23,16 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
+import time
 from dataclasses import fields
 
 from ..core.args import EvalArguments
+from ..core.files import write_json_atomic
 from ..core.recipe import Recipe
 from ..core.tracking import offline_without_credentials, reports_to_wandb
 from ..edit import load_edit
-from ..models.loading import load_model_and_tokenizer
+from ..models.loading import batches, load_model_and_tokenizer
 from ..rundir import run_lock, write_evaluation
 from .judges import Judge, verdicts
 from .metrics import mc1, mc2, per_category, summarise
@@ -42,11 +50,21 @@ def _target_questions(plan: EvalPlan, target: Target) -> list[dict]:
 def evaluate_model(model, tokenizer, questions: list[dict], target: Target, args: EvalArguments, corpus, **kw):
     """Generations, MC1/MC2 and corpus scores of one model (a PEFT model for an edit); no judging."""
     edited = target.run_dir is not None
-    prompts = [build_prompt(q["question"], target.prompt_template, args.eval_prompt) for q in questions]
+    prompts = [  # with chat_template, in the tokenizer's chat template
+        build_prompt(
+            q["question"], target.prompt_template, args.eval_prompt, tokenizer if target.chat_template else None
+        )
+        for q in questions
+    ]
     merge = edited and kw.get("merge", True)
+    timings = kw["timings"] if kw.get("timings") is not None else {}  # seconds per phase, filled in here
     print(f"locedit eval: {target.name}: generating {len(prompts)} answers", flush=True)
+    started = time.perf_counter()
     with merged(model) if merge else contextlib.nullcontext():
-        answers = generate_answers(model, tokenizer, prompts, args.eval_max_new_tokens, args.eval_batch_size)
+        answers = generate_answers(
+            model, tokenizer, prompts, args.eval_max_new_tokens, args.eval_batch_size, chat=target.chat_template
+        )
+    timings["generation"] = time.perf_counter() - started
     records = [
         {
             "question_id": int(q["question_id"]),
@@ -57,29 +75,57 @@ def evaluate_model(model, tokenizer, questions: list[dict], target: Target, args
         for q, answer in zip(questions, answers, strict=True)
     ]
     if args.eval_mc:
-        # Each distinct answer of a question is scored once: MC1 uses the best answer vs the incorrect ones, MC2 the
-        # correct vs the incorrect ones (TruthfulQA's generation data, as its MC tasks build their choices), each
-        # with a final period as TruthfulQA and ITI write them.
-        choices = [
-            list(dict.fromkeys([q["best_answer"], *q["correct_answers"], *q["incorrect_answers"]])) for q in questions
-        ]
+        # Each distinct choice of a question is scored once, as the completion after the question's prompt.
+        sets = [mc_choices(q) for q in questions]
+        choices = [list(dict.fromkeys([best, *right, *wrong1, *wrong2])) for best, wrong1, right, wrong2 in sets]
         pairs = [
-            (prompt, target.completion_template.format(answer=close_answer(answer)))
-            for prompt, answers in zip(prompts, choices, strict=True)
-            for answer in answers
+            (prompt, target.completion_template.format(answer=choice))
+            for prompt, distinct in zip(prompts, choices, strict=True)
+            for choice in distinct
         ]
+        print(f"locedit eval: {target.name}: MC on {len(pairs)} answers of {len(questions)} questions", flush=True)
+        started = time.perf_counter()
         logprobs = iter(answer_logprobs(model, tokenizer, pairs, args.eval_batch_size))
-        for q, record, answers in zip(questions, records, choices, strict=True):
-            score = {answer: next(logprobs) for answer in answers}
-            incorrect = [score[a] for a in q["incorrect_answers"]]
-            record["mc1"] = mc1(score[q["best_answer"]], incorrect)
-            record["mc2"] = mc2([score[a] for a in q["correct_answers"]], incorrect)
+        for record, (best, wrong1, right, wrong2), distinct in zip(records, sets, choices, strict=True):
+            score = {choice: next(logprobs) for choice in distinct}
+            record["mc1"] = mc1(score[best], [score[c] for c in wrong1])
+            record["mc2"] = mc2([score[c] for c in right], [score[c] for c in wrong2])
+        timings["mc"] = time.perf_counter() - started
     scores = {}
     if corpus is not None:
+        print(f"locedit eval: {target.name}: {'KL/CE' if edited else 'CE'} on {len(corpus)} documents", flush=True)
+        started = time.perf_counter()
         scores = corpus_scores(
             model, tokenizer, corpus, args.eval_corpus_max_tokens, args.eval_batch_size, edited=edited
         )
+        timings["corpus"] = time.perf_counter() - started
     return records, scores
+
+
+def mc_choices(question: dict) -> tuple[str, list[str], list[str], list[str]]:
+    """What MC1 and MC2 compare for one question record, as the answer texts scored: (MC1's correct choice, MC1's
+    incorrect choices, MC2's correct choices, MC2's incorrect choices).
+
+    With TruthfulQA's multiple_choice targets (`mc1_targets` / `mc2_targets` in the record, from eval_mc_targets):
+    the first mc1 choice labelled 1 against the mc1 choices labelled 0, the mc2 choices labelled 1 against those
+    labelled 0, each choice as it is (lm-eval's truthfulqa_mc1 / truthfulqa_mc2). Otherwise, from the data's own
+    answers: the best answer against the incorrect answers, the correct answers against the incorrect answers, each
+    closed with a period as TruthfulQA's `format_best` / `split_multi_answer` (and so ITI) write them."""
+    if "mc1_targets" in question:
+        mc1_targets, mc2_targets = question["mc1_targets"], question["mc2_targets"]
+
+        def labelled(targets: dict, label: int) -> list[str]:
+            return [c for c, one in zip(targets["choices"], targets["labels"], strict=True) if one == label]
+
+        return (
+            labelled(mc1_targets, 1)[0],
+            labelled(mc1_targets, 0),
+            labelled(mc2_targets, 1),
+            labelled(mc2_targets, 0),
+        )
+    incorrect = [close_answer(answer) for answer in question["incorrect_answers"]]
+    correct = [close_answer(answer) for answer in question["correct_answers"]]
+    return close_answer(question["best_answer"]), incorrect, correct, incorrect
 
 
 def judge_all(
@@ -87,20 +133,47 @@ def judge_all(
 ) -> None:
     """Score every model's answers with each judge in turn: each judge is loaded once, for all models.
     `questions[i]` are the question records (with the reference answers) of `results[i]`'s records, in order."""
+    apply_judges(judges, results, questions)
+    record_verdicts(results)
+
+
+def is_model_based(judge: Judge) -> bool:
+    """Whether a judge runs a model (`hf`, `openai`): loaded once, it scores every evaluated model's answers at the
+    end; the others (`similarity`, the toy world's `toy`, ...) score each model's answers as soon as they exist."""
+    return judge.model_based
+
+
+def apply_judges(
+    judges: dict[str, Judge | None], results: list[tuple[Target, list[dict], dict]], questions: list[list[dict]]
+) -> None:
+    """Each judge's scores of all of `results`' answers put into their records (no verdicts yet), the judge loaded
+    once for all of them. Model-based judges show their own progress; the others judge in batches, with a bar."""
+    label = f"{results[0][0].name}: " if len(results) == 1 else ""
     for aspect, judge in judges.items():
         if judge is None:
             continue
-        print(f"locedit eval: judging {aspect} with {judge.spec}", flush=True)
+        asked = [q for records in questions for q in records]
+        answers = [r["answer"] for _, records, _ in results for r in records]
+        models = f" ({len(answers)} answers of {len(results)} models)" if len(results) > 1 else ""
+        print(f"locedit eval: {label}judging {aspect} with {judge.spec}{models}", flush=True)
         judge.load()
         try:
-            asked = [q for records in questions for q in records]
-            answers = [r["answer"] for _, records, _ in results for r in records]
-            judged = iter(judge.judge_answers(asked, answers))
+            if is_model_based(judge):  # hf and openai judges show their own progress
+                judged = judge.judge_answers(asked, answers)
+            else:
+                size, judged = judge.batch_size, []
+                for start in batches(len(answers), size, f"judging {aspect}"):
+                    judged += judge.judge_answers(asked[start : start + size], answers[start : start + size])
+            judged = iter(judged)
             for _, records, _ in results:
                 for record in records:
                     record.update(next(judged))
         finally:
             judge.close()
+
+
+def record_verdicts(results: list[tuple[Target, list[dict], dict]]) -> None:
+    """Each record's verdicts (truthful, informative) from the judges' scores in it."""
     for _, records, _ in results:
         for record in records:
             for aspect, verdict in (("truth", "truthful"), ("info", "informative")):
@@ -108,8 +181,13 @@ def judge_all(
                     record[verdict] = verdicts([record[aspect]])[0]
 
 
-def metrics_of(plan: EvalPlan, target: Target, records: list[dict], scores: dict, args: EvalArguments) -> dict:
+def metrics_of(
+    plan: EvalPlan, target: Target, records: list[dict], scores: dict, args: EvalArguments, timings: dict | None = None
+) -> dict:
+    """One model's metrics: the summary, per category, which judges and MC choices, and the wall time per phase
+    (`timings`, saved as eval/timings.json; metrics.json holds the rest)."""
     summary = summarise(records)
+    mc_source = plan.mc_sources.get(target.source, "answers") if args.eval_mc else None
     return {
         "model": plan.model_name,
         "edit": target.run_dir,
@@ -121,6 +199,8 @@ def metrics_of(plan: EvalPlan, target: Target, records: list[dict], scores: dict
         "judges": {aspect: (judge.spec if judge else None) for aspect, judge in plan.resources.judges.items()},
         "dataset": target.source[0],
         "split_seed": target.source[3],
+        "mc_source": mc_source,
+        "timings": {phase: round(seconds, 3) for phase, seconds in (timings or {}).items()},
         "settings": {f.name: getattr(args, f.name) for f in fields(EvalArguments)},
     }
 
@@ -163,7 +243,9 @@ def report_to_wandb(recipe: Recipe, target: Target, records: list[dict], metrics
 
 
 def run_evaluation(plan: EvalPlan, recipe: Recipe) -> list[dict]:
-    """Load the base model once, evaluate every target on it, then judge all answers; write every output."""
+    """Load the base model once and evaluate every target on it; each model's files are written as soon as it is
+    judged: right after its generations by judges that run no model, or after the model-based judges, which run once
+    for all models at the end."""
 
     args = recipe.eval
     with contextlib.ExitStack() as held:
@@ -176,41 +258,95 @@ def run_evaluation(plan: EvalPlan, recipe: Recipe) -> list[dict]:
 def _run_evaluation(plan: EvalPlan, recipe: Recipe, args: EvalArguments) -> list[dict]:
     import torch
 
+    if args.eval_mc:
+        for source in dict.fromkeys(target.source for target in plan.targets):
+            print(f"locedit eval: {describe_mc_source(source[0], plan.mc_sources.get(source, 'answers'))}", flush=True)
     model, tokenizer = load_model_and_tokenizer(plan.model_path, plan.model_args, plan.trust_remote_code)
     if not getattr(model, "hf_device_map", None):
         model.to("cuda" if torch.cuda.is_available() else "cpu")
     model.eval()
     merge = args.eval_merge and can_merge(plan.model_args)
-    results, asked = [], []
+    judges = {aspect: judge for aspect, judge in plan.resources.judges.items() if judge is not None}
+    at_once = {aspect: judge for aspect, judge in judges.items() if not is_model_based(judge)}
+    at_end = {aspect: judge for aspect, judge in judges.items() if is_model_based(judge)}
+    pending, all_metrics = [], []  # pending: (result, questions, timings) of the models that wait for at_end
     for target in plan.targets:
         questions = _target_questions(plan, target)
-        asked.append(questions)
+        timings: dict[str, float] = {}
         if target.run_dir is None:
-            records, scores = evaluate_model(model, tokenizer, questions, target, args, plan.resources.corpus)
+            records, scores = evaluate_model(
+                model, tokenizer, questions, target, args, plan.resources.corpus, timings=timings
+            )
         else:
             edited = load_edit(model, target.run_dir)
             edited.eval()
             try:
                 records, scores = evaluate_model(
-                    edited, tokenizer, questions, target, args, plan.resources.corpus, merge=merge
+                    edited, tokenizer, questions, target, args, plan.resources.corpus, merge=merge, timings=timings
                 )
             finally:
                 model = edited.unload()  # the base model again, without the edit's layers
-        results.append((target, records, scores))
+        result = (target, records, scores)
+        if at_once:
+            started = time.perf_counter()
+            apply_judges(at_once, [result], [questions])
+            timings["judging"] = time.perf_counter() - started
+        print(f"locedit eval: {target.name}: {describe_timings(timings)}", flush=True)
+        if at_end:
+            pending.append((result, questions, timings))
+        else:
+            record_verdicts([result])
+            all_metrics.append(_finish(plan, recipe, args, result, timings))
     del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-    judge_all(plan.resources.judges, results, asked)
-    all_metrics = []
-    for target, records, scores in results:
-        metrics = metrics_of(plan, target, records, scores, args)
-        write_evaluation(target.output_dir, records, metrics)
-        report_to_wandb(recipe, target, records, metrics)
-        print(f"locedit eval: {target.name}: {describe(metrics)} -> {target.eval_dir}", flush=True)
-        all_metrics.append(metrics)
+    if pending:
+        started = time.perf_counter()
+        judge_all(at_end, [result for result, _, _ in pending], [questions for _, questions, _ in pending])
+        elapsed = time.perf_counter() - started
+        print(f"locedit eval: judging {len(pending)} model(s) took {elapsed:.1f} s", flush=True)
+        for result, _, timings in pending:
+            timings["judging_all_models"] = elapsed  # the model-based judges' time for all models together
+            all_metrics.append(_finish(plan, recipe, args, result, timings))
     return all_metrics
+
+
+def _finish(plan: EvalPlan, recipe: Recipe, args: EvalArguments, result: tuple, timings: dict) -> dict:
+    """A judged model's metrics, its evaluation files (metrics.json last) and its W&B run. The wall times go to
+    eval/timings.json, not metrics.json, whose content is a function of the settings alone (an evaluation run again
+    writes the same file); the metrics returned and sent to W&B carry them as `timings`."""
+    target, records, scores = result
+    metrics = metrics_of(plan, target, records, scores, args, timings)
+    os.makedirs(target.eval_dir, exist_ok=True)
+    write_json_atomic(os.path.join(target.eval_dir, TIMINGS), metrics["timings"])
+    write_evaluation(target.output_dir, records, {key: value for key, value in metrics.items() if key != "timings"})
+    report_to_wandb(recipe, target, records, metrics)
+    print(f"locedit eval: {target.name}: {describe(metrics)} -> {target.eval_dir}", flush=True)
+    return metrics
+
+
+def describe_mc_source(dataset: str, mc_source: str) -> str:
+    """Which answers MC1 and MC2 compare, in one line (printed once per evaluation)."""
+    if mc_source == "answers":
+        return (
+            "MC1: Best Answer against Incorrect Answers; MC2: Correct Answers against Incorrect Answers, from "
+            f"{dataset}, each closed with a period as ITI does"
+        )
+    return (
+        "MC1: the first mc1_targets choice labelled 1 against those labelled 0; MC2: the mc2_targets choices "
+        f"labelled 1 against those labelled 0, from {mc_source}, each choice as it is (lm-eval's truthfulqa_mc1/mc2)"
+    )
+
+
+TIMINGS = "timings.json"  # eval/timings.json: the wall time of each phase, in seconds
+PHASES = {"generation": "generation", "mc": "MC", "corpus": "corpus", "judging": "judging"}
+
+
+def describe_timings(timings: dict) -> str:
+    """e.g. "generation 12.3 s, MC 40.1 s, corpus 20.0 s": the wall time of each phase that ran."""
+    return ", ".join(f"{label} {timings[key]:.1f} s" for key, label in PHASES.items() if key in timings)
 
 
 def describe(metrics: dict) -> str:

@@ -13,11 +13,14 @@ from ..core.errors import DataError
 from ..edit import edit_layers
 from ..models.loading import batches, model_input_device, pad_id, pad_right
 from .metrics import next_token_kl, sequence_logprobs, token_cross_entropy
-from .prompts import STOP, cut_answer
+from .prompts import STOP, cut_answer, stop_token_ids
 
 
-def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 50, batch_size: int = 16):
-    """Greedy answers to `prompts`, batched with left padding, stopped and cut at the next `Q:`."""
+def generate_answers(
+    model, tokenizer, prompts: list[str], max_new_tokens: int = 50, batch_size: int = 16, chat: bool = False
+):
+    """Greedy answers to `prompts`, batched with left padding, stopped at the end of the model's turn (and, for the
+    Q/A prompt, at the next `Q:`) and cut where it goes on past its answer (`cut_answer`)."""
     import torch
 
     config = copy.deepcopy(model.generation_config)
@@ -28,11 +31,12 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
         temperature=None,
         top_p=None,
         top_k=None,
-        stop_strings=[STOP],
+        stop_strings=None if chat else [STOP],
         pad_token_id=pad_id(tokenizer),
     )
-    if config.eos_token_id is None:
-        config.eos_token_id = tokenizer.eos_token_id
+    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    config.eos_token_id = list(dict.fromkeys(eos + stop_token_ids(tokenizer))) or None
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     answers = []
@@ -43,7 +47,8 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
             with torch.no_grad():
                 output = model.generate(**batch, generation_config=config, tokenizer=tokenizer)
             new_tokens = output[:, batch["input_ids"].shape[1] :]
-            answers += [cut_answer(text) for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            answers += [cut_answer(text, chat, stops=(tokenizer.eos_token or "",)) for text in texts]
     finally:
         tokenizer.padding_side = side
     return answers
