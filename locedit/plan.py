@@ -23,6 +23,7 @@ from .heads import (
     resolve_heads,
 )
 from .locate import find_probe_result, make_probe_stage, run_probe_stage
+from .models.chat import chat_tokenizer
 from .models.layout import AttentionLayout
 from .models.loading import config_head_dim, read_model_config
 from .rundir import check_output_dir, output_dir_of
@@ -110,7 +111,7 @@ class RunPlan:
             f"  edit         {edit}",
             f"  data         {self.data_line(edit_args)}",
             f"  training     IPO tau {args.beta:g}, lr {args.learning_rate:g} {_plain(args.lr_scheduler_type)}, "
-            f"{args.num_train_epochs:g} epochs, batch {args.per_device_train_batch_size} per device, "
+            f"{_length(args)}, batch {args.per_device_train_batch_size} per device, "
             f"optim {_plain(args.optim)}, bf16 {args.bf16}",
             f"  output_dir   {self.output_dir}",
         ]
@@ -118,6 +119,11 @@ class RunPlan:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def _length(args: LocEditConfig) -> str:
+    """How long the run trains: max_steps, when set, overrides the epochs."""
+    return f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
 
 
 def _plain(value) -> str:
@@ -156,6 +162,8 @@ def make_plan(recipe: Recipe, need_probe: bool = False, output_dir: str | None =
     finished = check_output_dir(output_dir, recipe)  # creatable, writable, and no other run's
     validate_dataset_arg(edit_args.dataset)
     model_path, config, layout = read_model_config(recipe.model, recipe.training.trust_remote_code)
+    if edit_args.chat_template:  # the tokenizer must have one: one line now, not TRL's error after the weights load
+        chat_tokenizer(model_path, recipe.model, recipe.training.trust_remote_code)
     probe_spec = is_probe_spec(edit_args.heads)
     if probe_spec:
         probe_head_count(edit_args.heads, layout)  # K against the model's heads, before any data is read
@@ -167,6 +175,7 @@ def make_plan(recipe: Recipe, need_probe: bool = False, output_dir: str | None =
         prompt_template=edit_args.prompt_template,
         completion_template=edit_args.completion_template,
         max_pairs_per_question=edit_args.max_pairs_per_question,
+        chat_template=edit_args.chat_template,
     )
     if len(splits["train"]) == 0:
         raise RecipeError(f"data set '{edit_args.dataset}' gives no training pairs")

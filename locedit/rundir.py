@@ -34,6 +34,7 @@ RECIPE = "recipe.yaml"
 ADAPTER_CONFIG = "adapter_config.json"
 EVAL_DIR = "eval"
 GENERATIONS = "generations.jsonl"
+TRAINER_STATE = "trainer_state.json"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -170,6 +171,24 @@ def read_metrics(output_dir: str) -> dict:
     return read_json(os.path.join(output_dir, METRICS))
 
 
+def read_training_loss(output_dir: str) -> tuple[float, float] | None:
+    """(first, reached) IPO loss of the run: the first logged (trainer_state.json) and the one it reached, on its
+    training pairs after training where that was measured (`train_pairs_loss`), else the last logged. For an edit
+    of a multi-edit run, that run's: the mean over its edits. None when no loss was logged."""
+    run_dir, reached = output_dir, None
+    if os.path.isfile(os.path.join(output_dir, METRICS)):
+        metrics = read_metrics(output_dir)
+        run_dir = metrics.get("multi_edit_run") or output_dir
+        reached = metrics.get("train_pairs_loss")
+    state = os.path.join(run_dir, TRAINER_STATE)
+    if not os.path.isfile(state):
+        return None
+    losses = [entry["loss"] for entry in read_json(state).get("log_history", []) if "loss" in entry]
+    if not losses:
+        return None
+    return float(losses[0]), float(losses[-1] if reached is None else reached)
+
+
 def read_heads(output_dir: str) -> dict:
     return read_json(os.path.join(output_dir, HEADS))
 
@@ -277,6 +296,7 @@ RESULT_SETTINGS = (
     "group_by",
     "prompt_template",
     "completion_template",
+    "chat_template",
     "max_pairs_per_question",
     "heads",
     "heads_seed",

@@ -33,7 +33,7 @@ def test_options_are_split_from_the_recipe_flags():
     )
     assert (options.random, options.single, options.lr_all, options.lr_single) == (3, 8, 0.02, None)
     assert rest == [TOY, "--beta", "0.3"]
-    with pytest.raises(RecipeError, match="0 or more"):
+    with pytest.raises(RecipeError, match="study_single -1 is not valid: it must be 0 or more"):
         study_pipeline.parse_options([TOY, "--study_single", "-1"])
 
 
@@ -97,6 +97,16 @@ def test_summary_and_tables():
     assert table[0].split("|")[1:-1] == [" model      ", " heads ", " True  ", " Info  ", " True*Info "]
     assert "| base model | -     | 0.500 | 1.000 | 0.500     |" == table[2]
     assert "KL" not in table[0]  # a column no row has is left out
+
+
+def test_summary_flags_broken_edits_and_leaves_them_out_of_the_best():
+    rows = [
+        {"family": "random", "mc2": 0.6, "kl": 0.05, "broken": "no", "ipo_loss": 0.4},
+        {"family": "random", "mc2": 0.9, "kl": 0.50, "broken": "yes", "ipo_loss": 0.2},
+    ]
+    (random,) = study_report.summary_rows(rows, metric="mc2")
+    assert random["best"] == 0.6 and random["broken"] == "1 of 2"
+    assert random["kl"] == pytest.approx(0.275) and random["ipo_loss"] == pytest.approx(0.3)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

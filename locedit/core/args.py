@@ -61,6 +61,10 @@ class EditArguments:
     split_seed: int = field(default=0, metadata={"help": "Seed of the question split."})
     prompt_template: str = field(default="Q: {question}\nA:", metadata={"help": "Prompt built from a question."})
     completion_template: str = field(default=" {answer}", metadata={"help": "Completion built from an answer."})
+    chat_template: bool = field(
+        default=False,
+        metadata={"help": "Wrap prompts in the tokenizer's own chat template (instruct models)."},
+    )
     group_by: str | None = field(
         default=None, metadata={"help": "Column kept together by the split (default: the question, or the prompt)."}
     )
@@ -90,6 +94,32 @@ class EditArguments:
         if len(self.split_fractions) != 3:
             raise ValueError(f"split_fractions {self.split_fractions} must be three numbers: train, validation, test")
         _check_at_least("heads_draws", self.heads_draws, 1)
+
+
+@dataclass
+class StudyArguments:
+    """`locedit study`: how many random head sets and single heads it trains, and their learning rates."""
+
+    study_random: int = field(default=8, metadata={"help": "Random sets of K heads (the paper draws 16)."})
+    study_single: int = field(default=8, metadata={"help": "Random single heads (the paper draws 24)."})
+    study_lr_all: float | None = field(
+        default=None, metadata={"help": "Learning rate of the all-heads edit; default the recipe's x 0.2 (paper)."}
+    )
+    study_lr_single: float | None = field(
+        default=None, metadata={"help": "Learning rate of single-head edits; default the recipe's x 4 (paper)."}
+    )
+    study_max_kl: float | None = field(
+        default=None,
+        metadata={"help": "Edits whose KL is above this are broken: flagged, and left out of the verdict."},
+    )
+
+    def __post_init__(self):
+        for name in ("study_random", "study_single"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} {getattr(self, name)} is not valid: it must be 0 or more")
+        for name in ("study_lr_all", "study_lr_single", "study_max_kl"):
+            if getattr(self, name) is not None:
+                _check_positive(name, getattr(self, name))
 
 
 @dataclass
@@ -159,6 +189,14 @@ class EvalArguments:
         default=None, metadata={"help": "Evaluate only the first N test questions (by id), for quick checks."}
     )
     eval_mc: bool = field(default=True, metadata={"help": "Compute MC1/MC2 from answer log-probs."})
+    eval_mc_targets: str | None = field(
+        default="auto",
+        metadata={
+            "help": "The choices of MC1/MC2: 'auto' (TruthfulQA's Hub multiple_choice configuration for the Hub "
+            "TruthfulQA generation data, else the data's answers), 'answers' or 'none' (the data's best, correct "
+            "and incorrect answers), or a local .json/.jsonl/.parquet file in the multiple_choice format."
+        },
+    )
     eval_corpus: str = field(
         default="stas/openwebtext-10k",
         metadata={
@@ -239,6 +277,23 @@ class LocEditConfig(DPOConfig):
     precompute_ref_log_probs: bool = field(
         default=True, metadata={"help": "Compute the base model's log-probs once before training."}
     )
+    cache_ref_log_probs: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep the reference log-probs of each pair in $LOCEDIT_CACHE/ref_logps and reuse them in every "
+            "run on the same base model and pairs (sweeps, multi-edit runs, study stages)."
+        },
+    )
+    max_eval_pairs: int | None = field(
+        default=512,
+        metadata={
+            "help": "Validate on at most this many (seeded) validation pairs, when eval_strategy is not 'no'; "
+            "null for all of them."
+        },
+    )
+    include_num_input_tokens_seen: str = field(
+        default="non_padding", metadata={"help": "Count the tokens trained on (for tokens/s); 'no' to skip."}
+    )
     logging_steps: float = field(default=10, metadata={"help": "Log every this many steps."})
     save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint (resumable runs)."})
     report_to: str | list[str] = field(default="none", metadata={"help": "'wandb' to track the run in W&B."})
@@ -250,6 +305,8 @@ class LocEditConfig(DPOConfig):
         _check_positive("beta", self.beta, "IPO's tau")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             _check_at_least(name, getattr(self, name), 1)
+        if self.max_eval_pairs is not None:
+            _check_at_least("max_eval_pairs", self.max_eval_pairs, 1)
         if not (self.max_steps > 0 or self.num_train_epochs > 0):  # max_steps > 0 overrides the epochs
             raise ValueError(
                 f"num_train_epochs {self.num_train_epochs} is not valid: it must be > 0 (or set max_steps > 0)"

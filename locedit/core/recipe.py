@@ -10,13 +10,13 @@ import argparse
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 from trl import TrlParser
 
-from .args import EditArguments, EvalArguments, LocEditConfig, ModelArguments, ProbeArguments
+from .args import EditArguments, EvalArguments, LocEditConfig, ModelArguments, ProbeArguments, StudyArguments
 from .errors import RecipeError
 
 
@@ -43,12 +43,13 @@ class Recipe:
     probe: ProbeArguments
     eval: EvalArguments
     training: LocEditConfig
+    study: StudyArguments = field(default_factory=StudyArguments)
     name: str = "cli"
 
 
 def make_parser(prog: str = "locedit") -> TrlParser:
     # No abbreviations: argparse would otherwise take a typo such as --learning_rat for --learning_rate.
-    dataclass_types = (EditArguments, ModelArguments, ProbeArguments, EvalArguments, LocEditConfig)
+    dataclass_types = (EditArguments, ModelArguments, ProbeArguments, EvalArguments, LocEditConfig, StudyArguments)
     return RecipeParser(dataclass_types, prog=prog, allow_abbrev=False)
 
 
@@ -80,8 +81,8 @@ def parse_recipe(argv: list[str] | None = None, prog: str = "locedit") -> Recipe
             raise RecipeError(f"recipe file '{config_path}' does not exist")
         name = Path(config_path).stem
         _check_recipe_keys(config_path, prog)
-    edit, model, probe, evaluation, training = parse_dataclasses(make_parser(prog), argv)
-    return Recipe(edit=edit, model=model, probe=probe, eval=evaluation, training=training, name=name)
+    edit, model, probe, evaluation, training, study = parse_dataclasses(make_parser(prog), argv)
+    return Recipe(edit=edit, model=model, probe=probe, eval=evaluation, training=training, study=study, name=name)
 
 
 def _check_recipe_keys(config_path: str, prog: str) -> None:

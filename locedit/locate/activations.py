@@ -5,6 +5,11 @@ A probe example is `Q: {question} A: {answer} Q: {other_question}` (the template
 the input of its layer's attention output projection (eq. 2.1-2.2); it is read by a forward pre-hook on every
 projection, so one code path serves every layout `locedit.models.layout` knows.
 
+With `chat_template` (instruct models) an example is the conversation the tokenizer's chat template renders instead:
+a user turn with the question, an assistant turn with the answer and, when the template uses {other_question}, a
+user turn with the other question; the activation is read at its last token (trailing whitespace stripped, so the
+end-of-turn marker for ChatML templates).
+
 Collected activations are saved in one safetensors file named by a key of everything they depend on (model, data,
 template, split, seed), so probing and ITI never run the model twice for the same examples.
 """
@@ -12,7 +17,6 @@ template, split, seed), so probing and ITI never run the model twice for the sam
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import random
@@ -65,7 +69,7 @@ def check_probe_template(template: str) -> None:
         )
 
 
-def build_probe_examples(questions, template: str, seed: int = 0) -> ProbeExamples:
+def build_probe_examples(questions, template: str, seed: int = 0, tokenizer=None) -> ProbeExamples:
     """One example per answer of every question: label 1 for a correct answer, 0 for an incorrect one.
 
     Args:
@@ -73,6 +77,8 @@ def build_probe_examples(questions, template: str, seed: int = 0) -> ProbeExampl
             `locedit.data.load_questions`); the other question of each example is drawn from these only.
         template: the probe template, e.g. "Q: {question} A: {answer} Q: {other_question}".
         seed: seed of the other-question draws.
+        tokenizer: with `chat_template`, the tokenizer whose chat template renders each example as a conversation
+            (question, answer, and the other question when `template` uses it); the template's text is not used.
     """
     check_probe_template(template)
     records = list(questions)
@@ -90,10 +96,22 @@ def build_probe_examples(questions, template: str, seed: int = 0) -> ProbeExampl
                 # Another training question, never the example's own (ITI draws from the whole data set).
                 other_index = rng.randrange(len(records) - 1)
                 other = records[other_index + (other_index >= index)]["question"]
-            texts.append(template.format(question=record["question"], answer=answer, other_question=other))
+            if tokenizer is None:
+                texts.append(template.format(question=record["question"], answer=answer, other_question=other))
+            else:
+                texts.append(_chat_example(tokenizer, record["question"], answer, other if uses_other else None))
             labels.append(label)
             question_ids.append(int(record["question_id"]))
     return ProbeExamples(texts=texts, labels=labels, question_ids=question_ids)
+
+
+def _chat_example(tokenizer, question: str, answer: str, other_question: str | None) -> str:
+    from ..models.chat import assistant_turn, render_chat, user_turn
+
+    messages = [user_turn(question), assistant_turn(answer)]
+    if other_question is not None:
+        messages.append(user_turn(other_question))
+    return render_chat(tokenizer, messages).rstrip()
 
 
 def activations_key(model: dict, examples: ProbeExamples) -> str:
@@ -111,6 +129,10 @@ def activations_path(directory: str, key: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+class _Collected(Exception):
+    """Raised by the last layer's hook: the forward pass has given everything collection needs."""
+
+
 @torch.inference_mode()
 def collect_head_activations(
     model: nn.Module, tokenizer, texts: list[str], batch_size: int = 16, progress: bool = True
@@ -118,7 +140,8 @@ def collect_head_activations(
     """Each head's output at the last token of every text, as a (texts, layers, heads, head_dim) CPU tensor.
 
     The values are the input of each layer's attention output projection at the last token, split per head, in the
-    dtype the model computes in. Texts run in batches of similar length on the device the model is on.
+    dtype the model computes in. Texts run in batches of similar length on the device the model is on, and each
+    forward pass stops at the last layer's projection (its output, the last MLP and the LM head are never run).
     """
     from tqdm.auto import tqdm
 
@@ -141,6 +164,8 @@ def collect_head_activations(
         def hook(module, args, kwargs):
             x = args[0] if args else next(iter(kwargs.values()))
             captured[layer] = x[gather["rows"].to(x.device), gather["last"].to(x.device)].detach()
+            if layer == layout.num_layers - 1:
+                raise _Collected  # nothing after the last projection's input is needed: no MLP, norm or LM head
 
         return hook
 
@@ -148,8 +173,6 @@ def collect_head_activations(
         projection.register_forward_pre_hook(hook_for(layer), with_kwargs=True)
         for layer, projection in enumerate(layout.projections(model))
     ]
-    # The logits are not needed: where the model allows it, compute them for one position only.
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     was_training = model.training
     model.eval()
     try:
@@ -161,7 +184,10 @@ def collect_head_activations(
                 gather["rows"] = torch.arange(len(indices))
                 gather["last"] = lengths - 1
                 captured.clear()
-                model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False, **extra)
+                try:
+                    model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                except _Collected:
+                    pass
                 stacked = torch.stack([captured[layer].cpu() for layer in range(layout.num_layers)], dim=1)
                 if out is None:
                     out = torch.empty(len(order), layout.num_layers, num_heads, head_dim, dtype=stacked.dtype)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..core.errors import RecipeError
 from ..core.plugins import load_plugins
-from ..core.recipe import OneLineParser, Recipe, parse_recipe
+from ..core.recipe import Recipe, parse_recipe
 from ..core.tracking import reports_to_wandb
 from ..evaluation import evaluate
 from ..heads import is_probe_spec, spec_count
@@ -43,18 +43,28 @@ class StudyOptions:
     lr_all: float | None = None  # default: the recipe's learning rate x LR_SCALE["all"]
     lr_single: float | None = None  # default: the recipe's learning rate x LR_SCALE["single"]
 
+    @classmethod
+    def of(cls, recipe: Recipe) -> StudyOptions:
+        """The recipe's `study_*` settings (its file's keys, or flags)."""
+        study = recipe.study
+        return cls(study.study_random, study.study_single, study.study_lr_all, study.study_lr_single)
+
+
+STUDY_FLAGS = ("--study_random", "--study_single", "--study_lr_all", "--study_lr_single")
+
 
 def parse_options(argv: list[str]) -> tuple[StudyOptions, list[str]]:
-    """The study's own `--study_*` flags, and the recipe's arguments (everything else)."""
-    parser = OneLineParser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--study_random", type=int, default=StudyOptions.random)
-    parser.add_argument("--study_single", type=int, default=StudyOptions.single)
-    parser.add_argument("--study_lr_all", type=float, default=None)
-    parser.add_argument("--study_lr_single", type=float, default=None)
-    known, rest = parser.parse_known_args(argv)
-    options = StudyOptions(known.study_random, known.study_single, known.study_lr_all, known.study_lr_single)
-    if options.random < 0 or options.single < 0:
-        raise RecipeError("--study_random and --study_single must be 0 or more")
+    """The study's `study_*` settings (from the recipe file, or `--study_*` flags), and the recipe's arguments
+    without the `--study_*` flags (what each stage's command gets)."""
+    options = StudyOptions.of(parse_recipe(list(argv), prog="locedit study"))
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in STUDY_FLAGS:
+            skip = True
+        elif not arg.startswith(tuple(flag + "=" for flag in STUDY_FLAGS)):
+            rest.append(arg)
     return options, rest
 
 
@@ -160,8 +170,9 @@ def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
         edit.metrics = by_dir[os.path.normpath(edit.output_dir)]
 
     with timer("report"):
-        report = write_study_report([base, *edits], recipe, study_dir)
-        report["verdict"] = write_paper_report([base, *edits], recipe, study_dir)
+        metric = verdict_metric(recipe)
+        report = write_study_report([base, *edits], recipe, study_dir, metric)
+        report["verdict"] = write_paper_report([base, *edits], recipe, study_dir, metric)
     report["timings"] = timer.stages
     write_study_files(report, recipe, study_dir)
     print(f"\n{report['table']}\n\n{report['summary_table']}\n\n{format_timings(timer.stages)}", flush=True)
@@ -192,11 +203,21 @@ def random_heads_flags(recipe: Recipe, options: StudyOptions) -> list[str]:
     return ["--heads", f"random:{spec_count(recipe.edit.heads)}", "--heads_draws", str(options.random)]
 
 
-def write_paper_report(rows: list[Edit], recipe: Recipe, study_dir: str) -> dict:
+def verdict_metric(recipe: Recipe) -> str:
+    """True*Info needs both judges; with a truth judge alone the verdict runs on True, with none on MC2."""
+    judged = {aspect: getattr(recipe.eval, f"eval_judge_{aspect}") not in ("", "none") for aspect in ("truth", "info")}
+    return "true_info" if all(judged.values()) else ("true" if judged["truth"] else "mc2")
+
+
+def write_paper_report(rows: list[Edit], recipe: Recipe, study_dir: str, metric: str) -> dict:
     """`locedit report` of the study's runs in `study/report/`: the paper's figures, table and verdict."""
     runs = find_runs([edit.output_dir for edit in rows])
     report_to = "wandb" if reports_to_wandb(recipe.training.report_to) else "none"
-    judged = {aspect: getattr(recipe.eval, f"eval_judge_{aspect}") not in ("", "none") for aspect in ("truth", "info")}
-    # True*Info needs both judges; with a truth judge alone the verdict runs on True, with none on MC2.
-    metric = "true_info" if all(judged.values()) else ("true" if judged["truth"] else "mc2")
-    return write_report(runs, os.path.join(study_dir, REPORT_DIR), report_to, recipe.edit.wandb_project, metric)
+    return write_report(
+        runs,
+        os.path.join(study_dir, REPORT_DIR),
+        report_to,
+        recipe.edit.wandb_project,
+        metric,
+        max_kl=recipe.study.study_max_kl,
+    )

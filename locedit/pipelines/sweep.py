@@ -159,7 +159,7 @@ def run_sweep(path: str, devices: list[str | None], log_dir: str) -> list[dict]:
                 run = todo.get_nowait()
             except queue.Empty:
                 return
-            env = dict(os.environ)
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the run's log file follows it line by line
             if device is not None:
                 env["CUDA_VISIBLE_DEVICES"] = device
             log_path = os.path.join(log_dir, f"{run.index:03d}-{run.name}.log")

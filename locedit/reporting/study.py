@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from ..core.files import atomic_path, write_text_atomic
 from ..core.recipe import Recipe
+from ..rundir import read_evaluation, read_training_loss
 
 FAMILY_ORDER = ("base", "iti", "iti_random", "probe", "random", "single", "all")
 FAMILY_NAMES = {
@@ -46,7 +47,7 @@ def register_study_metric(key: str, title: str, value: Callable[[str, str], floa
 
 
 def metric_keys() -> tuple[str, ...]:
-    return ("true", "info", "true_info", *STUDY_METRICS, "mc1", "mc2", "kl")
+    return ("true", "info", "true_info", *STUDY_METRICS, "mc1", "mc2", "kl", "ce")
 
 
 def table_columns() -> tuple[tuple[str, str], ...]:
@@ -62,6 +63,9 @@ def table_columns() -> tuple[tuple[str, str], ...]:
         ("mc1", "MC1"),
         ("mc2", "MC2"),
         ("kl", "KL"),
+        ("ce", "CE"),
+        ("ipo_loss", "IPO loss"),
+        ("broken", "broken"),
     )
 
 
@@ -75,41 +79,82 @@ def summary_columns() -> tuple[tuple[str, str], ...]:
         ("true_info", "True*Info"),
         ("best_true_info", "best True*Info"),
         *extra,
+        ("mc1", "MC1"),
+        ("mc2", "MC2"),
+        ("best", "best"),
         ("kl", "KL"),
+        ("ce", "CE"),
+        ("ipo_loss", "IPO loss"),
+        ("broken", "broken"),
     )
 
 
-def table_rows(rows: list[Edit], dataset: str) -> list[dict]:
-    """One row per evaluated model."""
-    return [
-        {
-            "model": FAMILY_NAMES[edit.family],
-            "family": edit.family,
-            "heads": "all" if edit.family == "all" else edit.heads,
-            "learning_rate": edit.learning_rate,
-            **{key: edit.metrics.get(key) for key in metric_keys() if key not in STUDY_METRICS},
-            **{key: value(edit.output_dir, dataset) for key, (_, value) in STUDY_METRICS.items()},
-            "output_dir": edit.output_dir,
-        }
-        for edit in rows
-    ]
+def table_rows(rows: list[Edit], dataset: str, max_kl: float | None = None) -> list[dict]:
+    """One row per evaluated model: its metrics, the IPO loss its training reached (on its training pairs, where
+    measured; it starts at 1 / (4 tau^2)) and, with `max_kl`, whether its KL makes it broken."""
+    table = []
+    for edit in rows:
+        loss = None if edit.family in ("base", "iti", "iti_random") else read_training_loss(edit.output_dir)
+        kl = edit.metrics.get("kl")
+        table.append(
+            {
+                "model": FAMILY_NAMES[edit.family],
+                "family": edit.family,
+                "heads": "all" if edit.family == "all" else edit.heads,
+                "learning_rate": edit.learning_rate,
+                **{key: edit.metrics.get(key) for key in metric_keys() if key not in STUDY_METRICS},
+                **{key: value(edit.output_dir, dataset) for key, (_, value) in STUDY_METRICS.items()},
+                "ipo_loss": None if loss is None else loss[1],
+                "broken": None if max_kl is None or kl is None else ("yes" if kl > max_kl else "no"),
+                "output_dir": edit.output_dir,
+            }
+        )
+    return table
 
 
-def summary_rows(rows: list[dict]) -> list[dict]:
-    """One row per family: the mean of each metric over its edits, and its best True*Info (the paper compares the
-    best edit a location allows)."""
+def summary_rows(rows: list[dict], metric: str = "true_info") -> list[dict]:
+    """One row per family: the mean of each metric over its edits, its best True*Info and its best `metric` among
+    the edits not broken (the paper compares the best edit a location allows), and how many edits are broken."""
     summary = []
     for family in FAMILY_ORDER:
         members = [row for row in rows if row["family"] == family]
         if not members:
             continue
         row = {"model": FAMILY_NAMES[family], "family": family, "edits": len(members)}
-        for key in metric_keys():
+        for key in (*metric_keys(), "ipo_loss"):
             values = [member[key] for member in members if member.get(key) is not None]
             row[key] = sum(values) / len(values) if values else None
-        row["best_true_info"] = max((member["true_info"] or 0.0) for member in members)
+        scored = [member["true_info"] for member in members if member.get("true_info") is not None]
+        row["best_true_info"] = max(scored) if scored else None  # no info judge: no True*Info
+        sound = [m[metric] for m in members if m.get(metric) is not None and m.get("broken") != "yes"]
+        row["best"] = max(sound) if sound else None
+        flagged = [member for member in members if member.get("broken") is not None]
+        row["broken"] = f"{sum(m['broken'] == 'yes' for m in flagged)} of {len(flagged)}" if flagged else None
         summary.append(row)
     return summary
+
+
+def sample_answers(rows: list[Edit], count: int = 6) -> str:
+    """The first `count` test questions with the answer of the base model and of the first edit of each family."""
+    firsts = {}
+    for edit in rows:
+        firsts.setdefault(edit.family, edit)
+    answers = {}
+    for family, edit in firsts.items():
+        try:
+            answers[family] = read_evaluation(edit.output_dir)[1]
+        except OSError:
+            continue
+    base = answers.get("base") or next(iter(answers.values()), [])
+    lines = []
+    for index, record in enumerate(base[:count]):
+        lines.append(f"**Q: {record['question']}**\n")
+        for family, records in answers.items():
+            if index < len(records):
+                answer = records[index]["answer"].replace("\n", " ") or "(empty)"
+                lines.append(f"- {FAMILY_NAMES[family]} ({firsts[family].heads or 'no edit'}): {answer}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict], columns=None) -> str:
@@ -183,11 +228,13 @@ def write_plot(rows: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def write_study_report(rows: list[Edit], recipe: Recipe, study_dir: str) -> dict:
-    """study.png (the plot) in `study_dir`; returns the tables and their rows (`write_study_files` writes them)."""
+def write_study_report(rows: list[Edit], recipe: Recipe, study_dir: str, metric: str = "true_info") -> dict:
+    """study.png (the plot) in `study_dir`; returns the tables and their rows (`write_study_files` writes them).
+    `metric` is the score of the verdict, whose best per family the summary gives."""
     os.makedirs(study_dir, exist_ok=True)
-    table = table_rows(rows, recipe.edit.dataset)
-    summary = summary_rows(table)
+    max_kl = recipe.study.study_max_kl
+    table = table_rows(rows, recipe.edit.dataset, max_kl)
+    summary = summary_rows(table, metric)
     questions = rows[0].metrics.get("questions", "?")
     title = f"{recipe.name}: {recipe.model.model_name_or_path}, {questions} test questions of {recipe.edit.dataset}"
     write_plot(table, os.path.join(study_dir, "study.png"), title)
@@ -197,19 +244,27 @@ def write_study_report(rows: list[Edit], recipe: Recipe, study_dir: str) -> dict
         "judges": {"truth": recipe.eval.eval_judge_truth, "info": recipe.eval.eval_judge_info},
         "rows": table,
         "summary": summary,
+        "metric": metric,
+        "max_kl": max_kl,
         "table": format_table(table),
         "summary_table": format_table(summary, summary_columns()),
+        "samples": sample_answers(rows),
     }
     return report
 
 
 def write_study_files(report: dict, recipe: Recipe, study_dir: str) -> None:
     """study.md (the tables, the verdict and the timings) and study.json (rows, summary, verdict, timings)."""
-    keys = ("recipe", "title", "judges", "rows", "summary", "verdict", "timings")
+    keys = ("recipe", "title", "judges", "metric", "max_kl", "rows", "summary", "verdict", "timings")
     write_text_atomic(os.path.join(study_dir, "study.json"), json.dumps({key: report[key] for key in keys}, indent=2))
     judges = f"{recipe.eval.eval_judge_truth} / {recipe.eval.eval_judge_info}"
-    text = f"# locedit study: {report['title']}\n\nJudges (truth / info): {judges}.\n\n"
-    text += f"{report['summary_table']}\n\n{report['table']}\n"
-    text += "\n" + "\n".join(f"- {sentence}" for sentence in report["verdict"]["sentences"]) + "\n"
-    text += "\n" + format_timings(report["timings"]) + "\n"
+    text = f"# locedit study: {report['title']}\n\nJudges (truth / info): {judges}. "
+    text += f'The verdict\'s score ("best"): {report["metric"]}.'
+    if report["max_kl"] is not None:
+        text += f' Edits with KL above {report["max_kl"]:g} are broken: out of "best" and of the verdict.'
+    text += f"\n\n{report['summary_table']}\n\n{report['table']}\n"
+    text += "\n## Verdict\n\n" + "\n".join(f"- {sentence}" for sentence in report["verdict"]["sentences"]) + "\n"
+    text += "\n## Wall time per stage\n\n" + format_timings(report["timings"]) + "\n"
+    if report.get("samples"):
+        text += "\n## Sample answers (the first test questions)\n\n" + report["samples"] + "\n"
     write_text_atomic(os.path.join(study_dir, "study.md"), text)
