@@ -104,7 +104,6 @@ def main() -> None:
         "--train_pairs", type=int, default=None, help="training pairs the 'before' pass scores (default 800; 0: all)"
     )
     args = parser.parse_args()
-    os.environ["LOCEDIT_CACHE"] = tempfile.mkdtemp(prefix="locedit-bench-cache-")  # a cold reference cache
     from locedit.models.sources import resolve_model_path
 
     if args.small:
@@ -114,6 +113,8 @@ def main() -> None:
     else:
         path, dataset, examples, steps, train_steps = resolve_model_path("smollm2"), TRUTHFULQA, 512, 10, 6
     examples, steps = args.examples or examples, args.steps or steps
+    # A cold reference cache (the model itself stays where it was cached).
+    os.environ["LOCEDIT_CACHE"] = tempfile.mkdtemp(prefix="locedit-bench-cache-")
     model, tokenizer = load(path)
     model.eval()
     splits = load_preference_splits(dataset, split_fractions=(0.6, 0.2, 0.2), seed=0)

@@ -152,7 +152,9 @@ def sample_answers(rows: list[Edit], count: int = 6) -> str:
         for family, records in answers.items():
             if index < len(records):
                 answer = records[index]["answer"].replace("\n", " ") or "(empty)"
-                lines.append(f"- {FAMILY_NAMES[family]} ({firsts[family].heads or 'no edit'}): {answer}")
+                heads = "all" if family == "all" else firsts[family].heads or "no edit"
+                heads = heads if len(heads) <= 60 else heads[:57] + "..."
+                lines.append(f"- {FAMILY_NAMES[family]} ({heads}): {answer}")
         lines.append("")
     return "\n".join(lines)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from transformers import Trainer
 from trl import DPOTrainer
 
 from ..edit import HeadEditConfig, edit_norms
@@ -110,7 +111,9 @@ def train_and_validate(trainer, output_dir: str) -> dict:
     cap = trainer.args.max_eval_pairs
     if cap is None or len(trainer.train_dataset) <= cap:
         # The IPO loss the edit reached on the pairs it trained on (the logged loss is one batch's, and noisy).
-        metrics.update(trainer.evaluate(trainer.train_dataset, metric_key_prefix="train_pairs"))
+        # Trainer.evaluate itself: the pairs are prepared and scored already, and DPOTrainer.evaluate refuses a
+        # dataset after training unless the reference is a PEFT adapter's (a multi-edit bank's is not).
+        metrics.update(Trainer.evaluate(trainer, trainer.train_dataset, metric_key_prefix="train_pairs"))
     return metrics
 
 
