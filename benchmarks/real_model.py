@@ -109,9 +109,10 @@ def main() -> None:
     if args.small:
         from common import SMALL, model_dir
 
-        path, dataset, examples, steps, train_steps = model_dir(SMALL), "synthetic:120", 64, 3, 3
+        path, dataset, examples, steps, train_steps, heads = model_dir(SMALL), "synthetic:120", 64, 3, 3, "random:4"
     else:
-        path, dataset, examples, steps, train_steps = resolve_model_path("smollm2"), TRUTHFULQA, 512, 10, 6
+        path, dataset, examples, steps = resolve_model_path("smollm2"), TRUTHFULQA, 512, 10
+        train_steps, heads = 6, "random:16"
     examples, steps = args.examples or examples, args.steps or steps
     # A cold reference cache (the model itself stays where it was cached).
     os.environ["LOCEDIT_CACHE"] = tempfile.mkdtemp(prefix="locedit-bench-cache-")
@@ -138,8 +139,8 @@ def main() -> None:
     bounded_args = training_args(out, steps, eval_strategy="no")
     used = len(preference_datasets(Plan(splits), bounded_args)["train_dataset"])
     start = time.perf_counter()
-    all_pairs = precompute_seconds(model, tokenizer, splits, every, "random:16")
-    cold = precompute_seconds(model, tokenizer, splits, bounded_args, "random:16")
+    all_pairs = precompute_seconds(model, tokenizer, splits, every, heads)
+    cold = precompute_seconds(model, tokenizer, splits, bounded_args, heads)
     warm = precompute_seconds(model, tokenizer, splits, bounded_args, "all")
     print(f"\nreference log-probs before a run of {steps} steps x 8 pairs (trainer construction included)")
     print(f"  every training pair ({len(splits['train'])}, before)  : {all_pairs:8.1f} s")
@@ -147,9 +148,9 @@ def main() -> None:
     print(f"  the same pairs, another run (cache)   : {warm:8.1f} s ({all_pairs / warm:.1f}x)")
 
     print(f"\ntraining, batch 8, {train_steps} steps (after the reference pass)")
-    for heads in ("random:16", "all"):
-        seconds, tokens = train_speed(model, tokenizer, splits, training_args(out, train_steps), heads)
-        print(f"  {heads:10s}: {seconds:6.2f} s/step, {tokens:7.0f} tokens/s (not counting padding)")
+    for spec in (heads, "all"):
+        seconds, tokens = train_speed(model, tokenizer, splits, training_args(out, train_steps), spec)
+        print(f"  {spec:10s}: {seconds:6.2f} s/step, {tokens:7.0f} tokens/s (not counting padding)")
     print(f"\ntotal {time.perf_counter() - start:.0f} s after loading", flush=True)
 
 

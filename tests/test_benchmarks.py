@@ -16,6 +16,7 @@ EXPECTED = {
     "ref_precompute.py": "speed-up",
     "gpu_7b.py": "tokens/s",
     "gpu_check.py": "gpu check summary",
+    "real_model.py": "from the cache",
 }
 
 
