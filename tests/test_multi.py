@@ -122,7 +122,17 @@ def test_head_spec_expansion_and_errors():
 
 
 def test_an_interrupted_multi_edit_run_resumes_to_the_same_edits(tmp_path):
-    flags = [*COMMON, "--heads", "single:2", "--save_strategy", "steps", "--save_steps", "2"]
+    flags = [
+        *COMMON,
+        "--heads",
+        "single:2",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--eval_strategy",
+        "epoch",
+    ]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     main(parse_recipe([*flags, "--output_dir", str(whole)]))
     shutil.copytree(whole / "checkpoint-4", resumed / "checkpoint-4")  # as if the run had died after step 4

@@ -117,6 +117,7 @@ def test_ipo_on_the_real_model_starts_at_its_exact_loss_and_raises_the_margin(sm
     flags = ["--model_name_or_path", "smollm2", "--dataset", str(few_questions), "--heads", "all", "--beta", "0.1"]
     flags += ["--learning_rate", "2.0e-3", "--max_steps", "6", "--per_device_train_batch_size", "8"]
     flags += ["--logging_steps", "1", "--save_strategy", "no", "--max_pairs_per_question", "2"]
+    flags += ["--eval_strategy", "epoch"]  # and the validation pass at the end
     metrics = train(parse_recipe([TINY, *flags, "--output_dir", str(out)]))
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     losses = [entry["loss"] for entry in history if "loss" in entry]

@@ -40,6 +40,7 @@ def trained_run(tmp_path_factory):
     """One short run at two heads with tau 0.2, shared by the tests that inspect a finished run directory."""
     out = tmp_path_factory.mktemp("run") / "run"
     argv = ["recipes/tiny.yaml", *FAST, "--heads", "L0H1,L1H3", "--beta", "0.2", "--max_steps", "24"]
+    argv += ["--eval_strategy", "epoch"]  # a validation pass, whose metrics the run directory keeps
     metrics = run_train([*argv, "--output_dir", str(out), "--learning_rate", "2.0e-1"])
     return out, metrics
 

@@ -88,7 +88,10 @@ def _trainer(model_dir, splits, tmp_path, cache: bool, steps: int = 2):
     )
 
 
-def test_cached_reference_log_probs_equal_trls_and_are_computed_once(tiny_model_dir, splits, tmp_path, capsys):
+def test_cached_reference_log_probs_equal_trls_and_are_computed_once(
+    tiny_model_dir, splits, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path / "cache"))  # a cache no other test has filled
     model_dir = tiny_model_dir("llama")
     plain = _trainer(model_dir, splits, tmp_path, cache=False)
     cached = _trainer(model_dir, splits, tmp_path, cache=True)

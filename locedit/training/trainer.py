@@ -8,6 +8,7 @@ the reference, so the first IPO loss is exactly 1 / (4 tau^2).
 from __future__ import annotations
 
 import os
+import re
 
 from transformers import Trainer
 from trl import DPOTrainer
@@ -113,7 +114,9 @@ def train_and_validate(trainer, output_dir: str) -> dict:
         # The IPO loss the edit reached on the pairs it trained on (the logged loss is one batch's, and noisy).
         # Trainer.evaluate itself: the pairs are prepared and scored already, and DPOTrainer.evaluate refuses a
         # dataset after training unless the reference is a PEFT adapter's (a multi-edit bank's is not).
-        metrics.update(Trainer.evaluate(trainer, trainer.train_dataset, metric_key_prefix="train_pairs"))
+        scored = Trainer.evaluate(trainer, trainer.train_dataset, metric_key_prefix="train_pairs")
+        # DPOTrainer logs its own measures of any evaluation as eval_*: here they are the training pairs'.
+        metrics.update({re.sub(r"^eval_", "train_pairs_", key): value for key, value in scored.items()})
     return metrics
 
 
