@@ -6,6 +6,7 @@ here, so a typo ends the run in seconds with one line, not after the weights hav
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .core.args import EditArguments, LocEditConfig, ModelArguments
@@ -143,6 +144,24 @@ def edit_config_for(layout: AttentionLayout, heads: list[tuple[int, int]], recip
     )
 
 
+def check_pair_scoring(recipe: Recipe) -> None:
+    """The pair-scoring switches against what they cannot work with, before any weights load."""
+    args = recipe.training
+    attention = recipe.model.attn_implementation or ""
+    if args.share_prompt and attention.startswith("flash"):
+        raise RecipeError(
+            f"share_prompt needs an attention that takes a block mask, not attn_implementation '{attention}'; use "
+            "sdpa or eager, or set share_prompt: false"
+        )
+    sharded = args.fsdp or args.deepspeed or os.environ.get("ACCELERATE_USE_FSDP") == "true"
+    sharded = sharded or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    if sharded and (args.score_completions_only or args.share_prompt or args.frozen_prefix):
+        raise RecipeError(
+            "score_completions_only, share_prompt and frozen_prefix do not work with FSDP or DeepSpeed (they run "
+            "parts of the model on their own); set all three to false"
+        )
+
+
 def make_plan(recipe: Recipe, need_probe: bool = False, output_dir: str | None = None) -> RunPlan:
     """Check the recipe and resolve everything that needs no weights. `need_probe` (ITI) looks for a probe result
     whatever the head spec; a `probe:K` spec always does. `output_dir` defaults to the recipe's training run
@@ -159,6 +178,7 @@ def make_plan(recipe: Recipe, need_probe: bool = False, output_dir: str | None =
             f"heads '{edit_args.heads}' with heads_draws {edit_args.heads_draws} trains many edits in one run, which "
             "needs precompute_ref_log_probs: true"
         )
+    check_pair_scoring(recipe)
     finished = check_output_dir(output_dir, recipe)  # creatable, writable, and no other run's
     validate_dataset_arg(edit_args.dataset)
     model_path, config, layout = read_model_config(recipe.model, recipe.training.trust_remote_code)

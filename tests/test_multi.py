@@ -90,14 +90,17 @@ def test_bank_applies_edit_k_to_block_k_only():
     bank = EditBank(layout, in_features=16, head_sets=head_sets)
     for p in bank.parameters():
         p.data.normal_()
-    o = torch.randn(2 * 3 * 2, 5, 16)  # [chosen x 3 edits; rejected x 3 edits], 2 pairs each
-    delta = bank.input_delta(o, layer=0).view(2, 3, 2, 5, 16)
-    blocks = o.view(2, 3, 2, 5, 16)
-    for k in range(3):
-        a, b = bank.a["0"][k], bank.b["0"][k] * bank.mask(0)[k]
-        expected = (blocks[:, k] @ a).unsqueeze(-1) * b
-        torch.testing.assert_close(delta[:, k], expected)
-    assert torch.equal(delta[:, 2], torch.zeros_like(delta[:, 2]))  # edit 2 has no head in layer 0
+    # [chosen x 3 edits; rejected x 3 edits], 2 pairs each; or one row per pair when the prompt is shared.
+    for halves in (2, 1):
+        o = torch.randn(halves * 3 * 2, 5, 16)
+        with bank.replicating(pairs_per_edit=2):
+            delta = bank.input_delta(o, layer=0).view(halves, 3, 2, 5, 16)
+        blocks = o.view(halves, 3, 2, 5, 16)
+        for k in range(3):
+            a, b = bank.a["0"][k], bank.b["0"][k] * bank.mask(0)[k]
+            expected = (blocks[:, k] @ a).unsqueeze(-1) * b
+            torch.testing.assert_close(delta[:, k], expected)
+        assert torch.equal(delta[:, 2], torch.zeros_like(delta[:, 2]))  # edit 2 has no head in layer 0
 
 
 def test_replicate_batch_is_edit_major_within_chosen_and_rejected():

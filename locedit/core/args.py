@@ -291,6 +291,37 @@ class LocEditConfig(DPOConfig):
             "null for all of them."
         },
     )
+    score_completions_only: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the LM head only where a completion token is scored (exact; TRL does so only with Triton "
+            "on CUDA/XPU); the log-only entropy, mean logits and top-1 accuracy are left out of training steps."
+        },
+    )
+    share_prompt: bool = field(
+        default=True,
+        metadata={
+            "help": "Run each pair's prompt once: one sequence [prompt, chosen, rejected] with a block attention mask "
+            "(exact; needs sdpa or eager attention)."
+        },
+    )
+    frozen_prefix: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the hidden states entering the lowest edited layer once per pair and start each step "
+            "there (exact with dropout off)."
+        },
+    )
+    frozen_prefix_max_memory_gb: float = field(
+        default=4.0, metadata={"help": "Memory for the frozen prefix; beyond it, it is kept on disk."}
+    )
+    train_sampling_strategy: str = field(
+        default="group_by_length",
+        metadata={
+            "help": "'group_by_length': batches of similar length (seeded by seed, the same in every run with the "
+            "same seed), far less padding; 'random' as the Trainer does by default."
+        },
+    )
     include_num_input_tokens_seen: str = field(
         default="non_padding", metadata={"help": "Count the tokens trained on (for tokens/s); 'no' to skip."}
     )
@@ -307,6 +338,12 @@ class LocEditConfig(DPOConfig):
             _check_at_least(name, getattr(self, name), 1)
         if self.max_eval_pairs is not None:
             _check_at_least("max_eval_pairs", self.max_eval_pairs, 1)
+        _check_positive("frozen_prefix_max_memory_gb", self.frozen_prefix_max_memory_gb)
+        if self.frozen_prefix and not self.disable_dropout:
+            raise ValueError(
+                "frozen_prefix needs disable_dropout: true (with dropout the layers below the edit are random); "
+                "set frozen_prefix: false to train with dropout"
+            )
         if not (self.max_steps > 0 or self.num_train_epochs > 0):  # max_steps > 0 overrides the epochs
             raise ValueError(
                 f"num_train_epochs {self.num_train_epochs} is not valid: it must be > 0 (or set max_steps > 0)"

@@ -67,6 +67,11 @@ class AttentionLayout:
         """Module path of layer `layer`'s output projection, relative to the causal-LM model."""
         return self.projection_template.format(layer=layer)
 
+    @property
+    def layers_path(self) -> str:
+        """Module path of the decoder layers' ModuleList, relative to the causal-LM model."""
+        return self.projection_template.split(".{layer}")[0]
+
     def projection_names(self) -> list[str]:
         return [self.projection_name(layer) for layer in range(self.num_layers)]
 

@@ -37,6 +37,7 @@ from ..edit import HeadEditConfig, head_mask, initial_read_vector
 from ..heads import expand_head_specs, heads_by_layer, resolve_heads
 from ..models.layout import AttentionLayout
 from ..rundir import default_output_dir, write_metrics, write_run_description
+from .pair_logps import PairScoringMixin
 from .reference import CachedReferenceMixin
 from .trainer import preference_datasets, require_ipo, train_and_validate
 
@@ -71,6 +72,7 @@ class EditBank(nn.Module):
                 start = initial_read_vector(in_features, layer, init_seed)
                 self.a[str(layer)] = nn.Parameter(start.repeat(self.num_edits, 1))
         self.replicated = False
+        self.pairs_per_edit = 0
 
     def mask(self, layer: int) -> torch.Tensor:
         return getattr(self, f"mask_{layer}")
@@ -81,9 +83,10 @@ class EditBank(nn.Module):
         return a, self.b[str(layer)][edit]
 
     def input_delta(self, o: torch.Tensor, layer: int) -> torch.Tensor:
-        """The change of a projection input o whose rows are [chosen of edits 0..K-1, rejected of edits 0..K-1]."""
+        """The change of a projection input o whose rows are [chosen of edits 0..K-1, rejected of edits 0..K-1], each
+        block `pairs_per_edit` rows (or one row per pair, [edits 0..K-1], when the prompt is shared)."""
         k = self.num_edits
-        blocks = o.view(2, k, o.shape[0] // (2 * k), *o.shape[1:])  # (2, K, B, ..., in)
+        blocks = o.view(-1, k, self.pairs_per_edit, *o.shape[1:])  # (2 or 1, K, B, ..., in)
         mask = self.mask(layer)
         b = self.b[str(layer)] * mask
         shape = (1, k, 1) + (1,) * (o.dim() - 2) + (o.shape[-1],)
@@ -98,9 +101,10 @@ class EditBank(nn.Module):
         return delta.reshape(o.shape).to(o.dtype)
 
     @contextlib.contextmanager
-    def replicating(self):
-        """Within this context, inputs are replicated per edit and each block gets its own edit."""
-        self.replicated = True
+    def replicating(self, pairs_per_edit: int):
+        """Within this context, inputs are replicated per edit (blocks of `pairs_per_edit` pairs) and each block gets
+        its own edit."""
+        self.replicated, self.pairs_per_edit = True, pairs_per_edit
         try:
             yield
         finally:
@@ -151,7 +155,7 @@ class EditBank(nn.Module):
         config.save_pretrained(output_dir)
 
 
-class MultiEditTrainer(CachedReferenceMixin, DPOTrainer):
+class MultiEditTrainer(PairScoringMixin, CachedReferenceMixin, DPOTrainer):
     """DPOTrainer for an EditBank attached to the (frozen) base model: replicates each batch per edit and clips each
     edit's gradient on its own. With b = 0 at the start the model is the reference, whose log-probs are precomputed.
     """
@@ -160,9 +164,10 @@ class MultiEditTrainer(CachedReferenceMixin, DPOTrainer):
         require_ipo(kwargs.get("args"))
         self.bank = bank
         super().__init__(*args, **kwargs)
+        self._install_pair_scorer(first_layer=min(bank.layers))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        with self.bank.replicating():
+        with self.bank.replicating(pairs_per_edit=inputs["input_ids"].shape[0] // 2):
             loss = super().compute_loss(model, replicate_batch(inputs, self.bank.num_edits), return_outputs)
         # TRL averages over all K*B pairs; the sum of the K per-edit means gives each edit its own run's gradient.
         if return_outputs:

@@ -14,10 +14,11 @@ from transformers import Trainer
 from trl import DPOTrainer
 
 from ..edit import HeadEditConfig, edit_norms
+from .pair_logps import PairScoringMixin
 from .reference import CachedReferenceMixin
 
 
-class LocEditTrainer(CachedReferenceMixin, DPOTrainer):
+class LocEditTrainer(PairScoringMixin, CachedReferenceMixin, DPOTrainer):
     """DPOTrainer for a locedit edit. Takes the same arguments; `peft_config` must be a HeadEditConfig."""
 
     def __init__(self, *args, peft_config: HeadEditConfig, **kwargs):
@@ -25,6 +26,7 @@ class LocEditTrainer(CachedReferenceMixin, DPOTrainer):
             raise TypeError(f"LocEditTrainer needs a HeadEditConfig, got {type(peft_config).__name__}")
         require_ipo(kwargs.get("args"))
         super().__init__(*args, peft_config=peft_config, **kwargs)
+        self._install_pair_scorer(first_layer=min(peft_config.edit_layers.values(), default=0))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Training logs (they carry "loss") also get the per-layer norms of a and of m * b.
@@ -109,6 +111,7 @@ def train_and_validate(trainer, output_dir: str) -> dict:
         print(speed_line(metrics), flush=True)
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
+    metrics.update(trainer.pair_scoring_metrics() if hasattr(trainer, "pair_scoring_metrics") else {})
     cap = trainer.args.max_eval_pairs
     if cap is None or len(trainer.train_dataset) <= cap:
         # The IPO loss the edit reached on the pairs it trained on (the logged loss is one batch's, and noisy).
@@ -117,6 +120,8 @@ def train_and_validate(trainer, output_dir: str) -> dict:
         scored = Trainer.evaluate(trainer, trainer.train_dataset, metric_key_prefix="train_pairs")
         # DPOTrainer logs its own measures of any evaluation as eval_*: here they are the training pairs'.
         metrics.update({re.sub(r"^eval_", "train_pairs_", key): value for key, value in scored.items()})
+    if hasattr(trainer, "close_pair_scorer"):
+        trainer.close_pair_scorer()
     return metrics
 
 

@@ -1,0 +1,500 @@
+"""The pairs' log-probs, computed with only the work an edit can change and IPO needs.
+
+TRL's DPOTrainer gets every log-prob it uses from one call, `model(input_ids, attention_mask, labels=...,
+fused_lm_head=True)`, on a batch of rows [chosen of each pair; rejected of each pair]. `PairScorer.install` replaces
+that call on the base model (the way TRL's own `add_fused_lm_head` does, so PEFT, accelerate and DDP wrappers still
+route through it) with the same numbers computed more cheaply; TRL's loss function is untouched. Each saving is a
+switch of `LocEditConfig`, exact up to floating-point rounding:
+
+- `score_completions_only`: the LM head and log-softmax run only at the positions whose next token is a completion
+  token (TRL's fused head skips the others only with Triton on CUDA/XPU), and the logged entropy, mean logits and
+  top-1 accuracy are computed only in evaluation, not in the training step.
+- `share_prompt`: each pair is one sequence [prompt, chosen, rejected] with a block attention mask (the rejected
+  tokens see the prompt and themselves, never the chosen ones) and position ids that restart after the prompt, as in
+  "Accelerating Direct Preference Optimization with Prefix Sharing" (Wang et al. 2024): the prompt runs once per pair,
+  and gradients flow through it to both answers.
+- `frozen_prefix`: below the lowest edited layer the model is the base model, frozen and unedited (dropout off), so
+  the hidden states entering that layer are computed once per sequence, kept (in memory up to
+  `frozen_prefix_max_memory_gb`, then on disk) and fed straight to that layer; a step runs only the layers at and
+  above it. The reference precompute fills them as it goes; otherwise the first visit of a pair does.
+
+Batches whose chosen and rejected rows do not share a prompt (`truncation_mode: keep_end` cut them differently) are
+scored without prompt sharing.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+from transformers.utils import ModelOutput
+
+from ..core.cache import cache_root
+from ..models.layout import AttentionLayout, unwrap_model
+
+
+@dataclass
+class PairLogps(ModelOutput):
+    """What TRL's `_compute_loss` reads from a fused-LM-head call: per-token fields of shape (rows, seq_len - 1),
+    zero off the completion tokens."""
+
+    loss: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the hidden states it needs are captured."""
+
+    def __init__(self, hidden: torch.Tensor):
+        self.hidden = hidden
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a frozen decoder layer below the edit: returns the hidden states it is given."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+class PrefixStore:
+    """Hidden states entering the lowest edited layer, per sequence key: in memory up to a budget, then on disk."""
+
+    def __init__(self, max_memory_bytes: float):
+        self.max_memory_bytes = max_memory_bytes
+        self.memory: dict[bytes, torch.Tensor] = {}
+        self.on_disk: set[bytes] = set()
+        self.memory_bytes = 0
+        self.disk_bytes = 0
+        self._dir: str | None = None
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self.memory or key in self.on_disk
+
+    def __len__(self) -> int:
+        return len(self.memory) + len(self.on_disk)
+
+    def put(self, key: bytes, hidden: torch.Tensor) -> None:
+        hidden = hidden.detach().to("cpu", copy=True).contiguous()
+        size = hidden.numel() * hidden.element_size()
+        if self.memory_bytes + size <= self.max_memory_bytes:
+            self.memory[key] = hidden
+            self.memory_bytes += size
+            return
+        if self._dir is None:
+            root = os.path.join(cache_root(), "frozen_prefix")
+            os.makedirs(root, exist_ok=True)
+            self._dir = tempfile.mkdtemp(dir=root)
+            print(
+                f"locedit: frozen prefix over {self.max_memory_bytes / 2**30:.2f} GiB in memory; the rest goes to "
+                f"{self._dir} (removed at the end of the run)",
+                file=sys.stderr,
+                flush=True,
+            )
+        torch.save(hidden, self._path(key))
+        self.on_disk.add(key)
+        self.disk_bytes += size
+
+    def get(self, key: bytes) -> torch.Tensor:
+        if key in self.memory:
+            return self.memory[key]
+        return torch.load(self._path(key), weights_only=True)
+
+    def _path(self, key: bytes) -> str:
+        return os.path.join(self._dir, key.hex() + ".pt")
+
+    def close(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+        self.memory.clear()
+        self.on_disk.clear()
+
+    def describe(self) -> str:
+        text = f"{len(self)} sequences, {self.memory_bytes / 2**20:.1f} MiB in memory"
+        if self.on_disk:
+            text += f", {self.disk_bytes / 2**20:.1f} MiB on disk"
+        return text
+
+
+def scorer_switches(args) -> dict:
+    """The pair-scoring switches of a training config (TRL's DPOConfig has none of them: all off)."""
+    return {
+        "score_completions_only": bool(getattr(args, "score_completions_only", False)),
+        "share_prompt": bool(getattr(args, "share_prompt", False)),
+        "frozen_prefix": bool(getattr(args, "frozen_prefix", False)),
+    }
+
+
+class PairScorer:
+    """Computes TRL's fused-LM-head outputs for a preference batch with the switches of `scorer_switches`.
+
+    Args:
+        model: the causal-LM model (a PEFT or accelerate wrapper of one is unwrapped).
+        layout: the model's attention layout (where its decoder layers are).
+        first_layer: the lowest layer whose computation the edit changes; the frozen prefix is everything below it.
+        score_completions_only, share_prompt, frozen_prefix: the switches (see the module docstring).
+        frozen_prefix_max_memory_gb: memory for the frozen prefix before it spills to disk.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: AttentionLayout,
+        first_layer: int,
+        score_completions_only: bool = True,
+        share_prompt: bool = True,
+        frozen_prefix: bool = True,
+        frozen_prefix_max_memory_gb: float = 4.0,
+    ):
+        self.model = unwrap_model(model)
+        self.layers: nn.ModuleList = self.model.get_submodule(layout.layers_path)
+        self.first_layer = first_layer
+        self.score_completions_only = score_completions_only
+        self.share_prompt = share_prompt
+        self.frozen_prefix = frozen_prefix and first_layer > 0
+        self.prefix = PrefixStore(frozen_prefix_max_memory_gb * 2**30) if self.frozen_prefix else None
+        text_config = self.model.config.get_text_config()
+        self.softcap = getattr(text_config, "final_logit_softcapping", None)
+        self.logit_scale = getattr(text_config, "logit_scale", None)
+
+    @property
+    def active(self) -> bool:
+        return self.score_completions_only or self.share_prompt or self.frozen_prefix
+
+    def install(self) -> None:
+        """Route `model(..., fused_lm_head=True)` through this scorer; any other call is the forward as before."""
+        model = self.model
+        previous = model.forward
+
+        @functools.wraps(type(model).forward)
+        def forward(*args, fused_lm_head=False, labels=None, **kwargs):
+            if not fused_lm_head:
+                return previous(*args, labels=labels, **kwargs) if labels is not None else previous(*args, **kwargs)
+            kwargs.pop("use_cache", None)
+            kwargs.pop("num_items_in_batch", None)
+            input_ids = kwargs.pop("input_ids", args[0] if args else None)
+            attention_mask = kwargs.pop("attention_mask", None)
+            unknown = {k for k, v in kwargs.items() if v is not None}
+            if unknown:
+                raise ValueError(f"locedit's pair scoring takes input_ids, attention_mask and labels, not {unknown}")
+            return self(input_ids, attention_mask, labels)
+
+        model.forward = forward
+
+    def close(self) -> None:
+        if self.prefix is not None:
+            self.prefix.close()
+
+    # -- the computation -----------------------------------------------------------------------------------------
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> PairLogps:
+        rows, width = input_ids.shape
+        target_mask = labels[:, 1:] != -100  # position t scores token t + 1, as TRL's shifted log_probs
+        lengths = attention_mask.sum(dim=1).tolist()
+        shared = self.share_prompt and self._prompts_match(input_ids, labels, lengths)
+        if shared:
+            sequences = self._shared_sequences(input_ids, labels, lengths)
+        else:
+            sequences = self._row_sequences(input_ids, target_mask, lengths)
+        ids, positions, mask, seq_lengths, keys, score_at, targets = sequences
+        hidden = self._backbone(ids, positions, mask, seq_lengths, keys)
+        if not self.score_completions_only:
+            # Every position through the LM head, as TRL does off Triton devices; the completion ones are kept.
+            logits_all = self._logits(hidden.reshape(-1, hidden.shape[-1]))
+            logits = logits_all.view(*hidden.shape[:2], -1)[score_at[0], score_at[1]]
+        else:
+            logits = self._logits(hidden[score_at[0], score_at[1]])
+        log_softmax = torch.log_softmax(logits.float(), dim=-1)
+        token_logps = log_softmax.gather(-1, targets[:, None]).squeeze(-1)
+
+        def scatter(values: torch.Tensor) -> torch.Tensor:
+            return values.new_zeros(target_mask.shape).masked_scatter(target_mask, values)
+
+        loss = -token_logps.sum() / target_mask.sum().clamp(min=1)
+        if self.model.training:
+            # Only the logs read these (TRL's entropy, mean logits, top-1): not in the training step.
+            zeros = torch.zeros(target_mask.shape, device=hidden.device)
+            top1 = torch.zeros(target_mask.shape, dtype=torch.bool, device=hidden.device)
+            return PairLogps(loss, scatter(token_logps), zeros, zeros, zeros, top1)
+        with torch.no_grad():
+            probs = log_softmax.exp()
+            entropy = scatter(-(probs * log_softmax).sum(-1))
+            log_sum_sq = scatter(torch.logsumexp(2 * log_softmax, dim=-1))
+            mean_logits = scatter(logits.float().mean(-1))
+            top1 = scatter(logits.argmax(-1) == targets)
+        return PairLogps(loss, scatter(token_logps), entropy, log_sum_sq, mean_logits, top1)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        lm_head = self.model.get_output_embeddings()
+        logits = lm_head(hidden.to(lm_head.weight.device))
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    @staticmethod
+    def _prompts_match(input_ids, labels, lengths) -> bool:
+        """Whether each chosen row and its rejected row start with the same prompt (keep_end truncation can differ)."""
+        half = input_ids.shape[0] // 2
+        for i in range(half):
+            p, q = _prompt_length(labels[i], lengths[i]), _prompt_length(labels[half + i], lengths[half + i])
+            if p != q or not torch.equal(input_ids[i, :p], input_ids[half + i, :p]) or p == 0:
+                return False
+        return True
+
+    def _row_sequences(self, input_ids, target_mask, lengths):
+        """Each row its own sequence (TRL's layout)."""
+        rows, width = input_ids.shape
+        positions = torch.arange(width, device=input_ids.device).expand(rows, width)
+        real = torch.tensor(lengths, device=input_ids.device)[:, None]
+        mask = (torch.arange(width, device=input_ids.device)[None] < real).long()
+        keys = [_key(input_ids[r, : lengths[r]]) for r in range(rows)] if self.frozen_prefix else None
+        row_index, position = target_mask.nonzero(as_tuple=True)  # row-major: TRL's order
+        targets = input_ids[row_index, position + 1]
+        return input_ids, positions, mask, lengths, keys, (row_index, position), targets
+
+    def _shared_sequences(self, input_ids, labels, lengths):
+        """One sequence per pair: [prompt, chosen, rejected], the rejected part attending to the prompt and itself."""
+        device = input_ids.device
+        half = input_ids.shape[0] // 2
+        parts = []
+        for i in range(half):
+            p = _prompt_length(labels[i], lengths[i])
+            chosen = input_ids[i, : lengths[i]]
+            rejected = input_ids[half + i, p : lengths[half + i]]
+            parts.append((p, chosen, rejected))
+        width = max(len(chosen) + len(rejected) for _, chosen, rejected in parts)
+        ids = input_ids.new_zeros(half, width)
+        positions = torch.zeros(half, width, dtype=torch.long, device=device)
+        allowed = torch.zeros(half, width, width, dtype=torch.bool, device=device)
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        chosen_at, rejected_at, chosen_targets, rejected_targets, keys = [], [], [], [], []
+        for i, (p, chosen, rejected) in enumerate(parts):
+            c, r = len(chosen), len(rejected)
+            ids[i, :c], ids[i, c : c + r] = chosen, rejected
+            positions[i, :c] = torch.arange(c, device=device)
+            positions[i, c : c + r] = torch.arange(p, p + r, device=device)
+            allowed[i, :c, :c] = causal[:c, :c]
+            allowed[i, c : c + r, :p] = True
+            allowed[i, c : c + r, c : c + r] = causal[:r, :r]
+            padding = torch.arange(c + r, width, device=device)
+            allowed[i, padding, padding] = True  # padding attends to itself only (no empty softmax row)
+            # Token j of the chosen answer (at c_j) is scored from the position before it; the first rejected token
+            # from the prompt's last position, the others from the rejected token before them.
+            chosen_at += [(i, j - 1) for j in range(p, c)]
+            chosen_targets.append(chosen[p:])
+            rejected_at += [(i, p - 1 if j == 0 else c + j - 1) for j in range(r)]
+            rejected_targets.append(rejected)
+            if self.frozen_prefix:
+                keys.append(_key(torch.cat([chosen, rejected]), extra=(p, c)))
+        where = torch.tensor(chosen_at + rejected_at, dtype=torch.long, device=device).reshape(-1, 2)
+        targets = torch.cat(chosen_targets + rejected_targets)
+        seq_lengths = [len(chosen) + len(rejected) for _, chosen, rejected in parts]
+        keys = keys if self.frozen_prefix else None
+        return ids, positions, allowed, seq_lengths, keys, (where[:, 0], where[:, 1]), targets
+
+    def _backbone(self, ids, positions, mask, seq_lengths, keys) -> torch.Tensor:
+        """The last hidden states of the sequences, from the stored frozen prefix where there is one."""
+        if mask.dim() == 3:
+            mask = self._attention_mask_4d(mask)
+        call = functools.partial(
+            self.model.base_model, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
+        )
+        if keys is None:
+            return call().last_hidden_state
+        first_seen = {}
+        for i, key in enumerate(keys):
+            if key not in self.prefix:
+                first_seen.setdefault(key, i)  # copies of a sequence (a multi-edit batch) are computed once
+        if first_seen:
+            rows = torch.tensor(list(first_seen.values()), device=ids.device)
+            with torch.no_grad():
+                entering = self._run_until_first_layer(
+                    functools.partial(
+                        self.model.base_model,
+                        input_ids=ids[rows],
+                        attention_mask=mask[rows],
+                        position_ids=positions[rows],
+                        use_cache=False,
+                    )
+                )
+            for j, (key, i) in enumerate(first_seen.items()):
+                self.prefix.put(key, entering[j, : seq_lengths[i]])
+        stored = [self.prefix.get(key) for key in keys]
+        entering = torch.zeros(len(stored), ids.shape[1], stored[0].shape[-1], dtype=stored[0].dtype)
+        for i, hidden in enumerate(stored):
+            entering[i, : hidden.shape[0]] = hidden
+        return self._run_from_first_layer(call, entering.to(ids.device))
+
+    def _attention_mask_4d(self, allowed: torch.Tensor) -> torch.Tensor:
+        """(batch, 1, q, k) from a boolean "may attend" mask: boolean for SDPA, additive for eager attention."""
+        if self.model.config._attn_implementation == "sdpa":
+            return allowed[:, None]
+        dtype = self.model.get_input_embeddings().weight.dtype
+        dtype = dtype if dtype.is_floating_point else torch.float32
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return additive.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+    def _run_until_first_layer(self, call) -> torch.Tensor:
+        def capture(module, args, kwargs):
+            raise _StopForward(args[0] if args else kwargs["hidden_states"])
+
+        handle = self.layers[self.first_layer].register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            call()
+        except _StopForward as stop:
+            return stop.hidden
+        finally:
+            handle.remove()
+        raise RuntimeError("the forward pass never reached the lowest edited layer")
+
+    def _run_from_first_layer(self, call, entering: torch.Tensor) -> torch.Tensor:
+        def replace(module, args, kwargs):
+            if args:
+                return (entering.to(args[0].dtype), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": entering.to(kwargs["hidden_states"].dtype)}
+
+        handle = self.layers[self.first_layer].register_forward_pre_hook(replace, with_kwargs=True)
+        saved = {i: self.layers[i] for i in range(self.first_layer)}
+        try:
+            for i in saved:
+                self.layers[i] = _PassThrough()
+            return call().last_hidden_state
+        finally:
+            for i, layer in saved.items():
+                self.layers[i] = layer
+            handle.remove()
+
+
+def _prompt_length(labels_row: torch.Tensor, length: int) -> int:
+    """Index of a row's first completion token (its length when the completion was truncated away)."""
+    completion = (labels_row[:length] != -100).nonzero()
+    return int(completion[0]) if len(completion) else length
+
+
+def _key(ids: torch.Tensor, extra: tuple = ()) -> bytes:
+    digest = hashlib.blake2b(ids.detach().cpu().numpy().tobytes(), digest_size=16)
+    digest.update(repr(extra).encode())
+    return digest.digest()
+
+
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length grouping (seeded shuffle, then sorted within mega-batches of 50 batches), with a
+    generator seeded by (seed, epoch): the same order in every run with the same seed and data, and after a resume."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+# TRL's per-step measures that only the logs use; not computed in a training step with a PairScorer.
+LOG_ONLY_MEASURES = ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy")
+
+
+class PairScoringMixin:
+    """For a DPOTrainer subclass: pairs scored by a PairScorer (the config's switches) and batches grouped by length
+    (`train_sampling_strategy: group_by_length`, transformers' own switch) with a seeded, resumable order.
+
+    Call `_install_pair_scorer(first_layer)` at the end of `__init__`.
+    """
+
+    pair_scorer: PairScorer | None = None
+
+    def _install_pair_scorer(self, first_layer: int) -> None:
+        switches = scorer_switches(self.args)
+        if not any(switches.values()):
+            return
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ValueError(
+                "locedit's pair scoring (score_completions_only, share_prompt, frozen_prefix) swaps layers of the "
+                "model and does not work under FSDP or DeepSpeed; set all three to false"
+            )
+        model = self.accelerator.unwrap_model(self.model)
+        self.pair_scorer = PairScorer(
+            model,
+            AttentionLayout.from_model(model),
+            first_layer,
+            frozen_prefix_max_memory_gb=getattr(self.args, "frozen_prefix_max_memory_gb", 4.0),
+            **switches,
+        )
+        self.pair_scorer.install()
+
+    def pair_scoring_metrics(self) -> dict:
+        scorer = self.pair_scorer
+        if scorer is None or scorer.prefix is None:
+            return {}
+        return {
+            "frozen_prefix_sequences": len(scorer.prefix),
+            "frozen_prefix_memory_mib": scorer.prefix.memory_bytes / 2**20,
+            "frozen_prefix_disk_mib": scorer.prefix.disk_bytes / 2**20,
+        }
+
+    def close_pair_scorer(self) -> None:
+        if self.pair_scorer is not None:
+            self.pair_scorer.close()
+
+    def _pair_lengths(self, dataset) -> list[int]:
+        """Tokens each pair puts in a batch: prompt + both answers when the prompt is shared, else prompt + longer."""
+        shared = self.pair_scorer is not None and self.pair_scorer.share_prompt
+        cap = self.args.max_length
+        lengths = []
+        for prompt, chosen, rejected in zip(
+            dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True
+        ):
+            c, r = len(prompt) + len(chosen), len(prompt) + len(rejected)
+            if cap is not None:
+                c, r = min(c, cap), min(r, cap)
+            lengths.append(c + r - len(prompt) if shared else max(c, r))
+        return lengths
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or "prompt_ids" not in dataset.column_names:
+            return super()._get_train_sampler(train_dataset)
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return SeededLengthGroupedSampler(batch, self._pair_lengths(dataset), seed)
+
+    def _get_eval_sampler(self, eval_dataset):
+        if self.args.train_sampling_strategy == "group_by_length" and "prompt_ids" in eval_dataset.column_names:
+            # Sorted by length: evaluation order does not matter, padding does.
+            lengths = self._pair_lengths(eval_dataset)
+            return sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
+        return super()._get_eval_sampler(eval_dataset)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.pair_scorer is not None and self.model.training:
+            for name in LOG_ONLY_MEASURES:
+                self._metrics["train"].pop(name, None)
+        super().log(logs, start_time)
+
+
+__all__ = [
+    "PairLogps",
+    "PairScorer",
+    "PairScoringMixin",
+    "PrefixStore",
+    "SeededLengthGroupedSampler",
+    "scorer_switches",
+]
