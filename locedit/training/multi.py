@@ -163,8 +163,9 @@ class MultiEditTrainer(PairScoringMixin, CachedReferenceMixin, DPOTrainer):
     def __init__(self, *args, bank: EditBank, **kwargs):
         require_ipo(kwargs.get("args"))
         self.bank = bank
+        self.pair_scorer_first_layer = min(bank.layers)
         super().__init__(*args, **kwargs)
-        self._install_pair_scorer(first_layer=min(bank.layers))
+        self._install_pair_scorer()  # when no reference precompute installed it
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with self.bank.replicating(pairs_per_edit=inputs["input_ids"].shape[0] // 2):

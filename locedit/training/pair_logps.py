@@ -200,15 +200,22 @@ class PairScorer:
 
     # -- the computation -----------------------------------------------------------------------------------------
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> PairLogps:
-        rows, width = input_ids.shape
+    def _sequences(self, input_ids, attention_mask, labels):
         target_mask = labels[:, 1:] != -100  # position t scores token t + 1, as TRL's shifted log_probs
         lengths = attention_mask.sum(dim=1).tolist()
-        shared = self.share_prompt and self._prompts_match(input_ids, labels, lengths)
-        if shared:
-            sequences = self._shared_sequences(input_ids, labels, lengths)
-        else:
-            sequences = self._row_sequences(input_ids, target_mask, lengths)
+        if self.share_prompt and self._prompts_match(input_ids, labels, lengths):
+            return target_mask, self._shared_sequences(input_ids, labels, lengths)
+        return target_mask, self._row_sequences(input_ids, target_mask, lengths)
+
+    def fill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> int:
+        """Compute and keep the frozen prefix of a batch's sequences that are not kept yet; returns how many."""
+        if not self.frozen_prefix:
+            return 0
+        _, (ids, positions, mask, seq_lengths, keys, _, _) = self._sequences(input_ids, attention_mask, labels)
+        return self._fill_missing(ids, positions, mask, seq_lengths, keys)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> PairLogps:
+        target_mask, sequences = self._sequences(input_ids, attention_mask, labels)
         ids, positions, mask, seq_lengths, keys, score_at, targets = sequences
         hidden = self._backbone(ids, positions, mask, seq_lengths, keys)
         if not self.score_completions_only:
@@ -316,6 +323,16 @@ class PairScorer:
         )
         if keys is None:
             return call().last_hidden_state
+        self._fill_missing(ids, positions, mask, seq_lengths, keys)
+        stored = [self.prefix.get(key) for key in keys]
+        entering = torch.zeros(len(stored), ids.shape[1], stored[0].shape[-1], dtype=stored[0].dtype)
+        for i, hidden in enumerate(stored):
+            entering[i, : hidden.shape[0]] = hidden
+        return self._run_from_first_layer(call, entering.to(ids.device))
+
+    def _fill_missing(self, ids, positions, mask, seq_lengths, keys) -> int:
+        if mask.dim() == 3:
+            mask = self._attention_mask_4d(mask)
         first_seen = {}
         for i, key in enumerate(keys):
             if key not in self.prefix:
@@ -334,11 +351,7 @@ class PairScorer:
                 )
             for j, (key, i) in enumerate(first_seen.items()):
                 self.prefix.put(key, entering[j, : seq_lengths[i]])
-        stored = [self.prefix.get(key) for key in keys]
-        entering = torch.zeros(len(stored), ids.shape[1], stored[0].shape[-1], dtype=stored[0].dtype)
-        for i, hidden in enumerate(stored):
-            entering[i, : hidden.shape[0]] = hidden
-        return self._run_from_first_layer(call, entering.to(ids.device))
+        return len(first_seen)
 
     def _attention_mask_4d(self, allowed: torch.Tensor) -> torch.Tensor:
         """(batch, 1, q, k) from a boolean "may attend" mask: boolean for SDPA, additive for eager attention."""
@@ -416,14 +429,49 @@ class PairScoringMixin:
     """For a DPOTrainer subclass: pairs scored by a PairScorer (the config's switches) and batches grouped by length
     (`train_sampling_strategy: group_by_length`, transformers' own switch) with a seeded, resumable order.
 
-    Call `_install_pair_scorer(first_layer)` at the end of `__init__`.
+    Set `pair_scorer_first_layer` (the lowest edited layer) before `DPOTrainer.__init__`: the scorer is installed
+    before the reference log-probs are computed, so they are computed the cheaper way too, and the frozen prefix of
+    every training pair is computed right after them, so that training steps only run the layers above it.
     """
 
     pair_scorer: PairScorer | None = None
+    pair_scorer_first_layer: int = 0
 
-    def _install_pair_scorer(self, first_layer: int) -> None:
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        self._install_pair_scorer()
+        dataset = super()._precompute_ref_logps(dataset, name, batch_size)
+        if name == "train":
+            self._fill_frozen_prefix(dataset, batch_size)
+        return dataset
+
+    def _fill_frozen_prefix(self, dataset, batch_size: int) -> None:
+        """The frozen prefix of every pair of `dataset` not kept yet, longest batches first, without gradients."""
+        scorer = self.pair_scorer
+        if scorer is None or scorer.prefix is None or len(dataset) == 0:
+            return
+        import time
+
+        start, computed = time.perf_counter(), 0
+        lengths = self._pair_lengths(dataset)
+        order = sorted(range(len(dataset)), key=lengths.__getitem__, reverse=True)
+        device = self.accelerator.device
+        with torch.no_grad():
+            for first in range(0, len(order), batch_size):
+                rows = dataset.select(order[first : first + batch_size])
+                batch = self.data_collator([rows[i] for i in range(len(rows))])
+                ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+                labels = ids.masked_fill(batch["completion_mask"].to(device) == 0, -100)
+                computed += scorer.fill(ids, attention, labels)
+        if self.accelerator.is_main_process and computed:
+            print(
+                f"locedit: frozen prefix (layers below {scorer.first_layer}) of {computed} sequences in "
+                f"{time.perf_counter() - start:.1f} s; kept: {scorer.prefix.describe()}",
+                flush=True,
+            )
+
+    def _install_pair_scorer(self) -> None:
         switches = scorer_switches(self.args)
-        if not any(switches.values()):
+        if self.pair_scorer is not None or not any(switches.values()):
             return
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             raise ValueError(
@@ -434,7 +482,7 @@ class PairScoringMixin:
         self.pair_scorer = PairScorer(
             model,
             AttentionLayout.from_model(model),
-            first_layer,
+            self.pair_scorer_first_layer,
             frozen_prefix_max_memory_gb=getattr(self.args, "frozen_prefix_max_memory_gb", 4.0),
             **switches,
         )

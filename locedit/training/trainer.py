@@ -25,8 +25,9 @@ class LocEditTrainer(PairScoringMixin, CachedReferenceMixin, DPOTrainer):
         if not isinstance(peft_config, HeadEditConfig):
             raise TypeError(f"LocEditTrainer needs a HeadEditConfig, got {type(peft_config).__name__}")
         require_ipo(kwargs.get("args"))
+        self.pair_scorer_first_layer = min(peft_config.edit_layers.values(), default=0)
         super().__init__(*args, peft_config=peft_config, **kwargs)
-        self._install_pair_scorer(first_layer=min(peft_config.edit_layers.values(), default=0))
+        self._install_pair_scorer()  # when no reference precompute installed it
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Training logs (they carry "loss") also get the per-layer norms of a and of m * b.

@@ -1,0 +1,168 @@
+"""A locedit edit step against what a user would run instead: TRL's DPOTrainer(loss_type="ipo") with a plain PEFT
+LoRA of rank 1 on the attention output projections (for a one-layer edit: on that layer's projection only), on the
+same pairs, batch 8. locedit runs with each pair-scoring change alone and with all of them (its default):
+
+- none          locedit's trainer with every switch off (TRL's log-prob computation, the head-masked edit)
+- completions   score_completions_only: the LM head only where a completion token is scored
+- grouping      train_sampling_strategy group_by_length: batches of similar length
+- prefix        frozen_prefix: the layers below the lowest edited layer computed once per pair
+- prompt        share_prompt: each pair's prompt once, [prompt, chosen, rejected] with a block mask
+- all           all of the above (locedit's default)
+
+Every variant trains from a fresh trainer on the same pairs; the variants take turns in each round (so drift in the
+machine's load hits all alike), and each figure is the median step time over rounds and steps (the first step of
+each run left out). The reference log-probs (and the frozen prefix) are computed before the timed steps, as both
+trainers do before training. The share of the one-thread fp32 matmul rate counts, for the pairs' real tokens, the
+work a whole step would do without padding (forward and input-gradient pass through every layer and the LM head at
+every position), so it says how far from this CPU's rate the step is in what it achieves, not in what it computes.
+
+    OMP_NUM_THREADS=1 python benchmarks/edit_vs_trl.py            # SmolLM2-135M-Instruct, real TruthfulQA pairs
+    python benchmarks/edit_vs_trl.py --small                      # a tiny random Llama, synthetic pairs (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+from common import StepTimer, load, preference_data, training_args
+from peft import LoraConfig
+from trl import DPOTrainer
+
+from locedit import AttentionLayout, HeadEditConfig, resolve_heads
+from locedit.training import LocEditTrainer
+
+TRUTHFULQA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "truthfulqa", "TruthfulQA.csv")
+OFF = dict(score_completions_only=False, share_prompt=False, frozen_prefix=False, train_sampling_strategy="random")
+VARIANTS = {
+    "none": {},
+    "completions": {"score_completions_only": True},
+    "grouping": {"train_sampling_strategy": "group_by_length"},
+    "prefix": {"frozen_prefix": True},
+    "prompt": {"share_prompt": True},
+    "all": {
+        "score_completions_only": True,
+        "share_prompt": True,
+        "frozen_prefix": True,
+        "train_sampling_strategy": "group_by_length",
+    },
+}
+
+
+def matmul_rate(seconds: float = 2.0) -> float:
+    """FLOP/s of a 1024 x 1024 fp32 matmul with the threads torch uses now."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * 1024**3 * count / (time.perf_counter() - start)
+
+
+def full_step_flops_per_token(model) -> float:
+    """Forward plus input-gradient backward through every layer's weights and the LM head, per token."""
+    layers = AttentionLayout.from_model(model)
+    decoder = model.get_submodule(layers.layers_path)
+    layer_params = sum(p.numel() for p in decoder.parameters() if p.dim() == 2)
+    head = model.get_output_embeddings().weight.numel()
+    return 2 * 2 * (layer_params + head)
+
+
+def run(path, pairs, heads: str, variant: str | None, steps: int) -> tuple[float, float]:
+    """(median s/step, real tokens per step) of one fresh trainer; variant None is TRL + PEFT LoRA."""
+    model, tokenizer = load(path)
+    layout = AttentionLayout.from_model(model)
+    edit_heads = resolve_heads(heads, layout, seed=0)
+    timer = StepTimer()
+    output_dir = tempfile.mkdtemp()
+    if variant is None:
+        layers = sorted({layer for layer, _ in edit_heads})
+        targets = [layout.projection_name(layer) for layer in layers]
+        lora = LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules=targets)
+        args = training_args(output_dir, steps, **OFF)
+        trainer = DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=pairs,
+            processing_class=tokenizer,
+            peft_config=lora,
+            callbacks=[timer],
+        )
+    else:
+        args = training_args(output_dir, steps, **{**OFF, **VARIANTS[variant]})
+        config = HeadEditConfig.for_heads(layout, edit_heads)
+        trainer = LocEditTrainer(
+            model=model,
+            args=args,
+            train_dataset=pairs,
+            processing_class=tokenizer,
+            peft_config=config,
+            callbacks=[timer],
+        )
+    metrics = trainer.train().metrics
+    tokens = metrics.get("num_input_tokens_seen", 0) / max(1, steps)
+    if hasattr(trainer, "close_pair_scorer"):
+        trainer.close_pair_scorer()
+    return timer.median(warmup=1), tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="a tiny random Llama and synthetic pairs")
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (the first is not timed)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of every variant")
+    parser.add_argument(
+        "--edits", default=None, help="head specs separated by semicolons (default: all;random:16;L25H0)"
+    )
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="locedit variants to time")
+    args = parser.parse_args()
+    os.environ["LOCEDIT_CACHE"] = tempfile.mkdtemp(prefix="locedit-bench-cache-")  # a cold reference cache
+    if args.small:
+        from common import SMALL, model_dir
+
+        path, pairs, edits = model_dir(SMALL), preference_data(60), "all;random:2;L1H0"
+        steps, rounds = args.steps or 3, args.rounds or 1
+    else:
+        from locedit.data import load_preference_splits
+        from locedit.models.sources import resolve_model_path
+
+        path, edits = resolve_model_path("smollm2"), "all;random:16;L25H0"
+        steps, rounds = args.steps or 6, args.rounds or 2
+        splits = load_preference_splits(TRUTHFULQA, split_fractions=(0.6, 0.2, 0.2), seed=0)
+        pairs = splits["train"].select_columns(["prompt", "chosen", "rejected"])
+    edits = (args.edits or edits).split(";")
+    pairs = pairs.shuffle(seed=0).select(range(min(len(pairs), steps * 8)))
+    variants = [v for v in args.variants.split(",") if v]
+    threads = torch.get_num_threads()
+    rate = matmul_rate(0.5 if args.small else 3.0)
+    model, _ = load(path)
+    per_token = full_step_flops_per_token(model)
+    del model
+    print(f"model: {path}; {len(pairs)} pairs, batch 8, {steps} steps x {rounds} rounds; {threads} thread(s)")
+    print(
+        f"fp32 matmul rate: {rate / 1e9:.1f} GFLOP/s; a whole step without padding: {per_token / 1e6:.0f} MFLOP/token"
+    )
+    for heads in edits:
+        times: dict[str, list[float]] = {name: [] for name in ["trl", *variants]}
+        tokens: dict[str, float] = {}
+        for _ in range(rounds):
+            for name in times:
+                seconds, tokens[name] = run(path, pairs, heads, None if name == "trl" else name, steps)
+                times[name].append(seconds)
+        trl = statistics.median(times["trl"])
+        print(f"\nedit {heads}")
+        print(f"  {'variant':22s} {'s/step':>8s} {'vs TRL':>8s} {'share of matmul rate':>22s}")
+        for name, values in times.items():
+            seconds = statistics.median(values)
+            share = tokens[name] * per_token / seconds / rate
+            label = "TRL + PEFT LoRA r=1" if name == "trl" else f"locedit {name}"
+            print(f"  {label:22s} {seconds:8.3f} {trl / seconds:7.2f}x {share:21.0%}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
