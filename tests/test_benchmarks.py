@@ -12,6 +12,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 # What each benchmark must print: the figure it exists for.
 EXPECTED = {
     "edit_vs_lora.py": "ratio edit / LoRA",
+    "edit_vs_trl.py": "locedit all",
     "multi_edit.py": "largest parameter difference",
     "ref_precompute.py": "speed-up",
     "gpu_7b.py": "tokens/s",

@@ -80,6 +80,11 @@ BAD_TRAIN_FLAGS = {
         "precompute_ref_log_probs",
     ),
     "heads-draws-without-random": (["--heads", "all", "--heads_draws", "2"], "heads_draws"),
+    "shared-prompt-with-flash-attention": (
+        ["--attn_implementation", "flash_attention_2"],
+        "share_prompt needs an attention that takes a block mask",
+    ),
+    "frozen-prefix-with-dropout": (["--disable_dropout", "false"], "frozen_prefix needs disable_dropout: true"),
     # Cases that were one line already, kept so they stay so.
     "bad-head": (["--heads", "L9H0"], "L9H0"),
     "unknown-key": (["--not_a_key", "1"], "not_a_key"),
