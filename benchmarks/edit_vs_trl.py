@@ -121,7 +121,6 @@ def main() -> None:
     )
     parser.add_argument("--variants", default=",".join(VARIANTS), help="locedit variants to time")
     args = parser.parse_args()
-    os.environ["LOCEDIT_CACHE"] = tempfile.mkdtemp(prefix="locedit-bench-cache-")  # a cold reference cache
     if args.small:
         from common import SMALL, model_dir
 
@@ -135,6 +134,7 @@ def main() -> None:
         steps, rounds = args.steps or 6, args.rounds or 2
         splits = load_preference_splits(TRUTHFULQA, split_fractions=(0.6, 0.2, 0.2), seed=0)
         pairs = splits["train"].select_columns(["prompt", "chosen", "rejected"])
+    os.environ["LOCEDIT_CACHE"] = tempfile.mkdtemp(prefix="locedit-bench-cache-")  # a cold reference cache
     edits = (args.edits or edits).split(";")
     pairs = pairs.shuffle(seed=0).select(range(min(len(pairs), steps * 8)))
     variants = [v for v in args.variants.split(",") if v]
