@@ -174,3 +174,37 @@ def test_twenty_steps_with_every_switch_end_at_the_same_edit(arch, tiny_model_di
     assert any(v.abs().sum() > 0 for k, v in edits[0].items() if "lora_B" in k)  # it moved
     for key in edits[0]:
         torch.testing.assert_close(edits[0][key], edits[1][key], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_many_edits_start_at_their_own_lowest_layer_and_equal_the_plain_computation(shared, tiny_model_dir):
+    """An EditBank of edits at layers 0, 1 and 2 (and one at 1 and 2): each edit's rows start at its own lowest layer
+    from the stored prefix, and the log-probs equal the replicated batch run from the embeddings up."""
+    from locedit.training import EditBank, replicate_batch
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("qwen2", num_layers=3)).eval()
+    layout = AttentionLayout.from_model(model)
+    head_sets = [[(2, 1)], [(0, 3)], [(1, 0), (2, 2)], [(1, 1)]]
+    bank = EditBank(layout, 64, head_sets)
+    for parameter in bank.parameters():
+        parameter.data.normal_(std=0.5)
+    bank.attach(model, layout)
+    input_ids, attention_mask, labels = random_batch(model.config.vocab_size, pairs=3)
+    batch = replicate_batch({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}, 4)
+    expected_model = plain_log_probs  # the bank's hooks on every row, through TRL's own forward
+    with bank.replicating(pairs_per_edit=3):
+        expected = expected_model(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    scorer = PairScorer(model, layout, bank.first_layers.tolist(), True, shared, True, routing=bank)
+    assert scorer.start_layers == [0, 1, 2]
+    with torch.no_grad():
+        scorer.fill(input_ids, attention_mask, labels)  # as the trainer does: the unreplicated pairs
+        assert len(scorer.prefix) == (3 if shared else 6) * 2  # entering layers 1 and 2
+        with bank.replicating(pairs_per_edit=3):
+            groups = bank.groups(len(batch["input_ids"]) // (2 if shared else 1))
+            assert sorted(layer for layer, _ in groups) == [0, 1, 2]
+            got = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"]).log_probs
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    # The edits matter: without them the numbers differ.
+    assert (
+        expected_model(model, batch["input_ids"], batch["attention_mask"], batch["labels"]) - got
+    ).abs().max() > 1e-3

@@ -7,7 +7,11 @@ applies edit k to block k only:
 
     o'[k] = o[k] + <a_k, o[k]> (m_k * b_k)
 
-so one pass computes all K edits' losses. Every edit ends where its separate run would have ended:
+so one pass computes all K edits' losses. With locedit's pair scoring (`training.pair_logps`, on by default) the
+copies are not run from the embeddings up: below each edit's lowest layer every copy is the base model's, so the
+rows of edit k start at edit k's lowest layer from the stored frozen prefix (the bank tells the scorer which rows
+start where, `groups` and `running`), and K edits at single heads cost about what their K separate steps cost
+from their own layers, in one batch per start layer. Every edit ends where its separate run would have ended:
 - the data order is the separate runs' (same seed, same data: all runs see the same batches);
 - the loss is the sum of the K per-edit IPO losses, so edit k's gradient is exactly its own run's gradient;
 - AdamW is elementwise, so stacking the K edits' vectors keeps K independent optimizer states;
@@ -71,8 +75,13 @@ class EditBank(nn.Module):
             if edit_strength == "adaptive":
                 start = initial_read_vector(in_features, layer, init_seed)
                 self.a[str(layer)] = nn.Parameter(start.repeat(self.num_edits, 1))
+        # Each edit's lowest layer: its rows need nothing computed below it (PairScorer's routing).
+        first = [min(layer for layer, _ in heads) for heads in head_sets]
+        self.register_buffer("first_layers", torch.tensor(first), persistent=False)
         self.replicated = False
         self.pairs_per_edit = 0
+        self.row_edits: torch.Tensor | None = None
+        self._batch_edits: torch.Tensor | None = None
 
     def mask(self, layer: int) -> torch.Tensor:
         return getattr(self, f"mask_{layer}")
@@ -82,23 +91,46 @@ class EditBank(nn.Module):
         a = self.a[str(layer)][edit] if self.edit_strength == "adaptive" else None
         return a, self.b[str(layer)][edit]
 
+    def sequence_edits(self, num_sequences: int) -> torch.Tensor:
+        """The edit of each sequence of a replicated batch: rows [chosen x K; rejected x K] (or one sequence per
+        pair, [edits 0..K-1], when the prompt is shared), in blocks of `pairs_per_edit`."""
+        return (torch.arange(num_sequences) // self.pairs_per_edit) % self.num_edits
+
+    def groups(self, num_sequences: int) -> list[tuple[int, torch.Tensor]]:
+        """The sequences of a batch by the layer they start at: each edit's lowest layer (PairScorer's routing).
+        Outside `replicating` (the reference pass) every sequence is the base model's, from the lowest layer."""
+        device = self.first_layers.device
+        if not self.replicated:
+            return [(int(self.first_layers.min()), torch.arange(num_sequences, device=device))]
+        self._batch_edits = self.sequence_edits(num_sequences).to(device)
+        starts = self.first_layers[self._batch_edits]
+        return [(int(layer), (starts == layer).nonzero().squeeze(1)) for layer in starts.unique()]
+
+    @contextlib.contextmanager
+    def running(self, sequences: torch.Tensor):
+        """Within this context the model runs `sequences` of the batch (indices into `groups`' batch)."""
+        if not self.replicated:
+            yield
+            return
+        self.row_edits = self._batch_edits[sequences]
+        try:
+            yield
+        finally:
+            self.row_edits = None
+
     def input_delta(self, o: torch.Tensor, layer: int) -> torch.Tensor:
-        """The change of a projection input o whose rows are [chosen of edits 0..K-1, rejected of edits 0..K-1], each
-        block `pairs_per_edit` rows (or one row per pair, [edits 0..K-1], when the prompt is shared)."""
-        k = self.num_edits
-        blocks = o.view(-1, k, self.pairs_per_edit, *o.shape[1:])  # (2 or 1, K, B, ..., in)
+        """The change of a projection input o (rows of a replicated batch): each row gets its own edit."""
+        edits = self.row_edits if self.row_edits is not None else self.sequence_edits(o.shape[0]).to(o.device)
         mask = self.mask(layer)
-        b = self.b[str(layer)] * mask
-        shape = (1, k, 1) + (1,) * (o.dim() - 2) + (o.shape[-1],)
+        shape = (o.shape[0],) + (1,) * (o.dim() - 2) + (o.shape[-1],)
+        b = (self.b[str(layer)] * mask)[edits].view(shape)
         if self.edit_strength == "constant":
-            delta = b.view(shape).expand_as(blocks)
-        else:
-            a = self.a[str(layer)]
-            if self.edit_read == "heads":
-                a = a * mask
-            strength = (blocks.to(a.dtype) * a.view(shape)).sum(-1, keepdim=True)
-            delta = strength * b.view(shape)
-        return delta.reshape(o.shape).to(o.dtype)
+            return b.expand_as(o).to(o.dtype)
+        a = self.a[str(layer)]
+        if self.edit_read == "heads":
+            a = a * mask
+        strength = (o.to(a.dtype) * a[edits].view(shape)).sum(-1, keepdim=True)
+        return (strength * b).to(o.dtype)
 
     @contextlib.contextmanager
     def replicating(self, pairs_per_edit: int):
@@ -163,7 +195,8 @@ class MultiEditTrainer(PairScoringMixin, CachedReferenceMixin, DPOTrainer):
     def __init__(self, *args, bank: EditBank, **kwargs):
         require_ipo(kwargs.get("args"))
         self.bank = bank
-        self.pair_scorer_first_layer = min(bank.layers)
+        self.pair_scorer_first_layer = bank.first_layers.tolist()
+        self.pair_scorer_routing = bank
         super().__init__(*args, **kwargs)
         self._install_pair_scorer()  # when no reference precompute installed it
 

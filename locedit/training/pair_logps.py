@@ -24,6 +24,7 @@ scored without prompt sharing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -123,7 +124,7 @@ class PrefixStore:
         self.on_disk.clear()
 
     def describe(self) -> str:
-        text = f"{len(self)} sequences, {self.memory_bytes / 2**20:.1f} MiB in memory"
+        text = f"{len(self)} entries (a sequence at a layer), {self.memory_bytes / 2**20:.1f} MiB in memory"
         if self.on_disk:
             text += f", {self.disk_bytes / 2**20:.1f} MiB on disk"
         return text
@@ -145,26 +146,34 @@ class PairScorer:
         model: the causal-LM model (a PEFT or accelerate wrapper of one is unwrapped).
         layout: the model's attention layout (where its decoder layers are).
         first_layer: the lowest layer whose computation the edit changes; the frozen prefix is everything below it.
+            Many edits in one batch (`routing`) give the first layer of each: an int or a list of ints.
         score_completions_only, share_prompt, frozen_prefix: the switches (see the module docstring).
         frozen_prefix_max_memory_gb: memory for the frozen prefix before it spills to disk.
+        routing: for a batch of many edits (an EditBank), which sequences start at which layer: an object with
+            `groups(num_sequences) -> [(layer, sequence indices)]` and a context manager `running(indices)` during
+            which the edits apply to those sequences only. Each group runs from its own layer, so the rows of an
+            edit leave the shared (unedited) stream at that edit's lowest layer.
     """
 
     def __init__(
         self,
         model: nn.Module,
         layout: AttentionLayout,
-        first_layer: int,
+        first_layer: int | list[int],
         score_completions_only: bool = True,
         share_prompt: bool = True,
         frozen_prefix: bool = True,
         frozen_prefix_max_memory_gb: float = 4.0,
+        routing=None,
     ):
         self.model = unwrap_model(model)
         self.layers: nn.ModuleList = self.model.get_submodule(layout.layers_path)
-        self.first_layer = first_layer
+        self.start_layers = sorted({first_layer} if isinstance(first_layer, int) else set(first_layer))
+        self.first_layer = self.start_layers[0]
+        self.routing = routing
         self.score_completions_only = score_completions_only
         self.share_prompt = share_prompt
-        self.frozen_prefix = frozen_prefix and first_layer > 0
+        self.frozen_prefix = frozen_prefix and self.start_layers[-1] > 0
         self.prefix = PrefixStore(frozen_prefix_max_memory_gb * 2**30) if self.frozen_prefix else None
         text_config = self.model.config.get_text_config()
         self.softcap = getattr(text_config, "final_logit_softcapping", None)
@@ -315,42 +324,66 @@ class PairScorer:
         return ids, positions, allowed, seq_lengths, keys, (where[:, 0], where[:, 1]), targets
 
     def _backbone(self, ids, positions, mask, seq_lengths, keys) -> torch.Tensor:
-        """The last hidden states of the sequences, from the stored frozen prefix where there is one."""
+        """The last hidden states of the sequences: each group from its start layer, entering it from the stored
+        frozen prefix (layers above 0 with `frozen_prefix`), in the order of the sequences."""
         if mask.dim() == 3:
             mask = self._attention_mask_4d(mask)
+        if keys is not None:
+            self._fill_missing(ids, positions, mask, seq_lengths, keys)
+        everything = torch.arange(len(ids), device=ids.device)
+        groups = self.routing.groups(len(ids)) if self.routing is not None else [(self.first_layer, everything)]
+        outputs, order = [], []
+        for layer, rows in groups:
+            running = self.routing.running(rows) if self.routing is not None else contextlib.nullcontext()
+            with running:
+                outputs.append(self._run_rows(ids, positions, mask, keys, rows, layer))
+            order.append(rows)
+        if len(outputs) == 1:
+            return outputs[0]
+        inverse = torch.empty_like(everything)
+        inverse[torch.cat(order)] = everything
+        return torch.cat(outputs)[inverse]
+
+    def _run_rows(self, ids, positions, mask, keys, rows, layer: int) -> torch.Tensor:
         call = functools.partial(
-            self.model.base_model, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
+            self.model.base_model,
+            input_ids=ids[rows],
+            attention_mask=mask[rows],
+            position_ids=positions[rows],
+            use_cache=False,
         )
-        if keys is None:
+        if keys is None or layer == 0:
             return call().last_hidden_state
-        self._fill_missing(ids, positions, mask, seq_lengths, keys)
-        stored = [self.prefix.get(key) for key in keys]
+        stored = [self.prefix.get(keys[i] + _layer_key(layer)) for i in rows.tolist()]
         entering = torch.zeros(len(stored), ids.shape[1], stored[0].shape[-1], dtype=stored[0].dtype)
         for i, hidden in enumerate(stored):
             entering[i, : hidden.shape[0]] = hidden
-        return self._run_from_first_layer(call, entering.to(ids.device))
+        return self._run_from_layer(call, layer, entering.to(ids.device))
 
     def _fill_missing(self, ids, positions, mask, seq_lengths, keys) -> int:
+        """Store the hidden states entering every start layer above 0 of the sequences not stored yet."""
         if mask.dim() == 3:
             mask = self._attention_mask_4d(mask)
+        layers = [layer for layer in self.start_layers if layer > 0]
+        last = _layer_key(layers[-1])
         first_seen = {}
         for i, key in enumerate(keys):
-            if key not in self.prefix:
+            if key + last not in self.prefix:
                 first_seen.setdefault(key, i)  # copies of a sequence (a multi-edit batch) are computed once
         if first_seen:
             rows = torch.tensor(list(first_seen.values()), device=ids.device)
+            call = functools.partial(
+                self.model.base_model,
+                input_ids=ids[rows],
+                attention_mask=mask[rows],
+                position_ids=positions[rows],
+                use_cache=False,
+            )
             with torch.no_grad():
-                entering = self._run_until_first_layer(
-                    functools.partial(
-                        self.model.base_model,
-                        input_ids=ids[rows],
-                        attention_mask=mask[rows],
-                        position_ids=positions[rows],
-                        use_cache=False,
-                    )
-                )
-            for j, (key, i) in enumerate(first_seen.items()):
-                self.prefix.put(key, entering[j, : seq_lengths[i]])
+                entering = self._run_until_layers(call, layers)
+            for layer in layers:  # the last layer last: its key says the sequence is stored
+                for j, (key, i) in enumerate(first_seen.items()):
+                    self.prefix.put(key + _layer_key(layer), entering[layer][j, : seq_lengths[i]])
         return len(first_seen)
 
     def _attention_mask_4d(self, allowed: torch.Tensor) -> torch.Tensor:
@@ -362,35 +395,50 @@ class PairScorer:
         additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         return additive.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
-    def _run_until_first_layer(self, call) -> torch.Tensor:
-        def capture(module, args, kwargs):
-            raise _StopForward(args[0] if args else kwargs["hidden_states"])
+    def _run_until_layers(self, call, layers: list[int]) -> dict[int, torch.Tensor]:
+        """The hidden states entering each of `layers`; the forward pass stops at the last of them."""
+        captured = {}
 
-        handle = self.layers[self.first_layer].register_forward_pre_hook(capture, with_kwargs=True)
+        def capture(module, args, kwargs, layer):
+            captured[layer] = args[0] if args else kwargs["hidden_states"]
+            if layer == layers[-1]:
+                raise _StopForward(captured[layer])
+
+        handles = [
+            self.layers[layer].register_forward_pre_hook(functools.partial(capture, layer=layer), with_kwargs=True)
+            for layer in layers
+        ]
         try:
             call()
-        except _StopForward as stop:
-            return stop.hidden
+        except _StopForward:
+            return captured
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         raise RuntimeError("the forward pass never reached the lowest edited layer")
 
-    def _run_from_first_layer(self, call, entering: torch.Tensor) -> torch.Tensor:
+    def _run_from_layer(self, call, layer: int, entering: torch.Tensor) -> torch.Tensor:
+        """The backbone with the layers below `layer` passed over and `entering` fed to `layer`."""
+
         def replace(module, args, kwargs):
             if args:
                 return (entering.to(args[0].dtype), *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": entering.to(kwargs["hidden_states"].dtype)}
 
-        handle = self.layers[self.first_layer].register_forward_pre_hook(replace, with_kwargs=True)
-        saved = {i: self.layers[i] for i in range(self.first_layer)}
+        handle = self.layers[layer].register_forward_pre_hook(replace, with_kwargs=True)
+        saved = {i: self.layers[i] for i in range(layer)}
         try:
             for i in saved:
                 self.layers[i] = _PassThrough()
             return call().last_hidden_state
         finally:
-            for i, layer in saved.items():
-                self.layers[i] = layer
+            for i, module in saved.items():
+                self.layers[i] = module
             handle.remove()
+
+
+def _layer_key(layer: int) -> bytes:
+    return layer.to_bytes(2, "little")
 
 
 def _prompt_length(labels_row: torch.Tensor, length: int) -> int:
@@ -435,7 +483,8 @@ class PairScoringMixin:
     """
 
     pair_scorer: PairScorer | None = None
-    pair_scorer_first_layer: int = 0
+    pair_scorer_first_layer: int | list[int] = 0
+    pair_scorer_routing = None
 
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
         self._install_pair_scorer()
@@ -463,8 +512,9 @@ class PairScoringMixin:
                 labels = ids.masked_fill(batch["completion_mask"].to(device) == 0, -100)
                 computed += scorer.fill(ids, attention, labels)
         if self.accelerator.is_main_process and computed:
+            layers = ", ".join(str(layer) for layer in scorer.start_layers if layer)
             print(
-                f"locedit: frozen prefix (layers below {scorer.first_layer}) of {computed} sequences in "
+                f"locedit: frozen prefix (entering layer {layers}) of {computed} sequences in "
                 f"{time.perf_counter() - start:.1f} s; kept: {scorer.prefix.describe()}",
                 flush=True,
             )
@@ -483,6 +533,7 @@ class PairScoringMixin:
             model,
             AttentionLayout.from_model(model),
             self.pair_scorer_first_layer,
+            routing=self.pair_scorer_routing,
             frozen_prefix_max_memory_gb=getattr(self.args, "frozen_prefix_max_memory_gb", 4.0),
             **switches,
         )
@@ -493,7 +544,7 @@ class PairScoringMixin:
         if scorer is None or scorer.prefix is None:
             return {}
         return {
-            "frozen_prefix_sequences": len(scorer.prefix),
+            "frozen_prefix_entries": len(scorer.prefix),
             "frozen_prefix_memory_mib": scorer.prefix.memory_bytes / 2**20,
             "frozen_prefix_disk_mib": scorer.prefix.disk_bytes / 2**20,
         }
