@@ -17,7 +17,7 @@ from trl.trainer.utils import add_fused_lm_head
 from locedit import AttentionLayout, HeadEditConfig, resolve_heads
 from locedit.core.args import LocEditConfig
 from locedit.data import load_preference_splits
-from locedit.training import LocEditTrainer
+from locedit.training import LocEditTrainer, pair_logps
 from locedit.training.pair_logps import PairScorer, PrefixStore, SeededLengthGroupedSampler
 
 SWITCHES = list(itertools.product([True, False], repeat=3))  # score_completions_only, share_prompt, frozen_prefix
@@ -65,13 +65,15 @@ def test_log_probs_equal_the_plain_computation_with_every_switch(arch, attention
             assert len(scorer.prefix) == (5 if shared else 10)  # one sequence per pair when the prompt is shared
 
 
-def test_the_shared_prompt_masks_the_chosen_answer_from_the_rejected_one(tiny_model_dir):
+def test_the_shared_prompt_masks_the_chosen_answer_from_the_rejected_one(tiny_model_dir, monkeypatch):
     """A mask that lets the rejected answer see the chosen one changes the numbers: the test above can fail."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama", num_layers=3)).eval()
     batch = random_batch(model.config.vocab_size)
     expected = plain_log_probs(model, *batch)
     scorer = PairScorer(model, AttentionLayout.from_model(model), 1, True, True, False)
-    scorer._attention_mask_4d = lambda allowed: torch.ones_like(allowed).tril()[:, None]
+    monkeypatch.setattr(
+        pair_logps, "attention_mask_4d", lambda model, allowed: torch.ones_like(allowed).tril()[:, None]
+    )
     with torch.no_grad():
         assert (scorer(*batch).log_probs - expected).abs().max() > 1e-3
 

@@ -40,6 +40,7 @@ from transformers.utils import ModelOutput
 
 from ..core.cache import cache_root
 from ..models.layout import AttentionLayout, unwrap_model
+from ..models.prefix_sharing import attention_mask_4d, lm_head_logits, pack_shared_prefix
 
 
 @dataclass
@@ -175,9 +176,6 @@ class PairScorer:
         self.share_prompt = share_prompt
         self.frozen_prefix = frozen_prefix and self.start_layers[-1] > 0
         self.prefix = PrefixStore(frozen_prefix_max_memory_gb * 2**30) if self.frozen_prefix else None
-        text_config = self.model.config.get_text_config()
-        self.softcap = getattr(text_config, "final_logit_softcapping", None)
-        self.logit_scale = getattr(text_config, "logit_scale", None)
 
     @property
     def active(self) -> bool:
@@ -229,10 +227,10 @@ class PairScorer:
         hidden = self._backbone(ids, positions, mask, seq_lengths, keys)
         if not self.score_completions_only:
             # Every position through the LM head, as TRL does off Triton devices; the completion ones are kept.
-            logits_all = self._logits(hidden.reshape(-1, hidden.shape[-1]))
+            logits_all = lm_head_logits(self.model, hidden.reshape(-1, hidden.shape[-1]))
             logits = logits_all.view(*hidden.shape[:2], -1)[score_at[0], score_at[1]]
         else:
-            logits = self._logits(hidden[score_at[0], score_at[1]])
+            logits = lm_head_logits(self.model, hidden[score_at[0], score_at[1]])
         log_softmax = torch.log_softmax(logits.float(), dim=-1)
         token_logps = log_softmax.gather(-1, targets[:, None]).squeeze(-1)
 
@@ -252,15 +250,6 @@ class PairScorer:
             mean_logits = scatter(logits.float().mean(-1))
             top1 = scatter(logits.argmax(-1) == targets)
         return PairLogps(loss, scatter(token_logps), entropy, log_sum_sq, mean_logits, top1)
-
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        lm_head = self.model.get_output_embeddings()
-        logits = lm_head(hidden.to(lm_head.weight.device))
-        if self.logit_scale is not None:
-            logits = logits * self.logit_scale
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
 
     @staticmethod
     def _prompts_match(input_ids, labels, lengths) -> bool:
@@ -285,49 +274,29 @@ class PairScorer:
 
     def _shared_sequences(self, input_ids, labels, lengths):
         """One sequence per pair: [prompt, chosen, rejected], the rejected part attending to the prompt and itself."""
-        device = input_ids.device
         half = input_ids.shape[0] // 2
-        parts = []
+        sequences, keys = [], []
         for i in range(half):
             p = _prompt_length(labels[i], lengths[i])
-            chosen = input_ids[i, : lengths[i]]
+            prompt, chosen = input_ids[i, :p], input_ids[i, p : lengths[i]]
             rejected = input_ids[half + i, p : lengths[half + i]]
-            parts.append((p, chosen, rejected))
-        width = max(len(chosen) + len(rejected) for _, chosen, rejected in parts)
-        ids = input_ids.new_zeros(half, width)
-        positions = torch.zeros(half, width, dtype=torch.long, device=device)
-        allowed = torch.zeros(half, width, width, dtype=torch.bool, device=device)
-        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-        chosen_at, rejected_at, chosen_targets, rejected_targets, keys = [], [], [], [], []
-        for i, (p, chosen, rejected) in enumerate(parts):
-            c, r = len(chosen), len(rejected)
-            ids[i, :c], ids[i, c : c + r] = chosen, rejected
-            positions[i, :c] = torch.arange(c, device=device)
-            positions[i, c : c + r] = torch.arange(p, p + r, device=device)
-            allowed[i, :c, :c] = causal[:c, :c]
-            allowed[i, c : c + r, :p] = True
-            allowed[i, c : c + r, c : c + r] = causal[:r, :r]
-            padding = torch.arange(c + r, width, device=device)
-            allowed[i, padding, padding] = True  # padding attends to itself only (no empty softmax row)
-            # Token j of the chosen answer (at c_j) is scored from the position before it; the first rejected token
-            # from the prompt's last position, the others from the rejected token before them.
-            chosen_at += [(i, j - 1) for j in range(p, c)]
-            chosen_targets.append(chosen[p:])
-            rejected_at += [(i, p - 1 if j == 0 else c + j - 1) for j in range(r)]
-            rejected_targets.append(rejected)
+            sequences.append((prompt, [chosen, rejected]))
             if self.frozen_prefix:
-                keys.append(_key(torch.cat([chosen, rejected]), extra=(p, c)))
-        where = torch.tensor(chosen_at + rejected_at, dtype=torch.long, device=device).reshape(-1, 2)
-        targets = torch.cat(chosen_targets + rejected_targets)
-        seq_lengths = [len(chosen) + len(rejected) for _, chosen, rejected in parts]
+                keys.append(_key(torch.cat([prompt, chosen, rejected]), extra=(p, len(chosen))))
+        packed = pack_shared_prefix(sequences)
+        # TRL's order: every chosen answer (pair by pair), then every rejected one.
+        spans = [packed.scored[i][0] for i in range(half)] + [packed.scored[i][1] for i in range(half)]
+        rows = torch.cat([torch.full_like(at, i % half) for i, (at, _) in enumerate(spans)])
+        where = (rows, torch.cat([at for at, _ in spans]))
+        targets = torch.cat([target for _, target in spans])
         keys = keys if self.frozen_prefix else None
-        return ids, positions, allowed, seq_lengths, keys, (where[:, 0], where[:, 1]), targets
+        return packed.ids, packed.positions, packed.allowed, packed.lengths, keys, where, targets
 
     def _backbone(self, ids, positions, mask, seq_lengths, keys) -> torch.Tensor:
         """The last hidden states of the sequences: each group from its start layer, entering it from the stored
         frozen prefix (layers above 0 with `frozen_prefix`), in the order of the sequences."""
         if mask.dim() == 3:
-            mask = self._attention_mask_4d(mask)
+            mask = attention_mask_4d(self.model, mask)
         if keys is not None:
             self._fill_missing(ids, positions, mask, seq_lengths, keys)
         everything = torch.arange(len(ids), device=ids.device)
@@ -363,7 +332,7 @@ class PairScorer:
     def _fill_missing(self, ids, positions, mask, seq_lengths, keys) -> int:
         """Store the hidden states entering every start layer above 0 of the sequences not stored yet."""
         if mask.dim() == 3:
-            mask = self._attention_mask_4d(mask)
+            mask = attention_mask_4d(self.model, mask)
         layers = [layer for layer in self.start_layers if layer > 0]
         last = _layer_key(layers[-1])
         first_seen = {}
@@ -385,15 +354,6 @@ class PairScorer:
                 for j, (key, i) in enumerate(first_seen.items()):
                     self.prefix.put(key + _layer_key(layer), entering[layer][j, : seq_lengths[i]])
         return len(first_seen)
-
-    def _attention_mask_4d(self, allowed: torch.Tensor) -> torch.Tensor:
-        """(batch, 1, q, k) from a boolean "may attend" mask: boolean for SDPA, additive for eager attention."""
-        if self.model.config._attn_implementation == "sdpa":
-            return allowed[:, None]
-        dtype = self.model.get_input_embeddings().weight.dtype
-        dtype = dtype if dtype.is_floating_point else torch.float32
-        additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return additive.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
     def _run_until_layers(self, call, layers: list[int]) -> dict[int, torch.Tensor]:
         """The hidden states entering each of `layers`; the forward pass stops at the last of them."""
