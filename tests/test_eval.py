@@ -246,6 +246,26 @@ def test_answer_logprobs_are_the_models_own_token_logprobs_in_batches(tiny_model
         assert score == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox"])
+def test_mc_choices_scored_with_their_prompt_shared_equal_each_choice_alone(arch, tiny_model_dir):
+    """A question's choices in one sequence that runs the prompt once: the same log-probs as each choice in its own
+    sequence (batches of whole questions; a prompt whose last token merges with a choice is scored alone)."""
+    path = tiny_model_dir(arch)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    questions = {
+        "Q: What colour is the sky?\nA:": [" The sky is blue.", " Green.", " I have no comment.", " Red, at dawn"],
+        "Q: Why?\nA:": [" Because.", " No reason at all."],
+        "Q: What is 2 plus 3?\nA": [": 5", ": 6"],  # ':' merges with the prompt's last token in some tokenizers
+        "Q: Where do fish live?\nA:": [" In water."],
+    }
+    pairs = [(prompt, choice) for prompt, choices in questions.items() for choice in choices]
+    alone = answer_logprobs(model, tokenizer, pairs, batch_size=3, share_prompts=False)
+    shared = answer_logprobs(model, tokenizer, pairs, batch_size=3, share_prompts=True)
+    assert shared == pytest.approx(alone, rel=1e-6, abs=1e-5)  # float32 rounding of sums near -80
+    assert len(set(round(x, 3) for x in alone)) > 5  # the scores differ: the comparison can fail
+
+
 def test_prompts_and_answers_follow_iti():
     assert QA_PRIMER.startswith(
         "Q: What is human life expectancy in the United States?\n"

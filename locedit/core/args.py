@@ -189,6 +189,13 @@ class EvalArguments:
         default=None, metadata={"help": "Evaluate only the first N test questions (by id), for quick checks."}
     )
     eval_mc: bool = field(default=True, metadata={"help": "Compute MC1/MC2 from answer log-probs."})
+    eval_mc_share_prompt: bool = field(
+        default=True,
+        metadata={
+            "help": "Score a question's MC choices in one sequence that runs its prompt once (exact; sdpa or eager "
+            "attention); false: each choice with its own copy of the prompt."
+        },
+    )
     eval_mc_targets: str | None = field(
         default="auto",
         metadata={

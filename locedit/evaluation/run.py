@@ -85,7 +85,7 @@ def evaluate_model(model, tokenizer, questions: list[dict], target: Target, args
         ]
         print(f"locedit eval: {target.name}: MC on {len(pairs)} answers of {len(questions)} questions", flush=True)
         started = time.perf_counter()
-        logprobs = iter(answer_logprobs(model, tokenizer, pairs, args.eval_batch_size))
+        logprobs = iter(answer_logprobs(model, tokenizer, pairs, args.eval_batch_size, args.eval_mc_share_prompt))
         for record, (best, wrong1, right, wrong2), distinct in zip(records, sets, choices, strict=True):
             score = {choice: next(logprobs) for choice in distinct}
             record["mc1"] = mc1(score[best], [score[c] for c in wrong1])

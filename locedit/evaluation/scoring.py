@@ -54,17 +54,91 @@ def generate_answers(
     return answers
 
 
-def answer_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16) -> list[float]:
+def answer_logprobs(
+    model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16, share_prompts: bool = True
+) -> list[float]:
     """log p(completion | prompt): the sum of the completion's token log-probs. As lm-evaluation-harness does, the
-    completion's tokens are those of tokenize(prompt + completion) after the first len(tokenize(prompt))."""
-    import torch
+    completion's tokens are those of tokenize(prompt + completion) after the first len(tokenize(prompt)).
 
+    With `share_prompts`, consecutive pairs with the same prompt (a question's MC choices) are scored in one packed
+    sequence [prompt, choice 1, ..., choice n] whose choices each see only the prompt and themselves
+    (`models.prefix_sharing`), and the LM head runs only where a choice's token is scored: the same numbers, the
+    prompt once. A question whose tokenization merges across the prompt's end is scored choice by choice.
+    """
     rows, targets = [], []
     for prompt, completion in pairs:
         context = tokenizer(prompt)["input_ids"]
         whole = tokenizer(prompt + completion)["input_ids"]
         rows.append(whole)
         targets.append([0] * len(context) + [1] * (len(whole) - len(context)))
+    flash = str(getattr(model.config, "_attn_implementation", "")).startswith("flash")  # takes no block mask
+    if not share_prompts or flash:
+        return _row_logprobs(model, tokenizer, rows, targets, batch_size)
+    groups, start = [], 0  # runs of consecutive pairs with one prompt that tokenizes the same in every row
+    for end in range(1, len(pairs) + 1):
+        if end == len(pairs) or pairs[end][0] != pairs[start][0]:
+            groups.append(range(start, end))
+            start = end
+    scores: list[float | None] = [None] * len(pairs)
+    shared, alone = [], []
+    for group in groups:
+        p = targets[group[0]].index(1) if 1 in targets[group[0]] else len(targets[group[0]])
+        if p > 0 and all(rows[i][:p] == rows[group[0]][:p] and targets[i][:p] == [0] * p for i in group):
+            shared.append((group, p))
+        else:
+            alone += list(group)
+    # Batches of whole questions holding about `batch_size` choices (at least one question).
+    packs, current = [], []
+    for group in shared:
+        if current and sum(len(g) for g, _ in current) + len(group[0]) > batch_size:
+            packs.append(current)
+            current = []
+        current.append(group)
+    packs += [current] if current else []
+    for index in batches(len(packs), 1, "MC answer log-probs (prompts shared)"):
+        _score_shared(model, packs[index], rows, scores)
+    if alone:
+        alone_scores = _row_logprobs(
+            model, tokenizer, [rows[i] for i in alone], [targets[i] for i in alone], batch_size
+        )
+        for i, value in zip(alone, alone_scores, strict=True):
+            scores[i] = value
+    return scores
+
+
+def _score_shared(model, groups, rows, scores) -> None:
+    import torch
+
+    from ..models.layout import unwrap_model
+    from ..models.prefix_sharing import attention_mask_4d, lm_head_logits, pack_shared_prefix
+
+    base = unwrap_model(model)
+    device = model_input_device(model)
+    sequences = []
+    for group, p in groups:
+        prompt = torch.tensor(rows[group[0]][:p], device=device)
+        sequences.append((prompt, [torch.tensor(rows[i][p:], dtype=torch.long, device=device) for i in group]))
+    packed = pack_shared_prefix(sequences)
+    with torch.no_grad():
+        hidden = base.base_model(
+            input_ids=packed.ids,
+            attention_mask=attention_mask_4d(base, packed.allowed),
+            position_ids=packed.positions,
+            use_cache=False,
+        ).last_hidden_state
+        for s, (group, _) in enumerate(groups):
+            for i, (at, target) in zip(group, packed.scored[s], strict=True):
+                if len(at) == 0:
+                    scores[i] = 0.0
+                    continue
+                logprobs = torch.log_softmax(lm_head_logits(base, hidden[s, at]).float(), dim=-1)
+                scores[i] = float(logprobs.gather(-1, target.to(logprobs.device)[:, None]).sum())
+
+
+def _row_logprobs(model, tokenizer, rows, targets, batch_size: int) -> list[float]:
+    """Each (prompt + completion) row on its own, in right-padded batches."""
+    import torch
+
     scores: list[float] = []
     for start in batches(len(rows), batch_size, "MC answer log-probs"):
         ids, mask = pad_right(rows[start : start + batch_size], pad_id(tokenizer), model_input_device(model))
