@@ -9,10 +9,14 @@ same pairs, batch 8. locedit runs with each pair-scoring change alone and with a
 - prompt        share_prompt: each pair's prompt once, [prompt, chosen, rejected] with a block mask
 - all           all of the above (locedit's default)
 
-Every variant trains from a fresh trainer on the same pairs; the variants take turns in each round (so drift in the
-machine's load hits all alike), and each figure is the median step time over rounds and steps (the first step of
-each run left out). The reference log-probs (and the frozen prefix) are computed before the timed steps, as both
-trainers do before training. The share of the one-thread fp32 matmul rate counts, for the pairs' real tokens, the
+Every variant trains from a fresh trainer on the same pool of pairs (320 by default: length grouping sorts within
+mega-batches of up to 50 batches, so it needs a pool as large as a real run's, not just the pairs of the timed
+steps); the variants take turns in each round (so drift in the machine's load hits all alike), and each figure is the
+median step time over rounds and steps (the first step of each run left out). The reference log-probs (and the
+frozen prefix) are computed before the timed steps, as both trainers do before training; TRL's reference pass reads
+locedit's reference cache (`CachedReferenceMixin`), which changes nothing in its steps.
+
+The share of the one-thread fp32 matmul rate counts, for the pairs' real tokens, the
 work a whole step would do without padding (forward and input-gradient pass through every layer and the LM head at
 every position), so it says how far from this CPU's rate the step is in what it achieves, not in what it computes.
 
@@ -35,6 +39,7 @@ from trl import DPOTrainer
 
 from locedit import AttentionLayout, HeadEditConfig, resolve_heads
 from locedit.training import LocEditTrainer
+from locedit.training.reference import CachedReferenceMixin
 
 TRUTHFULQA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "truthfulqa", "TruthfulQA.csv")
 OFF = dict(score_completions_only=False, share_prompt=False, frozen_prefix=False, train_sampling_strategy="random")
@@ -51,6 +56,10 @@ VARIANTS = {
         "train_sampling_strategy": "group_by_length",
     },
 }
+
+
+class TRLCachedReference(CachedReferenceMixin, DPOTrainer):
+    """TRL's DPOTrainer, its reference pass read from locedit's cache (the steps are TRL's own)."""
 
 
 def matmul_rate(seconds: float = 2.0) -> float:
@@ -120,30 +129,33 @@ def main() -> None:
         "--edits", default=None, help="head specs separated by semicolons (default: all;random:16;L25H0)"
     )
     parser.add_argument("--variants", default=",".join(VARIANTS), help="locedit variants to time")
+    parser.add_argument("--pool", type=int, default=None, help="pairs the runs draw their batches from (default 320)")
     args = parser.parse_args()
     if args.small:
         from common import SMALL, model_dir
 
         path, pairs, edits = model_dir(SMALL), preference_data(60), "all;random:2;L1H0"
-        steps, rounds = args.steps or 3, args.rounds or 1
+        steps, rounds, pool = args.steps or 3, args.rounds or 1, args.pool or 40
     else:
         from locedit.data import load_preference_splits
         from locedit.models.sources import resolve_model_path
 
         path, edits = resolve_model_path("smollm2"), "all;random:16;L25H0"
-        steps, rounds = args.steps or 6, args.rounds or 2
+        steps, rounds, pool = args.steps or 6, args.rounds or 2, args.pool or 320
         splits = load_preference_splits(TRUTHFULQA, split_fractions=(0.6, 0.2, 0.2), seed=0)
         pairs = splits["train"].select_columns(["prompt", "chosen", "rejected"])
     os.environ["LOCEDIT_CACHE"] = tempfile.mkdtemp(prefix="locedit-bench-cache-")  # a cold reference cache
     edits = (args.edits or edits).split(";")
-    pairs = pairs.shuffle(seed=0).select(range(min(len(pairs), steps * 8)))
+    pairs = pairs.shuffle(seed=0).select(range(min(len(pairs), max(pool, steps * 8))))
     variants = [v for v in args.variants.split(",") if v]
     threads = torch.get_num_threads()
     rate = matmul_rate(0.5 if args.small else 3.0)
     model, _ = load(path)
     per_token = full_step_flops_per_token(model)
     del model
-    print(f"model: {path}; {len(pairs)} pairs, batch 8, {steps} steps x {rounds} rounds; {threads} thread(s)")
+    print(
+        f"model: {path}; a pool of {len(pairs)} pairs, batch 8, {steps} steps x {rounds} rounds; {threads} thread(s)"
+    )
     print(
         f"fp32 matmul rate: {rate / 1e9:.1f} GFLOP/s; a whole step without padding: {per_token / 1e6:.0f} MFLOP/token"
     )
