@@ -22,7 +22,7 @@ def step_time(path: str, peft_config, steps: int) -> float:
     timer = StepTimer()
     trainer = DPOTrainer(
         model=model,
-        args=training_args(tempfile.mkdtemp(), steps),
+        args=training_args(tempfile.mkdtemp(), steps, train_sampling_strategy="random"),  # TRL's own trainer
         train_dataset=preference_data(),
         processing_class=tokenizer,
         peft_config=peft_config,

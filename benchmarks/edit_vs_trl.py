@@ -4,17 +4,21 @@ same pairs, batch 8. locedit runs with each pair-scoring change alone and with a
 
 - none          locedit's trainer with every switch off (TRL's log-prob computation, the head-masked edit)
 - completions   score_completions_only: the LM head only where a completion token is scored
-- grouping      train_sampling_strategy group_by_length: batches of similar length
+- packing       pack_sequences: a batch's sequences side by side in rows no longer than its longest (no padding)
 - prefix        frozen_prefix: the layers below the lowest edited layer computed once per pair
 - prompt        share_prompt: each pair's prompt once, [prompt, chosen, rejected] with a block mask
-- all           all of the above (locedit's default)
+- all           the four above: locedit's default, every one exact
+- grouping      train_sampling_strategy group_by_length alone: batches of similar length (not exact: it changes
+                which pairs share a step, so it is off by default)
+- all+grouping  the default and length grouping
 
 Every variant trains from a fresh trainer on the same pool of pairs (320 by default: length grouping sorts within
 mega-batches of up to 50 batches, so it needs a pool as large as a real run's, not just the pairs of the timed
-steps); the variants take turns in each round (so drift in the machine's load hits all alike), and each figure is the
-median step time over rounds and steps (the first step of each run left out). The reference log-probs (and the
-frozen prefix) are computed before the timed steps, as both trainers do before training; TRL's reference pass reads
-locedit's reference cache (`CachedReferenceMixin`), which changes nothing in its steps.
+steps), in the same random order but for grouping; the variants take turns in each round (so drift in the
+machine's load hits all alike), and each figure is the median step time over rounds and steps (the first step of
+each run left out). The reference log-probs (and the frozen prefix) are computed before the timed steps, as both
+trainers do before training; TRL's reference pass reads locedit's reference cache (`CachedReferenceMixin`), which
+changes nothing in its steps.
 
 The share of the one-thread fp32 matmul rate counts, for the pairs' real tokens, the
 work a whole step would do without padding (forward and input-gradient pass through every layer and the LM head at
@@ -42,19 +46,18 @@ from locedit.training import LocEditTrainer
 from locedit.training.reference import CachedReferenceMixin
 
 TRUTHFULQA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "truthfulqa", "TruthfulQA.csv")
-OFF = dict(score_completions_only=False, share_prompt=False, frozen_prefix=False, train_sampling_strategy="random")
+SWITCHES = ("score_completions_only", "pack_sequences", "frozen_prefix", "share_prompt")
+OFF = {**dict.fromkeys(SWITCHES, False), "train_sampling_strategy": "random"}
+GROUPING = {"train_sampling_strategy": "group_by_length"}
 VARIANTS = {
     "none": {},
     "completions": {"score_completions_only": True},
-    "grouping": {"train_sampling_strategy": "group_by_length"},
+    "packing": {"pack_sequences": True},
     "prefix": {"frozen_prefix": True},
     "prompt": {"share_prompt": True},
-    "all": {
-        "score_completions_only": True,
-        "share_prompt": True,
-        "frozen_prefix": True,
-        "train_sampling_strategy": "group_by_length",
-    },
+    "all": dict.fromkeys(SWITCHES, True),
+    "grouping": GROUPING,
+    "all+grouping": {**dict.fromkeys(SWITCHES, True), **GROUPING},
 }
 
 

@@ -9,6 +9,10 @@ import warnings
 
 # bitsandbytes warns on import on CPUs without its optional `kernels` package; locedit never runs 4-bit on a CPU.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# With `kernels` installed (bitsandbytes 0.50 pulls it in), its offline notice comes with that same import.
+logging.getLogger("kernels._internals.hf_hub").addFilter(
+    lambda record: not record.getMessage().startswith("Skipping publisher trust check")
+)
 # PEFT and TRL still read transformers' deprecated `is_gradient_checkpointing`, once per model wrap: nothing a user
 # of locedit can act on, and it buried every stage's output of the study under repeats.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)

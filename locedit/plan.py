@@ -148,17 +148,18 @@ def check_pair_scoring(recipe: Recipe) -> None:
     """The pair-scoring switches against what they cannot work with, before any weights load."""
     args = recipe.training
     attention = recipe.model.attn_implementation or ""
-    if args.share_prompt and attention.startswith("flash"):
+    if (args.share_prompt or args.pack_sequences) and attention.startswith("flash"):
         raise RecipeError(
-            f"share_prompt needs an attention that takes a block mask, not attn_implementation '{attention}'; use "
-            "sdpa or eager, or set share_prompt: false"
+            f"share_prompt and pack_sequences need an attention that takes a block mask, not attn_implementation "
+            f"'{attention}'; use sdpa or eager, or set both to false"
         )
     sharded = args.fsdp or args.deepspeed or os.environ.get("ACCELERATE_USE_FSDP") == "true"
     sharded = sharded or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
-    if sharded and (args.score_completions_only or args.share_prompt or args.frozen_prefix):
+    switches = ("score_completions_only", "share_prompt", "frozen_prefix", "pack_sequences")
+    if sharded and any(getattr(args, name) for name in switches):
         raise RecipeError(
-            "score_completions_only, share_prompt and frozen_prefix do not work with FSDP or DeepSpeed (they run "
-            "parts of the model on their own); set all three to false"
+            f"{', '.join(switches)} do not work with FSDP or DeepSpeed (they run parts of the model on their own); "
+            "set them to false"
         )
 
 

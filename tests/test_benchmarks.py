@@ -13,6 +13,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 EXPECTED = {
     "edit_vs_lora.py": "ratio edit / LoRA",
     "edit_vs_trl.py": "locedit all",
+    "mc_speed.py": "prompt shared by its choices",
     "multi_edit.py": "largest parameter difference",
     "ref_precompute.py": "speed-up",
     "gpu_7b.py": "tokens/s",

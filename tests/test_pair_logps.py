@@ -17,10 +17,12 @@ from trl.trainer.utils import add_fused_lm_head
 from locedit import AttentionLayout, HeadEditConfig, resolve_heads
 from locedit.core.args import LocEditConfig
 from locedit.data import load_preference_splits
+from locedit.models.prefix_sharing import pack_rows
 from locedit.training import LocEditTrainer, pair_logps
 from locedit.training.pair_logps import PairScorer, PrefixStore, SeededLengthGroupedSampler
 
-SWITCHES = list(itertools.product([True, False], repeat=3))  # score_completions_only, share_prompt, frozen_prefix
+NAMES = ("score_completions_only", "share_prompt", "frozen_prefix", "pack_sequences")
+SWITCHES = [dict(zip(NAMES, values, strict=True)) for values in itertools.product([True, False], repeat=4)]
 
 
 def random_batch(vocab_size: int, pairs: int = 5, seed: int = 1, **collator):
@@ -54,15 +56,16 @@ def test_log_probs_equal_the_plain_computation_with_every_switch(arch, attention
     expected = plain_log_probs(model, *batch)
     assert (expected != 0).sum() > 10
     layout = AttentionLayout.from_model(model)
-    for completions, shared, prefix in SWITCHES:
-        scorer = PairScorer(model, layout, 2, completions, shared, prefix)
+    for switches in SWITCHES:
+        scorer = PairScorer(model, layout, 2, **switches)
         with torch.no_grad():
             first = scorer(*batch).log_probs  # fills the frozen prefix
             again = scorer(*batch).log_probs  # starts from it
         torch.testing.assert_close(first, expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(again, expected, atol=1e-5, rtol=0)
-        if prefix:
-            assert len(scorer.prefix) == (5 if shared else 10)  # one sequence per pair when the prompt is shared
+        if switches["frozen_prefix"]:
+            # One unit per pair when the prompt is shared, else one per row.
+            assert len(scorer.prefix) == (5 if switches["share_prompt"] else 10)
 
 
 def test_the_shared_prompt_masks_the_chosen_answer_from_the_rejected_one(tiny_model_dir, monkeypatch):
@@ -83,8 +86,9 @@ def test_rows_whose_prompts_differ_are_scored_unshared(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("qwen2", num_layers=3)).eval()
     batch = random_batch(model.config.vocab_size, max_length=8, truncation_mode="keep_end")
     expected = plain_log_probs(model, *batch)
-    scorer = PairScorer(model, AttentionLayout.from_model(model), 1, True, True, True)
-    assert not scorer._prompts_match(batch[0], batch[2], batch[1].sum(1).tolist())
+    scorer = PairScorer(model, AttentionLayout.from_model(model), 1)
+    units, _, _ = scorer._units(*batch)
+    assert len(units) == 10  # each row its own unit
     with torch.no_grad():
         torch.testing.assert_close(scorer(*batch).log_probs, expected, atol=1e-5, rtol=0)
 
@@ -96,12 +100,21 @@ def test_gradients_flow_through_the_shared_prompt(tiny_model_dir):
     layout = AttentionLayout.from_model(model)
     weight = model.get_submodule(layout.projection_name(1)).weight
     grads = []
-    for switches in ((True, True, True), (False, False, False)):
+    for on in (True, False):
         weight.grad = None
-        PairScorer(model, layout, 1, *switches)(*batch).log_probs.sum().backward()
+        PairScorer(model, layout, 1, **dict.fromkeys(NAMES, on))(*batch).log_probs.sum().backward()
         grads.append(weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
     assert grads[0].abs().sum() > 0
+
+
+def test_packed_rows_are_no_longer_than_the_longest_sequence():
+    lengths = [30, 5, 12, 25, 8, 30, 17, 3]
+    rows = pack_rows(lengths)
+    assert sorted(u for row in rows for u in row) == list(range(8))
+    assert all(sum(lengths[u] for u in row) <= 30 for row in rows)
+    assert len(rows) == 5  # 130 tokens in rows of 30: no fewer than 5
+    assert pack_rows(lengths, pack=False) == [[u] for u in range(8)]
 
 
 def test_the_frozen_prefix_spills_to_disk_and_reads_back(tmp_path, monkeypatch):
@@ -157,10 +170,7 @@ def test_twenty_steps_with_every_switch_end_at_the_same_edit(arch, tiny_model_di
             disable_tqdm=True,
             use_cpu=True,
             cache_ref_log_probs=False,
-            score_completions_only=on,
-            share_prompt=on,
-            frozen_prefix=on,
-            train_sampling_strategy="random",
+            **dict.fromkeys(NAMES, on),
         )
         trainer = LocEditTrainer(
             model=model,
@@ -196,14 +206,15 @@ def test_many_edits_start_at_their_own_lowest_layer_and_equal_the_plain_computat
     expected_model = plain_log_probs  # the bank's hooks on every row, through TRL's own forward
     with bank.replicating(pairs_per_edit=3):
         expected = expected_model(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    scorer = PairScorer(model, layout, bank.first_layers.tolist(), True, shared, True, routing=bank)
+    scorer = PairScorer(model, layout, bank.first_layers.tolist(), share_prompt=shared, routing=bank)
     assert scorer.start_layers == [0, 1, 2]
     with torch.no_grad():
         scorer.fill(input_ids, attention_mask, labels)  # as the trainer does: the unreplicated pairs
         assert len(scorer.prefix) == (3 if shared else 6) * 2  # entering layers 1 and 2
         with bank.replicating(pairs_per_edit=3):
-            groups = bank.groups(len(batch["input_ids"]) // (2 if shared else 1))
-            assert sorted(layer for layer, _ in groups) == [0, 1, 2]
+            groups = scorer._groups(len(batch["input_ids"]) // (2 if shared else 1))
+            assert [layer for layer, _, _ in groups] == [0, 1, 2]
+            assert [sorted(edits) for _, _, edits in groups] == [[1], [2, 3], [0]]
             got = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"]).log_probs
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     # The edits matter: without them the numbers differ.

@@ -82,7 +82,7 @@ BAD_TRAIN_FLAGS = {
     "heads-draws-without-random": (["--heads", "all", "--heads_draws", "2"], "heads_draws"),
     "shared-prompt-with-flash-attention": (
         ["--attn_implementation", "flash_attention_2"],
-        "share_prompt needs an attention that takes a block mask",
+        "share_prompt and pack_sequences need an attention that takes a block mask",
     ),
     "frozen-prefix-with-dropout": (["--disable_dropout", "false"], "frozen_prefix needs disable_dropout: true"),
     # Cases that were one line already, kept so they stay so.

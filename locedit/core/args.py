@@ -319,14 +319,22 @@ class LocEditConfig(DPOConfig):
             "there (exact with dropout off)."
         },
     )
+    pack_sequences: bool = field(
+        default=True,
+        metadata={
+            "help": "Lay a batch's sequences side by side in rows no longer than its longest, each seeing only "
+            "itself: almost no padding, the same batches and numbers (exact; sdpa or eager attention)."
+        },
+    )
     frozen_prefix_max_memory_gb: float = field(
         default=4.0, metadata={"help": "Memory for the frozen prefix; beyond it, it is kept on disk."}
     )
     train_sampling_strategy: str = field(
-        default="group_by_length",
+        default="random",
         metadata={
-            "help": "'group_by_length': batches of similar length (seeded by seed, the same in every run with the "
-            "same seed), far less padding; 'random' as the Trainer does by default."
+            "help": "'random' (the Trainer's); 'group_by_length': batches of similar length (seeded by seed and the "
+            "epoch, resumable), which changes which pairs share a step and so what is learned: on the toy study it "
+            "lowered the all-heads edit's True from 0.81 to 0.59. pack_sequences removes padding exactly."
         },
     )
     include_num_input_tokens_seen: str = field(

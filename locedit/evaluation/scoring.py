@@ -127,7 +127,7 @@ def _score_shared(model, groups, rows, scores) -> None:
             use_cache=False,
         ).last_hidden_state
         for s, (group, _) in enumerate(groups):
-            for i, (at, target) in zip(group, packed.scored[s], strict=True):
+            for i, (at, target) in zip(group, packed.placements[s].scored, strict=True):
                 if len(at) == 0:
                     scores[i] = 0.0
                     continue

@@ -1,9 +1,11 @@
-"""Several completions of one prompt in one sequence: [prompt, completion 1, ..., completion n].
+"""Several completions of one prompt in one sequence: [prompt, completion 1, ..., completion n]; several such
+units side by side in one row (packing, so that a batch carries almost no padding).
 
 Each completion attends to the prompt and to itself (never to another completion), and its position ids go on from
 the prompt's end, so every token sees exactly what it would see in its own sequence prompt + completion; the prompt
-runs once ("Accelerating Direct Preference Optimization with Prefix Sharing", Wang et al. 2024). Training packs a
-pair's two answers this way, MC evaluation a question's choices.
+runs once ("Accelerating Direct Preference Optimization with Prefix Sharing", Wang et al. 2024). Units in one row
+never see each other and their positions restart at 0. Training packs a pair's two answers this way (or each
+answer with its own prompt), MC evaluation a question's choices.
 """
 
 from __future__ import annotations
@@ -12,58 +14,101 @@ from dataclasses import dataclass
 
 import torch
 
+Unit = tuple[torch.Tensor, list[torch.Tensor]]  # (prompt ids, [completion ids, ...])
+
+
+@dataclass
+class Placement:
+    """Where a unit lies in a packed batch: its row, its first column, its length, and per completion the columns
+    whose hidden states predict the completion's tokens (in order) with those tokens."""
+
+    row: int
+    offset: int
+    length: int
+    scored: list[tuple[torch.Tensor, torch.Tensor]]
+
 
 @dataclass
 class PackedSequences:
-    """A padded batch of packed sequences.
+    """A padded batch of rows, each holding one or more units side by side.
 
-    ids, positions: (sequences, width); allowed: (sequences, width, width), True where a query may attend to a key;
-    lengths: each sequence's real length; scored[i][j]: (positions, targets) of completion j of sequence i, the
-    positions whose hidden states predict the completion's tokens, in order.
+    ids, positions: (rows, width); allowed: (rows, width, width), True where a query may attend to a key (within its
+    own unit only); lengths: each row's used length; placements: one per unit, in the order the units were given.
     """
 
     ids: torch.Tensor
     positions: torch.Tensor
     allowed: torch.Tensor
     lengths: list[int]
-    scored: list[list[tuple[torch.Tensor, torch.Tensor]]]
+    placements: list[Placement]
 
 
-def pack_shared_prefix(sequences: list[tuple[torch.Tensor, list[torch.Tensor]]], pad_id: int = 0) -> PackedSequences:
-    """Pack each (prompt ids, [completion ids, ...]) into one sequence. Every prompt needs at least one token."""
-    device = sequences[0][0].device
-    lengths = [len(prompt) + sum(len(c) for c in completions) for prompt, completions in sequences]
+def unit_length(unit: Unit) -> int:
+    prompt, completions = unit
+    return len(prompt) + sum(len(c) for c in completions)
+
+
+def pack_rows(lengths: list[int], pack: bool = True) -> list[list[int]]:
+    """Which units share a row: with `pack`, best-fit decreasing into rows no longer than the longest unit (so a
+    batch has almost no padding), else one unit per row."""
+    if not pack:
+        return [[i] for i in range(len(lengths))]
+    capacity = max(lengths, default=0)
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        fits = [r for r in range(len(rows)) if free[r] >= lengths[i]]
+        if fits:
+            best = min(fits, key=lambda r: free[r])
+            rows[best].append(i)
+            free[best] -= lengths[i]
+        else:
+            rows.append([i])
+            free.append(capacity - lengths[i])
+    return rows
+
+
+def pack_shared_prefix(units: list[Unit], rows: list[list[int]] | None = None, pad_id: int = 0) -> PackedSequences:
+    """Lay out each unit (prompt, [completions]) as prompt then its completions, `rows` saying which units share a
+    row (default: one unit per row). Every prompt needs at least one token."""
+    rows = rows if rows is not None else [[i] for i in range(len(units))]
+    device = units[0][0].device
+    lengths = [sum(unit_length(units[u]) for u in row) for row in rows]
     width = max(lengths)
-    ids = torch.full((len(sequences), width), pad_id, dtype=sequences[0][0].dtype, device=device)
-    positions = torch.zeros(len(sequences), width, dtype=torch.long, device=device)
-    allowed = torch.zeros(len(sequences), width, width, dtype=torch.bool, device=device)
+    ids = torch.full((len(rows), width), pad_id, dtype=units[0][0].dtype, device=device)
+    positions = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    allowed = torch.zeros(len(rows), width, width, dtype=torch.bool, device=device)
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-    scored = []
-    for i, (prompt, completions) in enumerate(sequences):
-        p = len(prompt)
-        if p == 0:
-            raise ValueError("a shared prefix needs a prompt of at least one token")
-        ids[i, :p] = prompt
-        positions[i, :p] = torch.arange(p, device=device)
-        allowed[i, :p, :p] = causal[:p, :p]
-        start, spans = p, []
-        for completion in completions:
-            n = len(completion)
-            end = start + n
-            ids[i, start:end] = completion
-            positions[i, start:end] = torch.arange(p, p + n, device=device)
-            allowed[i, start:end, :p] = True
-            allowed[i, start:end, start:end] = causal[:n, :n]
-            # Token k of the completion is predicted at the position before it: the prompt's last for k = 0.
-            at = torch.arange(start - 1, end - 1, device=device)
-            if n:
-                at[0] = p - 1
-            spans.append((at, completion))
-            start = end
-        padding = torch.arange(lengths[i], width, device=device)
-        allowed[i, padding, padding] = True  # padding attends to itself only: no empty softmax row
-        scored.append(spans)
-    return PackedSequences(ids, positions, allowed, lengths, scored)
+    placements: list[Placement | None] = [None] * len(units)
+    for r, row in enumerate(rows):
+        offset = 0
+        for u in row:
+            prompt, completions = units[u]
+            p = len(prompt)
+            if p == 0:
+                raise ValueError("a shared prefix needs a prompt of at least one token")
+            ids[r, offset : offset + p] = prompt
+            positions[r, offset : offset + p] = torch.arange(p, device=device)
+            allowed[r, offset : offset + p, offset : offset + p] = causal[:p, :p]
+            start, scored = offset + p, []
+            for completion in completions:
+                n = len(completion)
+                end = start + n
+                ids[r, start:end] = completion
+                positions[r, start:end] = torch.arange(p, p + n, device=device)
+                allowed[r, start:end, offset : offset + p] = True
+                allowed[r, start:end, start:end] = causal[:n, :n]
+                # Token k of the completion is predicted at the column before it: the prompt's last for k = 0.
+                at = torch.arange(start - 1, end - 1, device=device)
+                if n:
+                    at[0] = offset + p - 1
+                scored.append((at, completion))
+                start = end
+            placements[u] = Placement(r, offset, start - offset, scored)
+            offset = start
+        padding = torch.arange(lengths[r], width, device=device)
+        allowed[r, padding, padding] = True  # padding attends to itself only: no empty softmax row
+    return PackedSequences(ids, positions, allowed, lengths, placements)
 
 
 def attention_mask_4d(model, allowed: torch.Tensor) -> torch.Tensor:
@@ -93,4 +138,13 @@ def lm_head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-__all__ = ["PackedSequences", "attention_mask_4d", "lm_head_logits", "pack_shared_prefix"]
+__all__ = [
+    "PackedSequences",
+    "Placement",
+    "Unit",
+    "attention_mask_4d",
+    "lm_head_logits",
+    "pack_rows",
+    "pack_shared_prefix",
+    "unit_length",
+]

@@ -10,8 +10,10 @@ applies edit k to block k only:
 so one pass computes all K edits' losses. With locedit's pair scoring (`training.pair_logps`, on by default) the
 copies are not run from the embeddings up: below each edit's lowest layer every copy is the base model's, so the
 rows of edit k start at edit k's lowest layer from the stored frozen prefix (the bank tells the scorer which rows
-start where, `groups` and `running`), and K edits at single heads cost about what their K separate steps cost
-from their own layers, in one batch per start layer. Every edit ends where its separate run would have ended:
+start where: `unit_edits`, `first_layers` and `running`), and K edits at single heads cost about what their K
+separate steps cost from their own layers, in one batch per start layer.
+
+Every edit ends where its separate run would have ended:
 - the data order is the separate runs' (same seed, same data: all runs see the same batches);
 - the loss is the sum of the K per-edit IPO losses, so edit k's gradient is exactly its own run's gradient;
 - AdamW is elementwise, so stacking the K edits' vectors keeps K independent optimizer states;
@@ -81,7 +83,6 @@ class EditBank(nn.Module):
         self.replicated = False
         self.pairs_per_edit = 0
         self.row_edits: torch.Tensor | None = None
-        self._batch_edits: torch.Tensor | None = None
 
     def mask(self, layer: int) -> torch.Tensor:
         return getattr(self, f"mask_{layer}")
@@ -96,23 +97,15 @@ class EditBank(nn.Module):
         pair, [edits 0..K-1], when the prompt is shared), in blocks of `pairs_per_edit`."""
         return (torch.arange(num_sequences) // self.pairs_per_edit) % self.num_edits
 
-    def groups(self, num_sequences: int) -> list[tuple[int, torch.Tensor]]:
-        """The sequences of a batch by the layer they start at: each edit's lowest layer (PairScorer's routing).
-        Outside `replicating` (the reference pass) every sequence is the base model's, from the lowest layer."""
-        device = self.first_layers.device
-        if not self.replicated:
-            return [(int(self.first_layers.min()), torch.arange(num_sequences, device=device))]
-        self._batch_edits = self.sequence_edits(num_sequences).to(device)
-        starts = self.first_layers[self._batch_edits]
-        return [(int(layer), (starts == layer).nonzero().squeeze(1)) for layer in starts.unique()]
+    def unit_edits(self, num_units: int) -> torch.Tensor | None:
+        """PairScorer's routing: the edit of each unit of a replicated batch, None outside `replicating` (the
+        reference pass runs the base model)."""
+        return self.sequence_edits(num_units) if self.replicated else None
 
     @contextlib.contextmanager
-    def running(self, sequences: torch.Tensor):
-        """Within this context the model runs `sequences` of the batch (indices into `groups`' batch)."""
-        if not self.replicated:
-            yield
-            return
-        self.row_edits = self._batch_edits[sequences]
+    def running(self, row_edits: list[int]):
+        """Within this context row r of the model's batch gets edit row_edits[r] (PairScorer's routing)."""
+        self.row_edits = torch.tensor(row_edits, device=self.first_layers.device)
         try:
             yield
         finally:

@@ -13,10 +13,13 @@ switch of `LocEditConfig`, exact up to floating-point rounding:
   tokens see the prompt and themselves, never the chosen ones) and position ids that restart after the prompt, as in
   "Accelerating Direct Preference Optimization with Prefix Sharing" (Wang et al. 2024): the prompt runs once per pair,
   and gradients flow through it to both answers.
+- `pack_sequences`: the sequences of a batch are laid side by side in rows no longer than its longest, each seeing
+  only itself (block mask, positions restarting at 0): almost no padding, with the same batches as before.
 - `frozen_prefix`: below the lowest edited layer the model is the base model, frozen and unedited (dropout off), so
   the hidden states entering that layer are computed once per sequence, kept (in memory up to
   `frozen_prefix_max_memory_gb`, then on disk) and fed straight to that layer; a step runs only the layers at and
-  above it. The reference precompute fills them as it goes; otherwise the first visit of a pair does.
+  above it. They are computed for every training pair right after the reference log-probs (the run says how long
+  it took and what it keeps; `frozen_prefix_*` in metrics.json), otherwise at a pair's first visit.
 
 Batches whose chosen and rejected rows do not share a prompt (`truncation_mode: keep_end` cut them differently) are
 scored without prompt sharing.
@@ -40,7 +43,15 @@ from transformers.utils import ModelOutput
 
 from ..core.cache import cache_root
 from ..models.layout import AttentionLayout, unwrap_model
-from ..models.prefix_sharing import attention_mask_4d, lm_head_logits, pack_shared_prefix
+from ..models.prefix_sharing import (
+    PackedSequences,
+    Unit,
+    attention_mask_4d,
+    lm_head_logits,
+    pack_rows,
+    pack_shared_prefix,
+    unit_length,
+)
 
 
 @dataclass
@@ -137,23 +148,29 @@ def scorer_switches(args) -> dict:
         "score_completions_only": bool(getattr(args, "score_completions_only", False)),
         "share_prompt": bool(getattr(args, "share_prompt", False)),
         "frozen_prefix": bool(getattr(args, "frozen_prefix", False)),
+        "pack_sequences": bool(getattr(args, "pack_sequences", False)),
     }
 
 
 class PairScorer:
     """Computes TRL's fused-LM-head outputs for a preference batch with the switches of `scorer_switches`.
 
+    A batch is cut into units: a pair [prompt, chosen, rejected] when the prompt is shared, else each row
+    [prompt, answer]. Units are packed side by side into rows (`pack_sequences`), grouped by the layer they start
+    at, run from that layer (entering it from the stored frozen prefix), and only the positions that score a
+    completion token go through the LM head (`score_completions_only`).
+
     Args:
         model: the causal-LM model (a PEFT or accelerate wrapper of one is unwrapped).
         layout: the model's attention layout (where its decoder layers are).
         first_layer: the lowest layer whose computation the edit changes; the frozen prefix is everything below it.
             Many edits in one batch (`routing`) give the first layer of each: an int or a list of ints.
-        score_completions_only, share_prompt, frozen_prefix: the switches (see the module docstring).
+        score_completions_only, share_prompt, frozen_prefix, pack_sequences: the switches (module docstring).
         frozen_prefix_max_memory_gb: memory for the frozen prefix before it spills to disk.
-        routing: for a batch of many edits (an EditBank), which sequences start at which layer: an object with
-            `groups(num_sequences) -> [(layer, sequence indices)]` and a context manager `running(indices)` during
-            which the edits apply to those sequences only. Each group runs from its own layer, so the rows of an
-            edit leave the shared (unedited) stream at that edit's lowest layer.
+        routing: for a batch of many edits (an EditBank): `unit_edits(num_units)` gives each unit's edit (None
+            outside a multi-edit step), `first_layers[edit]` each edit's lowest layer, and the context manager
+            `running(row_edits)` makes the edits apply row by row. Each edit's units start at its own lowest layer,
+            so its rows leave the shared (unedited) stream there.
     """
 
     def __init__(
@@ -164,6 +181,7 @@ class PairScorer:
         score_completions_only: bool = True,
         share_prompt: bool = True,
         frozen_prefix: bool = True,
+        pack_sequences: bool = True,
         frozen_prefix_max_memory_gb: float = 4.0,
         routing=None,
     ):
@@ -174,12 +192,9 @@ class PairScorer:
         self.routing = routing
         self.score_completions_only = score_completions_only
         self.share_prompt = share_prompt
+        self.pack_sequences = pack_sequences
         self.frozen_prefix = frozen_prefix and self.start_layers[-1] > 0
         self.prefix = PrefixStore(frozen_prefix_max_memory_gb * 2**30) if self.frozen_prefix else None
-
-    @property
-    def active(self) -> bool:
-        return self.score_completions_only or self.share_prompt or self.frozen_prefix
 
     def install(self) -> None:
         """Route `model(..., fused_lm_head=True)` through this scorer; any other call is the forward as before."""
@@ -207,41 +222,26 @@ class PairScorer:
 
     # -- the computation -----------------------------------------------------------------------------------------
 
-    def _sequences(self, input_ids, attention_mask, labels):
-        target_mask = labels[:, 1:] != -100  # position t scores token t + 1, as TRL's shifted log_probs
-        lengths = attention_mask.sum(dim=1).tolist()
-        if self.share_prompt and self._prompts_match(input_ids, labels, lengths):
-            return target_mask, self._shared_sequences(input_ids, labels, lengths)
-        return target_mask, self._row_sequences(input_ids, target_mask, lengths)
-
-    def fill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> int:
-        """Compute and keep the frozen prefix of a batch's sequences that are not kept yet; returns how many."""
-        if not self.frozen_prefix:
-            return 0
-        _, (ids, positions, mask, seq_lengths, keys, _, _) = self._sequences(input_ids, attention_mask, labels)
-        return self._fill_missing(ids, positions, mask, seq_lengths, keys)
-
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> PairLogps:
-        target_mask, sequences = self._sequences(input_ids, attention_mask, labels)
-        ids, positions, mask, seq_lengths, keys, score_at, targets = sequences
-        hidden = self._backbone(ids, positions, mask, seq_lengths, keys)
-        if not self.score_completions_only:
-            # Every position through the LM head, as TRL does off Triton devices; the completion ones are kept.
-            logits_all = lm_head_logits(self.model, hidden.reshape(-1, hidden.shape[-1]))
-            logits = logits_all.view(*hidden.shape[:2], -1)[score_at[0], score_at[1]]
-        else:
-            logits = lm_head_logits(self.model, hidden[score_at[0], score_at[1]])
+        target_mask = labels[:, 1:] != -100  # position t scores token t + 1, as TRL's shifted log_probs
+        units, keys, order = self._units(input_ids, attention_mask, labels)
+        if keys is not None:
+            self._fill_missing(units, keys)
+        picked = self._scored_states(units, keys)  # (unit, completion) -> hidden states (or logits) that score it
+        states = torch.cat([picked[u, j] for u, j in order])
+        targets = torch.cat([units[u][1][j] for u, j in order]).to(states.device)
+        logits = lm_head_logits(self.model, states) if self.score_completions_only else states
         log_softmax = torch.log_softmax(logits.float(), dim=-1)
         token_logps = log_softmax.gather(-1, targets[:, None]).squeeze(-1)
 
         def scatter(values: torch.Tensor) -> torch.Tensor:
-            return values.new_zeros(target_mask.shape).masked_scatter(target_mask, values)
+            return values.new_zeros(target_mask.shape).masked_scatter(target_mask.to(values.device), values)
 
         loss = -token_logps.sum() / target_mask.sum().clamp(min=1)
         if self.model.training:
             # Only the logs read these (TRL's entropy, mean logits, top-1): not in the training step.
-            zeros = torch.zeros(target_mask.shape, device=hidden.device)
-            top1 = torch.zeros(target_mask.shape, dtype=torch.bool, device=hidden.device)
+            zeros = torch.zeros(target_mask.shape, device=token_logps.device)
+            top1 = torch.zeros(target_mask.shape, dtype=torch.bool, device=token_logps.device)
             return PairLogps(loss, scatter(token_logps), zeros, zeros, zeros, top1)
         with torch.no_grad():
             probs = log_softmax.exp()
@@ -251,108 +251,131 @@ class PairScorer:
             top1 = scatter(logits.argmax(-1) == targets)
         return PairLogps(loss, scatter(token_logps), entropy, log_sum_sq, mean_logits, top1)
 
+    def fill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> int:
+        """Compute and keep the frozen prefix of a batch's units that are not kept yet; returns how many."""
+        if not self.frozen_prefix:
+            return 0
+        units, keys, _ = self._units(input_ids, attention_mask, labels)
+        return self._fill_missing(units, keys)
+
+    def _units(self, input_ids, attention_mask, labels):
+        """The batch's units, their frozen-prefix keys (None without a frozen prefix) and, in TRL's order of scored
+        tokens (rows [chosen of each pair; rejected of each pair], each row's tokens in order), (unit, completion)."""
+        lengths = attention_mask.sum(dim=1).tolist()
+        half = input_ids.shape[0] // 2
+        starts = [_prompt_length(labels[r], lengths[r]) for r in range(input_ids.shape[0])]
+        units: list[Unit] = []
+        if self.share_prompt and self._prompts_match(input_ids, starts):
+            for i in range(half):
+                p = starts[i]
+                chosen, rejected = input_ids[i, p : lengths[i]], input_ids[half + i, p : lengths[half + i]]
+                units.append((input_ids[i, :p], [chosen, rejected]))
+            order = [(i, 0) for i in range(half)] + [(i, 1) for i in range(half)]
+        else:
+            for r in range(input_ids.shape[0]):
+                p = max(starts[r], 1)  # with no prompt, the first token is never scored (TRL's shift)
+                units.append((input_ids[r, :p], [input_ids[r, p : lengths[r]]]))
+            order = [(r, 0) for r in range(len(units))]
+        keys = None
+        if self.frozen_prefix:
+            keys = [
+                _key(torch.cat([prompt, *completions]), extra=(len(prompt), *map(len, completions)))
+                for prompt, completions in units
+            ]
+        return units, keys, order
+
     @staticmethod
-    def _prompts_match(input_ids, labels, lengths) -> bool:
+    def _prompts_match(input_ids, starts) -> bool:
         """Whether each chosen row and its rejected row start with the same prompt (keep_end truncation can differ)."""
         half = input_ids.shape[0] // 2
         for i in range(half):
-            p, q = _prompt_length(labels[i], lengths[i]), _prompt_length(labels[half + i], lengths[half + i])
-            if p != q or not torch.equal(input_ids[i, :p], input_ids[half + i, :p]) or p == 0:
+            p = starts[i]
+            if p == 0 or p != starts[half + i] or not torch.equal(input_ids[i, :p], input_ids[half + i, :p]):
                 return False
         return True
 
-    def _row_sequences(self, input_ids, target_mask, lengths):
-        """Each row its own sequence (TRL's layout)."""
-        rows, width = input_ids.shape
-        positions = torch.arange(width, device=input_ids.device).expand(rows, width)
-        real = torch.tensor(lengths, device=input_ids.device)[:, None]
-        mask = (torch.arange(width, device=input_ids.device)[None] < real).long()
-        keys = [_key(input_ids[r, : lengths[r]]) for r in range(rows)] if self.frozen_prefix else None
-        row_index, position = target_mask.nonzero(as_tuple=True)  # row-major: TRL's order
-        targets = input_ids[row_index, position + 1]
-        return input_ids, positions, mask, lengths, keys, (row_index, position), targets
+    def _groups(self, count: int) -> list[tuple[int, list[list[int]], list[int] | None]]:
+        """Per start layer: the rows (lists of units packed together) and, for a multi-edit step, each row's edit."""
+        edits = self.routing.unit_edits(count) if self.routing is not None else None
+        if edits is None:
+            return [(self.first_layer, [list(range(count))], None)]
+        edits = edits.tolist()
+        by_layer: dict[int, dict[int, list[int]]] = {}
+        for unit, edit in enumerate(edits):
+            layer = int(self.routing.first_layers[edit])
+            by_layer.setdefault(layer, {}).setdefault(edit, []).append(unit)
+        return [(layer, list(members.values()), list(members)) for layer, members in sorted(by_layer.items())]
 
-    def _shared_sequences(self, input_ids, labels, lengths):
-        """One sequence per pair: [prompt, chosen, rejected], the rejected part attending to the prompt and itself."""
-        half = input_ids.shape[0] // 2
-        sequences, keys = [], []
-        for i in range(half):
-            p = _prompt_length(labels[i], lengths[i])
-            prompt, chosen = input_ids[i, :p], input_ids[i, p : lengths[i]]
-            rejected = input_ids[half + i, p : lengths[half + i]]
-            sequences.append((prompt, [chosen, rejected]))
-            if self.frozen_prefix:
-                keys.append(_key(torch.cat([prompt, chosen, rejected]), extra=(p, len(chosen))))
-        packed = pack_shared_prefix(sequences)
-        # TRL's order: every chosen answer (pair by pair), then every rejected one.
-        spans = [packed.scored[i][0] for i in range(half)] + [packed.scored[i][1] for i in range(half)]
-        rows = torch.cat([torch.full_like(at, i % half) for i, (at, _) in enumerate(spans)])
-        where = (rows, torch.cat([at for at, _ in spans]))
-        targets = torch.cat([target for _, target in spans])
-        keys = keys if self.frozen_prefix else None
-        return packed.ids, packed.positions, packed.allowed, packed.lengths, keys, where, targets
-
-    def _backbone(self, ids, positions, mask, seq_lengths, keys) -> torch.Tensor:
-        """The last hidden states of the sequences: each group from its start layer, entering it from the stored
-        frozen prefix (layers above 0 with `frozen_prefix`), in the order of the sequences."""
-        if mask.dim() == 3:
-            mask = attention_mask_4d(self.model, mask)
-        if keys is not None:
-            self._fill_missing(ids, positions, mask, seq_lengths, keys)
-        everything = torch.arange(len(ids), device=ids.device)
-        groups = self.routing.groups(len(ids)) if self.routing is not None else [(self.first_layer, everything)]
-        outputs, order = [], []
-        for layer, rows in groups:
-            running = self.routing.running(rows) if self.routing is not None else contextlib.nullcontext()
+    def _scored_states(self, units: list[Unit], keys) -> dict[tuple[int, int], torch.Tensor]:
+        """For each (unit, completion), the last hidden states (or, scoring every position, the logits) at the
+        positions that predict its tokens."""
+        picked = {}
+        for layer, members, edits in self._groups(len(units)):
+            # Units of one edit share rows; rows of several edits run together, each with its own edit.
+            rows, row_edits = [], []
+            for index, group in enumerate(members):
+                lengths = [unit_length(units[u]) for u in group]
+                for row in pack_rows(lengths, self.pack_sequences):
+                    rows.append([group[i] for i in row])
+                    row_edits.append(None if edits is None else edits[index])
+            flat = [u for row in rows for u in row]
+            packed = pack_shared_prefix([units[u] for u in flat], _renumber(rows), pad_id=0)
+            running = contextlib.nullcontext() if edits is None else self.routing.running(row_edits)
             with running:
-                outputs.append(self._run_rows(ids, positions, mask, keys, rows, layer))
-            order.append(rows)
-        if len(outputs) == 1:
-            return outputs[0]
-        inverse = torch.empty_like(everything)
-        inverse[torch.cat(order)] = everything
-        return torch.cat(outputs)[inverse]
+                hidden = self._run_packed(packed, layer, None if keys is None else [keys[u] for u in flat])
+            if not self.score_completions_only:
+                hidden = lm_head_logits(self.model, hidden)  # every position, as TRL does off Triton devices
+            for u, placement in zip(flat, packed.placements, strict=True):
+                for j, (at, _) in enumerate(placement.scored):
+                    picked[u, j] = hidden[placement.row, at.to(hidden.device)]
+        return picked
 
-    def _run_rows(self, ids, positions, mask, keys, rows, layer: int) -> torch.Tensor:
+    def _run_packed(self, packed: PackedSequences, layer: int, keys) -> torch.Tensor:
+        """The last hidden states of packed rows, from `layer` on (entering it from the stored frozen prefix)."""
         call = functools.partial(
             self.model.base_model,
-            input_ids=ids[rows],
-            attention_mask=mask[rows],
-            position_ids=positions[rows],
+            input_ids=packed.ids,
+            attention_mask=attention_mask_4d(self.model, packed.allowed),
+            position_ids=packed.positions,
             use_cache=False,
         )
         if keys is None or layer == 0:
             return call().last_hidden_state
-        stored = [self.prefix.get(keys[i] + _layer_key(layer)) for i in rows.tolist()]
-        entering = torch.zeros(len(stored), ids.shape[1], stored[0].shape[-1], dtype=stored[0].dtype)
-        for i, hidden in enumerate(stored):
-            entering[i, : hidden.shape[0]] = hidden
-        return self._run_from_layer(call, layer, entering.to(ids.device))
+        entering = None
+        for key, placement in zip(keys, packed.placements, strict=True):
+            stored = self.prefix.get(key + _layer_key(layer))
+            if entering is None:
+                entering = torch.zeros(*packed.ids.shape, stored.shape[-1], dtype=stored.dtype)
+            entering[placement.row, placement.offset : placement.offset + placement.length] = stored
+        return self._run_from_layer(call, layer, entering.to(packed.ids.device))
 
-    def _fill_missing(self, ids, positions, mask, seq_lengths, keys) -> int:
-        """Store the hidden states entering every start layer above 0 of the sequences not stored yet."""
-        if mask.dim() == 3:
-            mask = attention_mask_4d(self.model, mask)
+    def _fill_missing(self, units: list[Unit], keys) -> int:
+        """Store the hidden states entering every start layer above 0 of the units not stored yet."""
         layers = [layer for layer in self.start_layers if layer > 0]
         last = _layer_key(layers[-1])
         first_seen = {}
-        for i, key in enumerate(keys):
+        for u, key in enumerate(keys):
             if key + last not in self.prefix:
-                first_seen.setdefault(key, i)  # copies of a sequence (a multi-edit batch) are computed once
-        if first_seen:
-            rows = torch.tensor(list(first_seen.values()), device=ids.device)
-            call = functools.partial(
-                self.model.base_model,
-                input_ids=ids[rows],
-                attention_mask=mask[rows],
-                position_ids=positions[rows],
-                use_cache=False,
-            )
-            with torch.no_grad():
-                entering = self._run_until_layers(call, layers)
-            for layer in layers:  # the last layer last: its key says the sequence is stored
-                for j, (key, i) in enumerate(first_seen.items()):
-                    self.prefix.put(key + _layer_key(layer), entering[layer][j, : seq_lengths[i]])
+                first_seen.setdefault(key, u)  # copies of a unit (a multi-edit batch) are computed once
+        if not first_seen:
+            return 0
+        missing = list(first_seen.values())
+        rows = pack_rows([unit_length(units[u]) for u in missing], self.pack_sequences)
+        packed = pack_shared_prefix([units[missing[i]] for row in rows for i in row], _renumber(rows))
+        call = functools.partial(
+            self.model.base_model,
+            input_ids=packed.ids,
+            attention_mask=attention_mask_4d(self.model, packed.allowed),
+            position_ids=packed.positions,
+            use_cache=False,
+        )
+        with torch.no_grad():
+            entering = self._run_until_layers(call, layers)
+        placed = [missing[i] for row in rows for i in row]
+        for layer in layers:  # the last layer last: its key says the unit is stored
+            for u, placement in zip(placed, packed.placements, strict=True):
+                states = entering[layer][placement.row, placement.offset : placement.offset + placement.length]
+                self.prefix.put(keys[u] + _layer_key(layer), states)
         return len(first_seen)
 
     def _run_until_layers(self, call, layers: list[int]) -> dict[int, torch.Tensor]:
@@ -395,6 +418,15 @@ class PairScorer:
             for i, module in saved.items():
                 self.layers[i] = module
             handle.remove()
+
+
+def _renumber(rows: list[list[int]]) -> list[list[int]]:
+    """Rows of units given in row order (unit k of the flattened rows is the k-th unit passed)."""
+    numbered, k = [], 0
+    for row in rows:
+        numbered.append(list(range(k, k + len(row))))
+        k += len(row)
+    return numbered
 
 
 def _layer_key(layer: int) -> bytes:
@@ -485,8 +517,8 @@ class PairScoringMixin:
             return
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             raise ValueError(
-                "locedit's pair scoring (score_completions_only, share_prompt, frozen_prefix) swaps layers of the "
-                "model and does not work under FSDP or DeepSpeed; set all three to false"
+                "locedit's pair scoring (score_completions_only, share_prompt, frozen_prefix, pack_sequences) runs "
+                "parts of the model on their own and does not work under FSDP or DeepSpeed; set them to false"
             )
         model = self.accelerator.unwrap_model(self.model)
         self.pair_scorer = PairScorer(
