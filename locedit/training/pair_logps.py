@@ -311,43 +311,49 @@ class PairScorer:
         positions that predict its tokens."""
         picked = {}
         for layer, members, edits in self._groups(len(units)):
-            # Units of one edit share rows; rows of several edits run together, each with its own edit.
-            rows, row_edits = [], []
-            for index, group in enumerate(members):
-                lengths = [unit_length(units[u]) for u in group]
-                for row in pack_rows(lengths, self.pack_sequences):
-                    rows.append([group[i] for i in row])
-                    row_edits.append(None if edits is None else edits[index])
-            flat = [u for row in rows for u in row]
-            packed = pack_shared_prefix([units[u] for u in flat], _renumber(rows), pad_id=0)
-            running = contextlib.nullcontext() if edits is None else self.routing.running(row_edits)
-            with running:
-                hidden = self._run_packed(packed, layer, None if keys is None else [keys[u] for u in flat])
-            if not self.score_completions_only:
-                hidden = lm_head_logits(self.model, hidden)  # every position, as TRL does off Triton devices
-            for u, placement in zip(flat, packed.placements, strict=True):
-                for j, (at, _) in enumerate(placement.scored):
-                    picked[u, j] = hidden[placement.row, at.to(hidden.device)]
+            for block in _same_shapes(units, members):
+                # Units of one edit share rows; the edits of a block (in a multi-edit step: copies of the same
+                # pairs) share one layout, built once, and run together, each row with its own edit.
+                template = members[block[0]]
+                rows = pack_rows([unit_length(units[u]) for u in template], self.pack_sequences)
+                order = [i for row in rows for i in row]
+                packed = pack_shared_prefix([units[template[i]] for i in order], _renumber(rows))
+                ids = [packed.ids] + [_lay_out(units, members[m], order, packed) for m in block[1:]]
+                row_edits = None if edits is None else [edits[m] for m in block for _ in rows]
+                running = contextlib.nullcontext() if edits is None else self.routing.running(row_edits)
+                block_keys = None if keys is None else [keys[members[m][i]] for m in block for i in order]
+                with running:
+                    hidden = self._run_packed(torch.cat(ids), packed, len(block), layer, block_keys)
+                if not self.score_completions_only:
+                    hidden = lm_head_logits(self.model, hidden)  # every position, as TRL does off Triton devices
+                for copy, m in enumerate(block):
+                    for i, placement in zip(order, packed.placements, strict=True):
+                        for j, (at, _) in enumerate(placement.scored):
+                            picked[members[m][i], j] = hidden[placement.row + copy * len(rows), at.to(hidden.device)]
         return picked
 
-    def _run_packed(self, packed: PackedSequences, layer: int, keys) -> torch.Tensor:
-        """The last hidden states of packed rows, from `layer` on (entering it from the stored frozen prefix)."""
+    def _run_packed(self, ids, packed: PackedSequences, copies: int, layer: int, keys) -> torch.Tensor:
+        """The last hidden states of `copies` batches laid out as `packed` (token ids `ids`), from `layer` on
+        (entering it from the stored frozen prefix)."""
+        mask = attention_mask_4d(self.model, packed.allowed)
         call = functools.partial(
             self.model.base_model,
-            input_ids=packed.ids,
-            attention_mask=attention_mask_4d(self.model, packed.allowed),
-            position_ids=packed.positions,
+            input_ids=ids,
+            attention_mask=mask.repeat(copies, *([1] * (mask.dim() - 1))),
+            position_ids=packed.positions.repeat(copies, 1),
             use_cache=False,
         )
         if keys is None or layer == 0:
             return call().last_hidden_state
-        entering = None
-        for key, placement in zip(keys, packed.placements, strict=True):
+        entering, rows = None, packed.ids.shape[0]
+        placements = packed.placements * copies
+        for index, (key, placement) in enumerate(zip(keys, placements, strict=True)):
             stored = self.prefix.get(key + _layer_key(layer))
             if entering is None:
-                entering = torch.zeros(*packed.ids.shape, stored.shape[-1], dtype=stored.dtype)
-            entering[placement.row, placement.offset : placement.offset + placement.length] = stored
-        return self._run_from_layer(call, layer, entering.to(packed.ids.device))
+                entering = torch.zeros(*ids.shape, stored.shape[-1], dtype=stored.dtype)
+            row = placement.row + (index // len(packed.placements)) * rows
+            entering[row, placement.offset : placement.offset + placement.length] = stored
+        return self._run_from_layer(call, layer, entering.to(ids.device))
 
     def _fill_missing(self, units: list[Unit], keys) -> int:
         """Store the hidden states entering every start layer above 0 of the units not stored yet."""
@@ -418,6 +424,24 @@ class PairScorer:
             for i, module in saved.items():
                 self.layers[i] = module
             handle.remove()
+
+
+def _same_shapes(units: list[Unit], members: list[list[int]]) -> list[list[int]]:
+    """Members (lists of units) grouped by the lengths of their units, so that each group shares one layout."""
+    blocks: dict[tuple, list[int]] = {}
+    for m, member in enumerate(members):
+        shape = tuple((len(units[u][0]), *map(len, units[u][1])) for u in member)
+        blocks.setdefault(shape, []).append(m)
+    return list(blocks.values())
+
+
+def _lay_out(units: list[Unit], member: list[int], order: list[int], packed: PackedSequences) -> torch.Tensor:
+    """The token ids of `member`'s units in the layout of `packed` (built for units of the same lengths)."""
+    ids = packed.ids.clone()
+    for i, placement in zip(order, packed.placements, strict=True):
+        prompt, completions = units[member[i]]
+        ids[placement.row, placement.offset : placement.offset + placement.length] = torch.cat([prompt, *completions])
+    return ids
 
 
 def _renumber(rows: list[list[int]]) -> list[list[int]]:
