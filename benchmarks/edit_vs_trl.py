@@ -95,27 +95,19 @@ def run(path, pairs, heads: str, variant: str | None, steps: int) -> tuple[float
     if variant is None:
         layers = sorted({layer for layer, _ in edit_heads})
         targets = [layout.projection_name(layer) for layer in layers]
-        lora = LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules=targets)
-        args = training_args(output_dir, steps, **OFF)
-        trainer = DPOTrainer(
-            model=model,
-            args=args,
-            train_dataset=pairs,
-            processing_class=tokenizer,
-            peft_config=lora,
-            callbacks=[timer],
-        )
+        trainer_class, settings = TRLCachedReference, OFF
+        peft_config = LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules=targets)
     else:
-        args = training_args(output_dir, steps, **{**OFF, **VARIANTS[variant]})
-        config = HeadEditConfig.for_heads(layout, edit_heads)
-        trainer = LocEditTrainer(
-            model=model,
-            args=args,
-            train_dataset=pairs,
-            processing_class=tokenizer,
-            peft_config=config,
-            callbacks=[timer],
-        )
+        trainer_class, settings = LocEditTrainer, {**OFF, **VARIANTS[variant]}
+        peft_config = HeadEditConfig.for_heads(layout, edit_heads)
+    trainer = trainer_class(
+        model=model,
+        args=training_args(output_dir, steps, **settings),
+        train_dataset=pairs,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[timer],
+    )
     metrics = trainer.train().metrics
     tokens = metrics.get("num_input_tokens_seen", 0) / max(1, steps)
     if hasattr(trainer, "close_pair_scorer"):

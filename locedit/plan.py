@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .core.args import EditArguments, LocEditConfig, ModelArguments
+from .core.args import PAIR_SCORING_SWITCHES, EditArguments, LocEditConfig, ModelArguments
 from .core.errors import RecipeError
 from .core.recipe import Recipe
 from .data import load_preference_splits, question_counts, validate_dataset_arg
@@ -155,11 +155,10 @@ def check_pair_scoring(recipe: Recipe) -> None:
         )
     sharded = args.fsdp or args.deepspeed or os.environ.get("ACCELERATE_USE_FSDP") == "true"
     sharded = sharded or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
-    switches = ("score_completions_only", "share_prompt", "frozen_prefix", "pack_sequences")
-    if sharded and any(getattr(args, name) for name in switches):
+    if sharded and any(getattr(args, name) for name in PAIR_SCORING_SWITCHES):
         raise RecipeError(
-            f"{', '.join(switches)} do not work with FSDP or DeepSpeed (they run parts of the model on their own); "
-            "set them to false"
+            f"{', '.join(PAIR_SCORING_SWITCHES)} do not work with FSDP or DeepSpeed (they run parts of the model on "
+            "their own); set them to false"
         )
 
 

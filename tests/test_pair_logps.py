@@ -17,8 +17,9 @@ from trl.trainer.utils import add_fused_lm_head
 from locedit import AttentionLayout, HeadEditConfig, resolve_heads
 from locedit.core.args import LocEditConfig
 from locedit.data import load_preference_splits
+from locedit.models import prefix_sharing
 from locedit.models.prefix_sharing import pack_rows
-from locedit.training import LocEditTrainer, pair_logps
+from locedit.training import LocEditTrainer
 from locedit.training.pair_logps import PairScorer, PrefixStore, SeededLengthGroupedSampler
 
 NAMES = ("score_completions_only", "share_prompt", "frozen_prefix", "pack_sequences")
@@ -75,7 +76,7 @@ def test_the_shared_prompt_masks_the_chosen_answer_from_the_rejected_one(tiny_mo
     expected = plain_log_probs(model, *batch)
     scorer = PairScorer(model, AttentionLayout.from_model(model), 1, True, True, False)
     monkeypatch.setattr(
-        pair_logps, "attention_mask_4d", lambda model, allowed: torch.ones_like(allowed).tril()[:, None]
+        prefix_sharing, "attention_mask_4d", lambda model, allowed: torch.ones_like(allowed).tril()[:, None]
     )
     with torch.no_grad():
         assert (scorer(*batch).log_probs - expected).abs().max() > 1e-3

@@ -257,6 +257,10 @@ class ModelArguments:
             raise ValueError("load_in_4bit and load_in_8bit are both set; choose one")
 
 
+# LocEditConfig's switches of how the pairs' log-probs are computed (locedit.training.pair_logps), all exact.
+PAIR_SCORING_SWITCHES = ("score_completions_only", "share_prompt", "frozen_prefix", "pack_sequences")
+
+
 @dataclass
 class LocEditConfig(DPOConfig):
     """TRL's DPOConfig with the paper's defaults (appendix A) and defaults that also work on a CPU.

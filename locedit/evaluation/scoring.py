@@ -110,7 +110,7 @@ def _score_shared(model, groups, rows, scores) -> None:
     import torch
 
     from ..models.layout import unwrap_model
-    from ..models.prefix_sharing import attention_mask_4d, lm_head_logits, pack_shared_prefix
+    from ..models.prefix_sharing import lm_head_logits, pack_shared_prefix, run_backbone
 
     base = unwrap_model(model)
     device = model_input_device(model)
@@ -119,20 +119,17 @@ def _score_shared(model, groups, rows, scores) -> None:
         prompt = torch.tensor(rows[group[0]][:p], device=device)
         sequences.append((prompt, [torch.tensor(rows[i][p:], dtype=torch.long, device=device) for i in group]))
     packed = pack_shared_prefix(sequences)
+    choices = [i for group, _ in groups for i in group]
+    spans = [(s, at, target) for s, placement in enumerate(packed.placements) for at, target in placement.scored]
     with torch.no_grad():
-        hidden = base.base_model(
-            input_ids=packed.ids,
-            attention_mask=attention_mask_4d(base, packed.allowed),
-            position_ids=packed.positions,
-            use_cache=False,
-        ).last_hidden_state
-        for s, (group, _) in enumerate(groups):
-            for i, (at, target) in zip(group, packed.placements[s].scored, strict=True):
-                if len(at) == 0:
-                    scores[i] = 0.0
-                    continue
-                logprobs = torch.log_softmax(lm_head_logits(base, hidden[s, at]).float(), dim=-1)
-                scores[i] = float(logprobs.gather(-1, target.to(logprobs.device)[:, None]).sum())
+        hidden = run_backbone(base, packed)
+        # Every choice's scoring positions through the LM head at once, then summed per choice.
+        states = torch.cat([hidden[s, at] for s, at, _ in spans])
+        logprobs = torch.log_softmax(lm_head_logits(base, states).float(), dim=-1)
+        targets = torch.cat([target for _, _, target in spans]).to(logprobs.device)
+        picked = logprobs.gather(-1, targets[:, None]).squeeze(-1)
+    for i, part in zip(choices, picked.split([len(at) for _, at, _ in spans]), strict=True):
+        scores[i] = float(part.sum())
 
 
 def _row_logprobs(model, tokenizer, rows, targets, batch_size: int) -> list[float]:

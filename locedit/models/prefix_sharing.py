@@ -125,6 +125,18 @@ def attention_mask_4d(model, allowed: torch.Tensor) -> torch.Tensor:
     return additive.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+def run_backbone(model, packed: PackedSequences, ids: torch.Tensor | None = None, copies: int = 1) -> torch.Tensor:
+    """The last hidden states of the model's backbone on packed rows; with `copies`, the layout repeated that many
+    times over `ids` (the token ids of every copy, stacked)."""
+    mask = attention_mask_4d(model, packed.allowed)
+    return model.base_model(
+        input_ids=packed.ids if ids is None else ids,
+        attention_mask=mask.repeat(copies, 1, 1, 1),
+        position_ids=packed.positions.repeat(copies, 1),
+        use_cache=False,
+    ).last_hidden_state
+
+
 def lm_head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """The LM head on some hidden states, with the logit scale and soft-capping some models apply after it."""
     config = model.config.get_text_config()
@@ -146,5 +158,6 @@ __all__ = [
     "lm_head_logits",
     "pack_rows",
     "pack_shared_prefix",
+    "run_backbone",
     "unit_length",
 ]

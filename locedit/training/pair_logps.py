@@ -41,15 +41,16 @@ from torch import nn
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from transformers.utils import ModelOutput
 
+from ..core.args import PAIR_SCORING_SWITCHES
 from ..core.cache import cache_root
 from ..models.layout import AttentionLayout, unwrap_model
 from ..models.prefix_sharing import (
     PackedSequences,
     Unit,
-    attention_mask_4d,
     lm_head_logits,
     pack_rows,
     pack_shared_prefix,
+    run_backbone,
     unit_length,
 )
 
@@ -70,9 +71,6 @@ class PairLogps(ModelOutput):
 
 class _StopForward(Exception):
     """Raised by a hook to end a forward pass once the hidden states it needs are captured."""
-
-    def __init__(self, hidden: torch.Tensor):
-        self.hidden = hidden
 
 
 class _PassThrough(nn.Module):
@@ -144,12 +142,7 @@ class PrefixStore:
 
 def scorer_switches(args) -> dict:
     """The pair-scoring switches of a training config (TRL's DPOConfig has none of them: all off)."""
-    return {
-        "score_completions_only": bool(getattr(args, "score_completions_only", False)),
-        "share_prompt": bool(getattr(args, "share_prompt", False)),
-        "frozen_prefix": bool(getattr(args, "frozen_prefix", False)),
-        "pack_sequences": bool(getattr(args, "pack_sequences", False)),
-    }
+    return {name: bool(getattr(args, name, False)) for name in PAIR_SCORING_SWITCHES}
 
 
 class PairScorer:
@@ -316,35 +309,27 @@ class PairScorer:
                 # pairs) share one layout, built once, and run together, each row with its own edit.
                 template = members[block[0]]
                 rows = pack_rows([unit_length(units[u]) for u in template], self.pack_sequences)
-                order = [i for row in rows for i in row]
-                packed = pack_shared_prefix([units[template[i]] for i in order], _renumber(rows))
-                ids = [packed.ids] + [_lay_out(units, members[m], order, packed) for m in block[1:]]
+                packed = pack_shared_prefix([units[u] for u in template], rows)
+                ids = [packed.ids] + [_lay_out(units, members[m], packed) for m in block[1:]]
                 row_edits = None if edits is None else [edits[m] for m in block for _ in rows]
                 running = contextlib.nullcontext() if edits is None else self.routing.running(row_edits)
-                block_keys = None if keys is None else [keys[members[m][i]] for m in block for i in order]
+                block_keys = None if keys is None else [keys[u] for m in block for u in members[m]]
                 with running:
                     hidden = self._run_packed(torch.cat(ids), packed, len(block), layer, block_keys)
                 if not self.score_completions_only:
                     hidden = lm_head_logits(self.model, hidden)  # every position, as TRL does off Triton devices
                 for copy, m in enumerate(block):
-                    for i, placement in zip(order, packed.placements, strict=True):
+                    for u, placement in zip(members[m], packed.placements, strict=True):
                         for j, (at, _) in enumerate(placement.scored):
-                            picked[members[m][i], j] = hidden[placement.row + copy * len(rows), at.to(hidden.device)]
+                            picked[u, j] = hidden[placement.row + copy * len(rows), at.to(hidden.device)]
         return picked
 
     def _run_packed(self, ids, packed: PackedSequences, copies: int, layer: int, keys) -> torch.Tensor:
         """The last hidden states of `copies` batches laid out as `packed` (token ids `ids`), from `layer` on
         (entering it from the stored frozen prefix)."""
-        mask = attention_mask_4d(self.model, packed.allowed)
-        call = functools.partial(
-            self.model.base_model,
-            input_ids=ids,
-            attention_mask=mask.repeat(copies, *([1] * (mask.dim() - 1))),
-            position_ids=packed.positions.repeat(copies, 1),
-            use_cache=False,
-        )
+        call = functools.partial(run_backbone, self.model, packed, ids, copies)
         if keys is None or layer == 0:
-            return call().last_hidden_state
+            return call()
         entering, rows = None, packed.ids.shape[0]
         placements = packed.placements * copies
         for index, (key, placement) in enumerate(zip(keys, placements, strict=True)):
@@ -367,19 +352,11 @@ class PairScorer:
             return 0
         missing = list(first_seen.values())
         rows = pack_rows([unit_length(units[u]) for u in missing], self.pack_sequences)
-        packed = pack_shared_prefix([units[missing[i]] for row in rows for i in row], _renumber(rows))
-        call = functools.partial(
-            self.model.base_model,
-            input_ids=packed.ids,
-            attention_mask=attention_mask_4d(self.model, packed.allowed),
-            position_ids=packed.positions,
-            use_cache=False,
-        )
+        packed = pack_shared_prefix([units[u] for u in missing], rows)
         with torch.no_grad():
-            entering = self._run_until_layers(call, layers)
-        placed = [missing[i] for row in rows for i in row]
+            entering = self._run_until_layers(functools.partial(run_backbone, self.model, packed), layers)
         for layer in layers:  # the last layer last: its key says the unit is stored
-            for u, placement in zip(placed, packed.placements, strict=True):
+            for u, placement in zip(missing, packed.placements, strict=True):
                 states = entering[layer][placement.row, placement.offset : placement.offset + placement.length]
                 self.prefix.put(keys[u] + _layer_key(layer), states)
         return len(first_seen)
@@ -391,7 +368,7 @@ class PairScorer:
         def capture(module, args, kwargs, layer):
             captured[layer] = args[0] if args else kwargs["hidden_states"]
             if layer == layers[-1]:
-                raise _StopForward(captured[layer])
+                raise _StopForward
 
         handles = [
             self.layers[layer].register_forward_pre_hook(functools.partial(capture, layer=layer), with_kwargs=True)
@@ -419,7 +396,7 @@ class PairScorer:
         try:
             for i in saved:
                 self.layers[i] = _PassThrough()
-            return call().last_hidden_state
+            return call()
         finally:
             for i, module in saved.items():
                 self.layers[i] = module
@@ -435,22 +412,13 @@ def _same_shapes(units: list[Unit], members: list[list[int]]) -> list[list[int]]
     return list(blocks.values())
 
 
-def _lay_out(units: list[Unit], member: list[int], order: list[int], packed: PackedSequences) -> torch.Tensor:
+def _lay_out(units: list[Unit], member: list[int], packed: PackedSequences) -> torch.Tensor:
     """The token ids of `member`'s units in the layout of `packed` (built for units of the same lengths)."""
     ids = packed.ids.clone()
-    for i, placement in zip(order, packed.placements, strict=True):
-        prompt, completions = units[member[i]]
+    for u, placement in zip(member, packed.placements, strict=True):
+        prompt, completions = units[u]
         ids[placement.row, placement.offset : placement.offset + placement.length] = torch.cat([prompt, *completions])
     return ids
-
-
-def _renumber(rows: list[list[int]]) -> list[list[int]]:
-    """Rows of units given in row order (unit k of the flattened rows is the k-th unit passed)."""
-    numbered, k = [], 0
-    for row in rows:
-        numbered.append(list(range(k, k + len(row))))
-        k += len(row)
-    return numbered
 
 
 def _layer_key(layer: int) -> bytes:
@@ -541,8 +509,8 @@ class PairScoringMixin:
             return
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             raise ValueError(
-                "locedit's pair scoring (score_completions_only, share_prompt, frozen_prefix, pack_sequences) runs "
-                "parts of the model on their own and does not work under FSDP or DeepSpeed; set them to false"
+                f"locedit's pair scoring ({', '.join(PAIR_SCORING_SWITCHES)}) runs parts of the model on their own "
+                "and does not work under FSDP or DeepSpeed; set them to false"
             )
         model = self.accelerator.unwrap_model(self.model)
         self.pair_scorer = PairScorer(

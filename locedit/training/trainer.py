@@ -112,7 +112,7 @@ def train_and_validate(trainer, output_dir: str) -> dict:
         print(speed_line(metrics), flush=True)
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
-    metrics.update(trainer.pair_scoring_metrics() if hasattr(trainer, "pair_scoring_metrics") else {})
+    metrics.update(trainer.pair_scoring_metrics())
     cap = trainer.args.max_eval_pairs
     if cap is None or len(trainer.train_dataset) <= cap:
         # The IPO loss the edit reached on the pairs it trained on (the logged loss is one batch's, and noisy).
@@ -121,8 +121,7 @@ def train_and_validate(trainer, output_dir: str) -> dict:
         scored = Trainer.evaluate(trainer, trainer.train_dataset, metric_key_prefix="train_pairs")
         # DPOTrainer logs its own measures of any evaluation as eval_*: here they are the training pairs'.
         metrics.update({re.sub(r"^eval_", "train_pairs_", key): value for key, value in scored.items()})
-    if hasattr(trainer, "close_pair_scorer"):
-        trainer.close_pair_scorer()
+    trainer.close_pair_scorer()
     return metrics
 
 
