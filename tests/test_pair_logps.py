@@ -213,9 +213,7 @@ def test_many_edits_start_at_their_own_lowest_layer_and_equal_the_plain_computat
         scorer.fill(input_ids, attention_mask, labels)  # as the trainer does: the unreplicated pairs
         assert len(scorer.prefix) == (3 if shared else 6) * 2  # entering layers 1 and 2
         with bank.replicating(pairs_per_edit=3):
-            groups = scorer._groups(len(batch["input_ids"]) // (2 if shared else 1))
-            assert [layer for layer, _, _ in groups] == [0, 1, 2]
-            assert [sorted(edits) for _, _, edits in groups] == [[1], [2, 3], [0]]
+            assert scorer._groups(bank.replicas()) == [(0, [1]), (1, [2, 3]), (2, [0])]
             got = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"]).log_probs
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     # The edits matter: without them the numbers differ.

@@ -10,7 +10,7 @@ applies edit k to block k only:
 so one pass computes all K edits' losses. With locedit's pair scoring (`training.pair_logps`, on by default) the
 copies are not run from the embeddings up: below each edit's lowest layer every copy is the base model's, so the
 rows of edit k start at edit k's lowest layer from the stored frozen prefix (the bank tells the scorer which rows
-start where: `unit_edits`, `first_layers` and `running`), and K edits at single heads cost about what their K
+start where: `replicas`, `first_layers` and `running`), and K edits at single heads cost about what their K
 separate steps cost from their own layers, in one batch per start layer.
 
 Every edit ends where its separate run would have ended:
@@ -42,7 +42,7 @@ from ..core.files import atomic_path
 from ..edit import HeadEditConfig, head_mask, initial_read_vector
 from ..heads import expand_head_specs, heads_by_layer, resolve_heads
 from ..models.layout import AttentionLayout
-from ..rundir import default_output_dir, write_metrics, write_run_description
+from ..rundir import default_output_dir, split_question_ids, write_metrics, write_run_description
 from .pair_logps import PairScoringMixin
 from .reference import CachedReferenceMixin
 from .trainer import preference_datasets, require_ipo, train_and_validate
@@ -97,10 +97,10 @@ class EditBank(nn.Module):
         pair, [edits 0..K-1], when the prompt is shared), in blocks of `pairs_per_edit`."""
         return (torch.arange(num_sequences) // self.pairs_per_edit) % self.num_edits
 
-    def unit_edits(self, num_units: int) -> torch.Tensor | None:
-        """PairScorer's routing: the edit of each unit of a replicated batch, None outside `replicating` (the
-        reference pass runs the base model)."""
-        return self.sequence_edits(num_units) if self.replicated else None
+    def replicas(self) -> int | None:
+        """PairScorer's routing: K inside `replicating` (the batch is K copies of its pairs, copy k for edit k),
+        None outside it (the reference pass runs the base model)."""
+        return self.num_edits if self.replicated else None
 
     @contextlib.contextmanager
     def running(self, row_edits: list[int]):
@@ -296,10 +296,13 @@ def train_multi_edit(recipe, plan, model, tokenizer) -> dict:
     metrics = train_and_validate(trainer, plan.output_dir)
     trainer.save_state()
     if PartialState().is_main_process:
+        question_ids = split_question_ids(plan.splits)
         for index, run in enumerate(runs):
             edit_recipe = copy.copy(recipe)
             edit_recipe.edit = replace(recipe.edit, heads=run.spec, heads_seed=run.seed, heads_draws=1)
-            write_run_description(run.output_dir, edit_recipe, run.heads, layout, plan.splits, plan.probe_dir)
+            write_run_description(
+                run.output_dir, edit_recipe, run.heads, layout, plan.splits, plan.probe_dir, question_ids
+            )
             bank.save_edit(index, run.config, layout, run.output_dir)
             write_metrics(run.output_dir, {**metrics, "multi_edit_run": plan.output_dir, "multi_edit_index": index})
         write_metrics(plan.output_dir, {**metrics, "edits": [os.path.basename(run.output_dir) for run in runs]})

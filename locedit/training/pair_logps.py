@@ -160,10 +160,11 @@ class PairScorer:
             Many edits in one batch (`routing`) give the first layer of each: an int or a list of ints.
         score_completions_only, share_prompt, frozen_prefix, pack_sequences: the switches (module docstring).
         frozen_prefix_max_memory_gb: memory for the frozen prefix before it spills to disk.
-        routing: for a batch of many edits (an EditBank): `unit_edits(num_units)` gives each unit's edit (None
-            outside a multi-edit step), `first_layers[edit]` each edit's lowest layer, and the context manager
-            `running(row_edits)` makes the edits apply row by row. Each edit's units start at its own lowest layer,
-            so its rows leave the shared (unedited) stream there.
+        routing: for a batch of many edits (an EditBank): `replicas()` gives the number of edits K when the batch
+            is K identical copies of its pairs, one per edit (`replicate_batch`; None outside a multi-edit step),
+            `first_layers[edit]` each edit's lowest layer, and the context manager `running(row_edits)` makes the
+            edits apply row by row. The pairs are cut into units and laid out once; each edit's copy starts at its
+            own lowest layer, so its rows leave the shared (unedited) stream there.
     """
 
     def __init__(
@@ -217,12 +218,18 @@ class PairScorer:
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> PairLogps:
         target_mask = labels[:, 1:] != -100  # position t scores token t + 1, as TRL's shifted log_probs
-        units, keys, order = self._units(input_ids, attention_mask, labels)
+        copies = self.routing.replicas() if self.routing is not None else None
+        first = _first_copy(input_ids, attention_mask, labels, copies) if copies else slice(None)
+        units, keys, order = self._units(input_ids[first], attention_mask[first], labels[first])
         if keys is not None:
             self._fill_missing(units, keys)
-        picked = self._scored_states(units, keys)  # (unit, completion) -> hidden states (or logits) that score it
-        states = torch.cat([picked[u, j] for u, j in order])
-        targets = torch.cat([units[u][1][j] for u, j in order]).to(states.device)
+        # (copy, unit, completion) -> the hidden states (or logits) that score it
+        picked = self._scored_states(units, keys, copies)
+        # TRL's rows: [chosen of copy 0, ..., chosen of copy K-1; rejected of copy 0, ...].
+        half = len(order) // 2
+        order = [(k, u, j) for part in (order[:half], order[half:]) for k in range(copies or 1) for u, j in part]
+        states = torch.cat([picked[k, u, j] for k, u, j in order])
+        targets = torch.cat([units[u][1][j] for _, u, j in order]).to(states.device)
         logits = lm_head_logits(self.model, states) if self.score_completions_only else states
         log_softmax = torch.log_softmax(logits.float(), dim=-1)
         token_logps = log_softmax.gather(-1, targets[:, None]).squeeze(-1)
@@ -287,58 +294,54 @@ class PairScorer:
                 return False
         return True
 
-    def _groups(self, count: int) -> list[tuple[int, list[list[int]], list[int] | None]]:
-        """Per start layer: the rows (lists of units packed together) and, for a multi-edit step, each row's edit."""
-        edits = self.routing.unit_edits(count) if self.routing is not None else None
-        if edits is None:
-            return [(self.first_layer, [list(range(count))], None)]
-        edits = edits.tolist()
-        by_layer: dict[int, dict[int, list[int]]] = {}
-        for unit, edit in enumerate(edits):
-            layer = int(self.routing.first_layers[edit])
-            by_layer.setdefault(layer, {}).setdefault(edit, []).append(unit)
-        return [(layer, list(members.values()), list(members)) for layer, members in sorted(by_layer.items())]
+    def _groups(self, copies: int | None) -> list[tuple[int, list[int] | None]]:
+        """Per start layer, the copies (edits) of a multi-edit batch that start there; one group of no edit
+        otherwise."""
+        if copies is None:
+            return [(self.first_layer, None)]
+        by_layer: dict[int, list[int]] = {}
+        for edit in range(copies):
+            by_layer.setdefault(int(self.routing.first_layers[edit]), []).append(edit)
+        return sorted(by_layer.items())
 
-    def _scored_states(self, units: list[Unit], keys) -> dict[tuple[int, int], torch.Tensor]:
-        """For each (unit, completion), the last hidden states (or, scoring every position, the logits) at the
+    def _scored_states(self, units: list[Unit], keys, copies: int | None) -> dict[tuple[int, int, int], torch.Tensor]:
+        """For each (copy, unit, completion), the last hidden states (or, scoring every position, the logits) at the
         positions that predict its tokens."""
+        rows = pack_rows([unit_length(unit) for unit in units], self.pack_sequences)
+        packed = pack_shared_prefix(units, rows)
+        num_rows = packed.ids.shape[0]
         picked = {}
-        for layer, members, edits in self._groups(len(units)):
-            for block in _same_shapes(units, members):
-                # Units of one edit share rows; the edits of a block (in a multi-edit step: copies of the same
-                # pairs) share one layout, built once, and run together, each row with its own edit.
-                template = members[block[0]]
-                rows = pack_rows([unit_length(units[u]) for u in template], self.pack_sequences)
-                packed = pack_shared_prefix([units[u] for u in template], rows)
-                ids = [packed.ids] + [_lay_out(units, members[m], packed) for m in block[1:]]
-                row_edits = None if edits is None else [edits[m] for m in block for _ in rows]
-                running = contextlib.nullcontext() if edits is None else self.routing.running(row_edits)
-                block_keys = None if keys is None else [keys[u] for m in block for u in members[m]]
-                with running:
-                    hidden = self._run_packed(torch.cat(ids), packed, len(block), layer, block_keys)
-                if not self.score_completions_only:
-                    hidden = lm_head_logits(self.model, hidden)  # every position, as TRL does off Triton devices
-                for copy, m in enumerate(block):
-                    for u, placement in zip(members[m], packed.placements, strict=True):
-                        for j, (at, _) in enumerate(placement.scored):
-                            picked[u, j] = hidden[placement.row + copy * len(rows), at.to(hidden.device)]
+        for layer, edits in self._groups(copies):
+            # The copies that start at this layer run together in one layout, built once, each row with its edit.
+            running = (
+                contextlib.nullcontext()
+                if edits is None
+                else self.routing.running([edit for edit in edits for _ in range(num_rows)])
+            )
+            with running:
+                hidden = self._run_packed(packed, len(edits or [0]), layer, keys)
+            if not self.score_completions_only:
+                hidden = lm_head_logits(self.model, hidden)  # every position, as TRL does off Triton devices
+            for c, edit in enumerate(edits or [0]):
+                for u, placement in enumerate(packed.placements):
+                    for j, (at, _) in enumerate(placement.scored):
+                        picked[edit, u, j] = hidden[placement.row + c * num_rows, at.to(hidden.device)]
         return picked
 
-    def _run_packed(self, ids, packed: PackedSequences, copies: int, layer: int, keys) -> torch.Tensor:
-        """The last hidden states of `copies` batches laid out as `packed` (token ids `ids`), from `layer` on
-        (entering it from the stored frozen prefix)."""
+    def _run_packed(self, packed: PackedSequences, copies: int, layer: int, keys) -> torch.Tensor:
+        """The last hidden states of `copies` copies of the rows of `packed`, from `layer` on (entering it from the
+        stored frozen prefix)."""
+        ids = packed.ids.repeat(copies, 1) if copies > 1 else None
         call = functools.partial(run_backbone, self.model, packed, ids, copies)
         if keys is None or layer == 0:
             return call()
-        entering, rows = None, packed.ids.shape[0]
-        placements = packed.placements * copies
-        for index, (key, placement) in enumerate(zip(keys, placements, strict=True)):
+        entering = None
+        for key, placement in zip(keys, packed.placements, strict=True):
             stored = self.prefix.get(key + _layer_key(layer))
             if entering is None:
-                entering = torch.zeros(*ids.shape, stored.shape[-1], dtype=stored.dtype)
-            row = placement.row + (index // len(packed.placements)) * rows
-            entering[row, placement.offset : placement.offset + placement.length] = stored
-        return self._run_from_layer(call, layer, entering.to(ids.device))
+                entering = torch.zeros(*packed.ids.shape, stored.shape[-1], dtype=stored.dtype)
+            entering[placement.row, placement.offset : placement.offset + placement.length] = stored
+        return self._run_from_layer(call, layer, entering.repeat(copies, 1, 1).to(packed.ids.device))
 
     def _fill_missing(self, units: list[Unit], keys) -> int:
         """Store the hidden states entering every start layer above 0 of the units not stored yet."""
@@ -403,22 +406,15 @@ class PairScorer:
             handle.remove()
 
 
-def _same_shapes(units: list[Unit], members: list[list[int]]) -> list[list[int]]:
-    """Members (lists of units) grouped by the lengths of their units, so that each group shares one layout."""
-    blocks: dict[tuple, list[int]] = {}
-    for m, member in enumerate(members):
-        shape = tuple((len(units[u][0]), *map(len, units[u][1])) for u in member)
-        blocks.setdefault(shape, []).append(m)
-    return list(blocks.values())
-
-
-def _lay_out(units: list[Unit], member: list[int], packed: PackedSequences) -> torch.Tensor:
-    """The token ids of `member`'s units in the layout of `packed` (built for units of the same lengths)."""
-    ids = packed.ids.clone()
-    for u, placement in zip(member, packed.placements, strict=True):
-        prompt, completions = units[u]
-        ids[placement.row, placement.offset : placement.offset + placement.length] = torch.cat([prompt, *completions])
-    return ids
+def _first_copy(input_ids, attention_mask, labels, copies: int) -> list[int]:
+    """The rows of the first of `copies` identical copies of a batch's pairs (rows [chosen x K; rejected x K])."""
+    rows, width = input_ids.shape
+    pairs = rows // (2 * copies)
+    for tensor in (input_ids, attention_mask, labels):
+        blocks = tensor.view(2, copies, pairs, width)
+        if not torch.equal(blocks, blocks[:, :1].expand_as(blocks)):
+            raise ValueError(f"a multi-edit batch must hold {copies} identical copies of its pairs (replicate_batch)")
+    return [*range(pairs), *range(copies * pairs, copies * pairs + pairs)]
 
 
 def _layer_key(layer: int) -> bytes:
