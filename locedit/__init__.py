@@ -19,7 +19,7 @@ warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprec
 
 from .core.errors import EditLoadError, HeadSpecError, LocEditError  # noqa: E402
 from .edit import HeadEditConfig, HeadEditLayer, add_edit, edit_layers, edit_norms, load_edit  # noqa: E402
-from .heads import format_heads, resolve_heads  # noqa: E402
+from .heads import HeadSpec, format_heads, resolve_heads  # noqa: E402
 from .models import AttentionLayout  # noqa: E402
 
 __version__ = "0.1.0"
@@ -34,6 +34,7 @@ __all__ = [
     "add_edit",
     "edit_layers",
     "edit_norms",
+    "HeadSpec",
     "format_heads",
     "load_edit",
     "resolve_heads",

@@ -1,52 +1,181 @@
-"""The head-spec grammar: which heads of a model a run edits, and the names of head families.
+"""Head specs: which heads of a model a run edits, parsed once into a `HeadSpec` and resolved by a selector.
 
-Forms: `all`; explicit heads `L12H3,L14H0`; `layers:12-15`; `random:K`; `probe:K` (the K best-probing heads);
-`single:K` (K distinct random single heads, each its own edit) and `heads_draws` (several draws of a `random:K`
-spec, each its own edit). Everything that reads a head spec (planning, naming run directories, W&B groups, the
-study, the report) goes through this module; `locedit.models.layout.AttentionLayout` knows where the heads are.
+Every form of the grammar is one `Selector` in `SELECTORS`: `all`; explicit heads `L12H3,L14H0`; `layers:12-15`;
+`random:K` (drawn with heads_seed); `single:K` (K distinct random single heads, each its own edit); and the
+score-driven `probe:K` / `importance:K` (the K heads a localization heuristic scores highest; the scores come from
+the locator of the same name in `locedit.locate`). `heads_draws` makes several draws of a `random:K` spec, each its
+own edit. A recipe's `heads` string is parsed once (`HeadSpec.parse`); everything below takes the `HeadSpec`: its
+family (W&B groups, the report), its slug (directory names), its draws, what it needs (a seed, a locator's scores)
+and `resolve(layout, scores)`. `locedit.models.layout.AttentionLayout` knows where the heads are.
+
+A new selector is one `register_selector(Selector(...))` (a plugin does it from its entry point, see
+`locedit.core.plugins`); a new score-driven heuristic is one `top_k_selector(name, ...)` here and its locator in
+`locedit.locate`.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import random
 import re
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from .core.errors import HeadSpecError
 from .models.layout import AttentionLayout
 
-HEAD_SPEC_FORMS = "'all', 'L12H3,L14H0', 'layers:12-15', 'random:16' or 'probe:16'"
 _HEAD_ITEM = re.compile(r"^L(\d+)H(\d+)$", re.IGNORECASE)
+Heads = list[tuple[int, int]]
 
 
-def resolve_heads(spec: str, layout: AttentionLayout, seed: int = 0, probe_scores=None) -> list[tuple[int, int]]:
-    """Resolve a head selection spec against a model's layout into sorted (layer, head) pairs, 0-based.
+@dataclass(frozen=True)
+class Selector:
+    """One form of head spec, `kind:ARG` (`all` takes no ARG; `heads` is the form of an explicit list).
 
-    Forms: `all`; explicit heads `L12H3,L14H0`; `layers:12-15` (every head of those layers, also `layers:3` and
-    `layers:0,2,5-7`); `random:K` (K distinct heads drawn uniformly with `seed`; `random:1` is one random head);
-    `probe:K` (the K heads with the highest `probe_scores`, a layers x heads table such as a probe's validation
-    accuracies; ties go to the lower layer, then the lower head).
-    Every mistake (out-of-range layer or head, duplicate, empty selection, unknown form) raises HeadSpecError naming
-    the item and the model's layers x heads.
+    resolve(spec, layout, scores) gives the heads (unsorted is fine); check(spec, layout) raises HeadSpecError on a
+    spec that cannot resolve on the layout whatever the scores (default: resolve it, when it needs no scores);
+    family(spec) names its family; `locator` is the locator whose per-head scores it ranks (None: it needs none);
+    `uses_seed` says heads_seed draws it; `edits(spec, layout)`, when given, makes it several edits.
     """
-    spec = str(spec).strip()
-    kind, _, arg = spec.partition(":")
-    kind = kind.strip().lower()
-    if spec.lower() == "all":
-        heads = [(layer, head) for layer in range(layout.num_layers) for head in range(layout.num_heads)]
-    elif kind == "layers" and arg:
-        heads = [(layer, head) for layer in _parse_layers(arg, layout) for head in range(layout.num_heads)]
-    elif kind == "random" and arg:
-        heads = _random_heads(arg, layout, seed)
-    elif kind == "probe" and arg:
-        heads = _probe_heads(arg, layout, probe_scores)
-    elif _HEAD_ITEM.match(spec.split(",")[0].strip()):
-        heads = _explicit_heads(spec, layout)
-    else:
-        raise HeadSpecError(f"bad head spec '{spec}' (model has {layout.shape}); valid forms: {HEAD_SPEC_FORMS}")
-    if not heads:
-        raise HeadSpecError(f"head spec '{spec}' selects no heads (model has {layout.shape})")
-    return sorted(heads)
+
+    kind: str
+    form: str  # an example, for error messages and docs
+    resolve: Callable[[HeadSpec, AttentionLayout, object], Heads]
+    family: Callable[[HeadSpec], str]
+    check: Callable[[HeadSpec, AttentionLayout], None] | None = None
+    locator: str | None = None
+    uses_seed: bool = False
+    edits: Callable[[HeadSpec, AttentionLayout], list[HeadSpec]] | None = None
+
+
+SELECTORS: dict[str, Selector] = {}
+
+
+def register_selector(selector: Selector) -> None:
+    SELECTORS[selector.kind] = selector
+
+
+def valid_forms() -> str:
+    forms = [f"'{selector.form}'" for selector in SELECTORS.values()]
+    return ", ".join(forms[:-1]) + f" or {forms[-1]}"
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A parsed head spec with its heads_seed and heads_draws."""
+
+    text: str  # as written, stripped
+    kind: str  # a key of SELECTORS
+    arg: str  # what follows "kind:" (the list itself for explicit heads, "" for all)
+    seed: int = 0
+    draws: int = 1
+
+    @classmethod
+    def parse(cls, text, seed: int = 0, draws: int = 1, layout: AttentionLayout | None = None) -> HeadSpec:
+        """The spec of a recipe's `heads` (`layout`, when known, is named in errors)."""
+        text = str(text).strip()
+        kind, colon, arg = text.partition(":")
+        kind, arg = kind.strip().lower(), arg.strip()
+        if not colon and text.lower() == "all":
+            kind, arg = "all", ""
+        elif not colon and _HEAD_ITEM.match(text.split(",")[0].strip()):
+            kind, arg = "heads", text
+        elif not colon or not arg or kind in ("all", "heads") or kind not in SELECTORS:
+            shape = f" (model has {layout.shape})" if layout is not None else ""
+            raise HeadSpecError(f"bad head spec '{text}'{shape}; valid forms: {valid_forms()}")
+        spec = cls(text, kind, arg, int(seed), int(draws))
+        if spec.draws < 1:
+            raise HeadSpecError(f"heads_draws must be at least 1, got {spec.draws}")
+        if spec.selector.edits is not None and spec.draws != 1:
+            raise HeadSpecError(f"'{text}' already sets the number of draws; remove heads_draws ({spec.draws})")
+        if spec.draws > 1 and kind != "random":
+            raise HeadSpecError(
+                f"heads_draws {spec.draws} needs a random:K head spec (every draw of '{text}' is equal)"
+            )
+        return spec
+
+    @classmethod
+    def of(cls, edit_args, layout: AttentionLayout | None = None) -> HeadSpec:
+        """The spec of a recipe's edit arguments (`heads`, `heads_seed`, `heads_draws`)."""
+        return cls.parse(edit_args.heads, edit_args.heads_seed, edit_args.heads_draws, layout)
+
+    @property
+    def selector(self) -> Selector:
+        return SELECTORS[self.kind]
+
+    @property
+    def locator(self) -> str | None:
+        """The locator whose scores this spec ranks (`probe`, `importance`), or None."""
+        return self.selector.locator
+
+    @property
+    def uses_seed(self) -> bool:
+        """Whether heads_seed draws its heads (`random:K`, `single:K`)."""
+        return self.selector.uses_seed
+
+    @property
+    def is_multi_edit(self) -> bool:
+        """Whether a run of this spec trains several edits (`single:K`, or several draws of `random:K`)."""
+        return self.draws > 1 or self.selector.edits is not None
+
+    @property
+    def count(self) -> str:
+        """K of `random:K`, `probe:K`, `single:K`, ..., as written."""
+        return self.arg
+
+    @property
+    def family(self) -> str:
+        """all-heads, random-16, single-head, probe-16, layers, explicit-3, ... (W&B groups, the report)."""
+        return self.selector.family(self)
+
+    @property
+    def slug(self) -> str:
+        """The spec as a directory name part: probe16, random16-hs3, L0H1_L1H3, single24-hs0 ..."""
+        slug = self.text.replace(":", "").replace(",", "_").replace(" ", "")
+        if self.uses_seed:
+            slug += f"-hs{self.seed}"
+        if self.draws > 1:
+            slug += f"x{self.draws}"
+        if len(slug) > 40:
+            slug = slug[:24] + "-" + hashlib.sha1(slug.encode()).hexdigest()[:8]
+        return slug
+
+    def edits(self, layout: AttentionLayout) -> list[HeadSpec]:
+        """The spec of every edit of a run: K single heads for `single:K`, one `random:K` per draw (seeds seed ..
+        seed + draws - 1), else this spec alone."""
+        if self.selector.edits is not None:
+            return self.selector.edits(self, layout)
+        return [replace(self, seed=self.seed + i, draws=1) for i in range(self.draws)]
+
+    def check(self, layout: AttentionLayout) -> None:
+        """Raise HeadSpecError now if the spec cannot resolve on this layout (no scores needed)."""
+        if self.selector.check is not None:
+            self.selector.check(self, layout)
+        elif self.locator is None:
+            self.resolve(layout)
+
+    def resolve(self, layout: AttentionLayout, scores=None) -> Heads:
+        """The sorted (layer, head) pairs, 0-based; `scores` (a layers x heads table) for a score-driven spec.
+        Every mistake raises HeadSpecError naming the item and the model's layers x heads."""
+        heads = self.selector.resolve(self, layout, scores)
+        if not heads:
+            raise HeadSpecError(f"head spec '{self.text}' selects no heads (model has {layout.shape})")
+        return sorted(heads)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def resolve_heads(spec, layout: AttentionLayout, seed: int = 0, probe_scores=None, scores=None) -> Heads:
+    """Resolve a head spec (text or HeadSpec) against a model's layout into sorted (layer, head) pairs.
+
+    `scores` (or, by its old name, `probe_scores`): the layers x heads table a score-driven spec ranks.
+    """
+    if not isinstance(spec, HeadSpec):
+        spec = HeadSpec.parse(spec, seed, layout=layout)
+    return spec.resolve(layout, scores if scores is not None else probe_scores)
 
 
 def _explicit_heads(spec: str, layout: AttentionLayout) -> list[tuple[int, int]]:
@@ -101,11 +230,6 @@ def _random_heads(arg: str, layout: AttentionLayout, seed: int) -> list[tuple[in
     return [divmod(index, layout.num_heads) for index in flat]
 
 
-def is_probe_spec(spec: str) -> bool:
-    """Whether a head spec needs probe scores to resolve (`probe:K`)."""
-    return str(spec).strip().lower().startswith("probe:")
-
-
 def rank_heads(scores) -> list[tuple[int, int]]:
     """Every head as (layer, head), best score first; ties go to the lower layer, then the lower head."""
     rows = [[float(value) for value in row] for row in scores]
@@ -113,30 +237,6 @@ def rank_heads(scores) -> list[tuple[int, int]]:
         ((layer, head) for layer, row in enumerate(rows) for head in range(len(row))),
         key=lambda item: (-rows[item[0]][item[1]], item[0], item[1]),
     )
-
-
-def probe_head_count(spec: str, layout: AttentionLayout) -> int:
-    """K of a `probe:K` spec, checked against the model's number of heads (no scores needed)."""
-    arg = str(spec).strip().partition(":")[2].strip()
-    total = layout.num_layers * layout.num_heads
-    if not arg.isdigit() or int(arg) < 1:
-        raise HeadSpecError(f"bad head count in 'probe:{arg}': expected 1 to {total} (model has {layout.shape})")
-    if int(arg) > total:
-        raise HeadSpecError(f"'probe:{arg}' asks for {arg} heads, but the model has {layout.shape} = {total} heads")
-    return int(arg)
-
-
-def _probe_heads(arg: str, layout: AttentionLayout, probe_scores) -> list[tuple[int, int]]:
-    count = probe_head_count(f"probe:{arg}", layout)
-    if probe_scores is None:
-        raise HeadSpecError(
-            f"'probe:{count}' needs a probe result: set probe_results to a directory written by `locedit probe`"
-        )
-    shape = tuple(len(row) for row in probe_scores)
-    if len(shape) != layout.num_layers or set(shape) != {layout.num_heads}:
-        rows = f"{len(shape)} layers x {shape[0] if shape else 0} heads"
-        raise HeadSpecError(f"the probe scores cover {rows}, but the model has {layout.shape}")
-    return rank_heads(probe_scores)[:count]
 
 
 def format_heads(heads: list[tuple[int, int]]) -> str:
@@ -152,67 +252,124 @@ def heads_by_layer(heads: list[tuple[int, int]]) -> dict[int, list[int]]:
     return grouped
 
 
-def expand_head_specs(spec: str, heads_seed: int, heads_draws: int, layout: AttentionLayout) -> list[tuple[str, int]]:
-    """The (spec, seed) of every edit of a run: `single:K` is K distinct random single heads (the heads of
-    `random:K` with heads_seed, each as its own edit, e.g. `L3H7`); `random:N` with heads_draws K is K random sets
-    of N heads (seeds heads_seed .. heads_seed + K - 1); anything else is one edit."""
-    kind, _, arg = spec.strip().partition(":")
-    if kind.lower() == "single":
-        if not arg.strip().isdigit() or int(arg) < 1:
-            raise HeadSpecError(f"bad head spec '{spec}': single:K needs a count K >= 1, e.g. single:24")
-        if heads_draws != 1:
-            raise HeadSpecError(f"'{spec}' already sets the number of draws; remove heads_draws ({heads_draws})")
-        total = layout.num_layers * layout.num_heads
-        if int(arg) > total:
-            raise HeadSpecError(f"bad head count in '{spec}': expected 1 to {total} (model has {layout.shape})")
-        # Drawn as one set, so no head is trained twice (K independent random:1 draws would repeat heads).
-        heads = resolve_heads(f"random:{int(arg)}", layout, seed=heads_seed)
-        return [(format_heads([head]), heads_seed) for head in heads]
-    if heads_draws < 1:
-        raise HeadSpecError(f"heads_draws must be at least 1, got {heads_draws}")
-    if heads_draws > 1 and kind.lower() != "random":
-        raise HeadSpecError(f"heads_draws {heads_draws} needs a random:K head spec (every draw of '{spec}' is equal)")
-    return [(spec, heads_seed + i) for i in range(heads_draws)]
+# ---------------------------------------------------------------------------------------------------------------------
+# The selectors
+# ---------------------------------------------------------------------------------------------------------------------
 
 
-def is_multi_edit(spec: str, heads_draws: int) -> bool:
-    """Whether a run trains several edits (`single:K`, or several draws of a random spec)."""
-    return heads_draws > 1 or spec.strip().lower().startswith("single:")
+def head_count(spec: HeadSpec, layout: AttentionLayout) -> int:
+    """K of a `kind:K` spec, checked against the model's number of heads."""
+    total = layout.num_layers * layout.num_heads
+    if not spec.arg.isdigit() or int(spec.arg) < 1:
+        raise HeadSpecError(
+            f"bad head count in '{spec.kind}:{spec.arg}': expected 1 to {total} (model has {layout.shape})"
+        )
+    if int(spec.arg) > total:
+        raise HeadSpecError(
+            f"'{spec.kind}:{spec.arg}' asks for {spec.arg} heads, but the model has {layout.shape} = {total} heads"
+        )
+    return int(spec.arg)
 
 
-def is_random_spec(spec: str) -> bool:
-    """Whether a spec draws its heads with heads_seed (`random:K`, `single:K`)."""
-    return str(spec).strip().lower().startswith(("random", "single"))
+def _single_edits(spec: HeadSpec, layout: AttentionLayout) -> list[HeadSpec]:
+    # Drawn as one set, so no head is trained twice (K independent random:1 draws would repeat heads).
+    if not spec.arg.isdigit() or int(spec.arg) < 1:
+        raise HeadSpecError(f"bad head spec '{spec.text}': single:K needs a count K >= 1, e.g. single:24")
+    total = layout.num_layers * layout.num_heads
+    if int(spec.arg) > total:
+        raise HeadSpecError(f"bad head count in '{spec.text}': expected 1 to {total} (model has {layout.shape})")
+    heads = _random_heads(spec.arg, layout, spec.seed)
+    return [HeadSpec.parse(format_heads([head]), spec.seed) for head in sorted(heads)]
 
 
-def spec_count(spec: str) -> str:
-    """K of `random:K`, `probe:K` or `single:K`, as written."""
-    return str(spec).strip().partition(":")[2].strip()
+def _single_resolve(spec: HeadSpec, layout: AttentionLayout, scores) -> Heads:
+    raise HeadSpecError(f"'{spec.text}' is {spec.arg} edits of one head each, not one head set")
 
 
-def head_family(spec: str) -> str:
-    """The family a head spec belongs to, for grouping runs (W&B groups, the report): all-heads, random-16,
-    single-head, probe-16, layers, explicit-3."""
-    kind, _, arg = spec.strip().lower().partition(":")
-    if kind == "all":
-        return "all-heads"
-    if kind == "random":
-        return "single-head" if arg.strip() == "1" else f"random-{arg.strip()}"
-    if kind == "layers":
-        return "layers"
-    if kind == "probe":
-        return f"probe-{arg.strip()}"
-    count = len(spec.split(","))
+def _explicit_family(spec: HeadSpec) -> str:
+    count = len(spec.arg.split(","))
     return "single-head" if count == 1 else f"explicit-{count}"
 
 
-def heads_slug(spec: str, heads_seed: int = 0, heads_draws: int = 1) -> str:
-    """A head spec as a directory name part: probe16, random16-hs3, L0H1_L1H3, single24-hs0 ..."""
-    slug = spec.strip().replace(":", "").replace(",", "_").replace(" ", "")
-    if is_random_spec(spec):
-        slug += f"-hs{heads_seed}"
-    if heads_draws > 1:
-        slug += f"x{heads_draws}"
-    if len(slug) > 40:
-        slug = slug[:24] + "-" + hashlib.sha1(slug.encode()).hexdigest()[:8]
-    return slug
+def top_k_selector(locator: str, missing: str) -> Selector:
+    """`locator:K`, the K heads of highest score in a locator's layers x heads table (ties: the lower layer, then
+    the lower head). `missing` says how to get the scores when a spec is resolved without them."""
+
+    def resolve(spec: HeadSpec, layout: AttentionLayout, scores) -> Heads:
+        count = head_count(spec, layout)
+        if scores is None:
+            raise HeadSpecError(f"'{spec.kind}:{count}' needs {missing}")
+        shape = tuple(len(row) for row in scores)
+        if len(shape) != layout.num_layers or set(shape) != {layout.num_heads}:
+            rows = f"{len(shape)} layers x {shape[0] if shape else 0} heads"
+            raise HeadSpecError(f"the {locator} scores cover {rows}, but the model has {layout.shape}")
+        return rank_heads(scores)[:count]
+
+    return Selector(
+        kind=locator,
+        form=f"{locator}:16",
+        resolve=resolve,
+        family=lambda spec: f"{locator}-{spec.arg}",
+        check=lambda spec, layout: head_count(spec, layout) and None,
+        locator=locator,
+    )
+
+
+register_selector(
+    Selector(
+        "all",
+        "all",
+        lambda spec, layout, scores: [(lay, h) for lay in range(layout.num_layers) for h in range(layout.num_heads)],
+        lambda spec: "all-heads",
+    )
+)
+register_selector(
+    Selector("heads", "L12H3,L14H0", lambda spec, layout, scores: _explicit_heads(spec.arg, layout), _explicit_family)
+)
+register_selector(
+    Selector(
+        "layers",
+        "layers:12-15",
+        lambda spec, layout, scores: [
+            (lay, h) for lay in _parse_layers(spec.arg, layout) for h in range(layout.num_heads)
+        ],
+        lambda spec: "layers",
+    )
+)
+register_selector(
+    Selector(
+        "random",
+        "random:16",
+        lambda spec, layout, scores: _random_heads(spec.arg, layout, spec.seed),
+        lambda spec: "single-head" if spec.arg == "1" else f"random-{spec.arg}",
+        uses_seed=True,
+    )
+)
+register_selector(
+    Selector(
+        "single",
+        "single:24",
+        _single_resolve,
+        lambda spec: "single-head",
+        check=lambda spec, layout: _single_edits(spec, layout) and None,
+        uses_seed=True,
+        edits=_single_edits,
+    )
+)
+register_selector(
+    top_k_selector("probe", "a probe result: set probe_results to a directory written by `locedit probe`")
+)
+register_selector(
+    top_k_selector(
+        "importance",
+        "importance scores: the importance stage computes them on the recipe's training pairs "
+        "(`locedit.locate.importance`; train, iti and study run it first when none are saved)",
+    )
+)
+
+
+def draw_recipe(recipe, draw: HeadSpec):
+    """The recipe of one edit of a multi-edit spec (one of `spec.edits(layout)`): its heads and seed, one draw."""
+    single = copy.copy(recipe)
+    single.edit = dataclasses.replace(recipe.edit, heads=draw.text, heads_seed=draw.seed, heads_draws=1)
+    return single

@@ -1,29 +1,22 @@
 """The run plan: everything a training or ITI recipe resolves to before any weights are loaded.
 
-Every check that can fail on a user's mistake (recipe keys, head spec, data file, model layout, probe result) runs
-here, so a typo ends the run in seconds with one line, not after the weights have loaded.
+Every check that can fail on a user's mistake (recipe keys, head spec, data file, model layout, a locator's saved
+result) runs here, so a typo ends the run in seconds with one line, not after the weights have loaded. The recipe's
+head spec is parsed here, once (`plan.spec`).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .core.args import PAIR_SCORING_SWITCHES, EditArguments, LocEditConfig, ModelArguments
 from .core.errors import RecipeError
 from .core.recipe import Recipe
 from .data import load_preference_splits, question_counts, validate_dataset_arg
 from .edit import HeadEditConfig
-from .heads import (
-    expand_head_specs,
-    format_heads,
-    heads_by_layer,
-    is_multi_edit,
-    is_probe_spec,
-    probe_head_count,
-    resolve_heads,
-)
-from .locate import find_probe_result, make_probe_stage, run_probe_stage
+from .heads import HeadSpec, format_heads, heads_by_layer
+from .locate import LOCATORS
 from .models.chat import chat_tokenizer
 from .models.layout import AttentionLayout
 from .models.loading import config_head_dim, read_model_config
@@ -34,27 +27,43 @@ from .rundir import check_output_dir, output_dir_of
 class RunPlan:
     """Everything resolved before any weights are loaded.
 
-    A `probe:K` spec with no probe result yet leaves `heads` and `edit_config` None: the probe stage must run on the
-    loaded model first (`resolve_probe_heads`), writing its result to `probe_dir`.
+    A score-driven spec (`probe:K`, `importance:K`) whose locator has no saved result yet leaves `heads` and
+    `edit_config` None: the locator must run on the loaded model first (`locate_heads`), writing its result to
+    `located_dirs[locator]`.
     """
 
     model_path: str
     layout: AttentionLayout
     head_dim: int
+    spec: HeadSpec
     heads: list[tuple[int, int]] | None
     edit_config: HeadEditConfig | None
     splits: object  # datasets.DatasetDict
     output_dir: str
     recipe_name: str
-    probe_dir: str | None = None  # where the probe result is, or will be written
-    probe_result: object = None  # locedit.locate.ProbeResult, once there is one
+    located: dict[str, object] = field(default_factory=dict)  # locator name -> its result, once there is one
+    located_dirs: dict[str, str] = field(default_factory=dict)  # locator name -> where its result is or will be
     finished: bool = False  # output_dir holds this very run, finished
 
-    def use_probe_result(self, result, probe_dir: str, recipe: Recipe) -> None:
-        """Resolve a `probe:K` spec from a probe result (the K heads of highest validation accuracy)."""
-        self.probe_result, self.probe_dir = result, probe_dir
-        if is_probe_spec(recipe.edit.heads):
-            self.heads = resolve_heads(recipe.edit.heads, self.layout, probe_scores=result.val_accuracy.tolist())
+    @property
+    def probe_result(self):
+        """ITI's probes (locedit.locate.ProbeResult), once there are some."""
+        return self.located.get("probe")
+
+    @property
+    def probe_dir(self) -> str | None:
+        return self.located_dirs.get("probe")
+
+    @property
+    def missing(self) -> list[str]:
+        """The locators the run needs whose result must be computed on the loaded model."""
+        return [name for name in self.located_dirs if self.located.get(name) is None]
+
+    def use_result(self, locator: str, result, directory: str, recipe: Recipe) -> None:
+        """Keep a locator's result; a spec that ranks its scores resolves from it."""
+        self.located[locator], self.located_dirs[locator] = result, directory
+        if self.spec.locator == locator:
+            self.heads = self.spec.resolve(self.layout, LOCATORS[locator].scores(result))
             self.edit_config = edit_config_for(self.layout, self.heads, recipe)
 
     @property
@@ -63,30 +72,31 @@ class RunPlan:
         vectors = 2 if self.edit_config.edit_strength == "adaptive" else 1
         return vectors * per_layer * len(heads_by_layer(self.heads))
 
-    def _draws(self, edit_args: EditArguments) -> str:
-        if not is_multi_edit(edit_args.heads, edit_args.heads_draws):
+    def _draws(self) -> str:
+        if not self.spec.is_multi_edit:
             return ""
-        count = len(expand_head_specs(edit_args.heads, edit_args.heads_seed, edit_args.heads_draws, self.layout))
-        return f" ({count} edits trained in one pass; the first)"
+        return f" ({len(self.spec.edits(self.layout))} edits trained in one pass; the first)"
 
-    def heads_line(self, edit_args: EditArguments) -> str:
-        """What the head spec resolved to, or, for a probe spec with no probe result yet, what will happen."""
+    def heads_line(self, edit_args: EditArguments | None = None) -> str:
+        """What the head spec resolved to, or, for a score-driven spec with no result yet, what will happen."""
+        spec, locator = self.spec, self.spec.locator
         if self.heads is None:
+            what = LOCATORS[locator].score_name
             return (
-                f"{edit_args.heads} -> the {probe_head_count(edit_args.heads, self.layout)} best-probing heads, "
-                f"known after probing: no probe result at {self.probe_dir} yet, so the probe stage runs first"
+                f"{spec} -> the {spec.count} heads of highest {what}, known after the {locator} stage: no {locator} "
+                f"result at {self.located_dirs[locator]} yet, so the {locator} stage runs first"
             )
         heads = format_heads(self.heads)
         if len(heads) > 80:
             heads = heads[:77] + "..."
-        line = (
-            f"{edit_args.heads}{self._draws(edit_args)} -> {len(self.heads)} heads in "
-            f"{len(heads_by_layer(self.heads))} layers: {heads}"
-        )
-        if is_probe_spec(edit_args.heads) and self.probe_result is not None:
-            accuracy = self.probe_result.val_accuracy
-            picked = [float(accuracy[layer, head]) for layer, head in self.heads]
-            line += f" (probe {self.probe_dir}: validation accuracy {min(picked):.3f}-{max(picked):.3f})"
+        line = f"{spec}{self._draws()} -> {len(self.heads)} heads in {len(heads_by_layer(self.heads))} layers: {heads}"
+        if locator is not None and self.located.get(locator) is not None:
+            scores = LOCATORS[locator].scores(self.located[locator])
+            picked = [float(scores[layer][head]) for layer, head in self.heads]
+            line += (
+                f" ({locator} {self.located_dirs[locator]}: {LOCATORS[locator].score_name} "
+                f"{min(picked):.3g}-{max(picked):.3g})"
+            )
         return line
 
     def data_line(self, edit_args: EditArguments) -> str:
@@ -173,7 +183,8 @@ def make_plan(recipe: Recipe, need_probe: bool = False, output_dir: str | None =
             f"split_fractions {list(edit_args.split_fractions)} leave no test questions; locedit evaluates every edit "
             "on held-out test questions, so give the test split (the third number) a fraction > 0"
         )
-    if is_multi_edit(edit_args.heads, edit_args.heads_draws) and not recipe.training.precompute_ref_log_probs:
+    spec = HeadSpec.of(edit_args)
+    if spec.is_multi_edit and not recipe.training.precompute_ref_log_probs:
         raise RecipeError(
             f"heads '{edit_args.heads}' with heads_draws {edit_args.heads_draws} trains many edits in one run, which "
             "needs precompute_ref_log_probs: true"
@@ -184,12 +195,11 @@ def make_plan(recipe: Recipe, need_probe: bool = False, output_dir: str | None =
     model_path, config, layout = read_model_config(recipe.model, recipe.training.trust_remote_code)
     if edit_args.chat_template:  # the tokenizer must have one: one line now, not TRL's error after the weights load
         chat_tokenizer(model_path, recipe.model, recipe.training.trust_remote_code)
-    probe_spec = is_probe_spec(edit_args.heads)
-    if probe_spec:
-        probe_head_count(edit_args.heads, layout)  # K against the model's heads, before any data is read
+    spec = HeadSpec.of(edit_args, layout)
+    spec.check(layout)  # K against the model's heads, before any data is read
     # A multi-edit spec (single:K, or heads_draws > 1) is checked on every draw; the plan shows the first.
-    draws = expand_head_specs(edit_args.heads, edit_args.heads_seed, edit_args.heads_draws, layout)
-    heads = None if probe_spec else [resolve_heads(spec, layout, seed=seed) for spec, seed in draws][0]
+    draws = spec.edits(layout)
+    heads = None if spec.locator else [draw.resolve(layout) for draw in draws][0]
     splits = load_preference_splits(
         **edit_args.split_source(),
         prompt_template=edit_args.prompt_template,
@@ -208,6 +218,7 @@ def make_plan(recipe: Recipe, need_probe: bool = False, output_dir: str | None =
         model_path=model_path,
         layout=layout,
         head_dim=config_head_dim(config, layout),
+        spec=spec,
         heads=heads,
         edit_config=None if heads is None else edit_config_for(layout, heads, recipe),
         splits=splits,
@@ -215,18 +226,22 @@ def make_plan(recipe: Recipe, need_probe: bool = False, output_dir: str | None =
         recipe_name=recipe.name,
         finished=finished,
     )
-    if probe_spec or need_probe:
-        result, plan.probe_dir = find_probe_result(recipe, model_path, layout)
+    # The locators the run needs: the spec's own (probe:K, importance:K), and ITI's probes (`need_probe`).
+    for locator in dict.fromkeys([*([spec.locator] if spec.locator else []), *(["probe"] if need_probe else [])]):
+        result, directory = LOCATORS[locator].find(recipe, model_path, layout)
+        plan.located_dirs[locator] = directory
         if result is not None:
-            plan.use_probe_result(result, plan.probe_dir, recipe)
+            plan.use_result(locator, result, directory, recipe)
     return plan
 
 
-def resolve_probe_heads(plan: RunPlan, recipe: Recipe, model, tokenizer) -> None:
-    """Run the probe stage on the loaded model (once, on the main process first), then resolve the heads from it."""
+def locate_heads(plan: RunPlan, recipe: Recipe, model, tokenizer) -> None:
+    """Run each locator the plan still misses on the loaded model (once, on the main process first), then resolve
+    the heads from its scores."""
     from accelerate import PartialState
 
-    stage = make_probe_stage(recipe, plan.model_path, plan.layout)
-    with PartialState().main_process_first():
-        result = run_probe_stage(stage, recipe, model, tokenizer)
-    plan.use_probe_result(result, stage.output_dir, recipe)
+    for locator in plan.missing:
+        with PartialState().main_process_first():
+            result = LOCATORS[locator].run(recipe, plan.model_path, plan.layout, model, tokenizer)
+        directory = getattr(result, "path", None) or plan.located_dirs[locator]
+        plan.use_result(locator, result, directory, recipe)

@@ -24,7 +24,7 @@ import yaml
 
 from .core.errors import RecipeError
 from .core.files import read_json, write_json_atomic, write_text_atomic
-from .heads import format_heads, head_family, heads_slug
+from .heads import HeadSpec, format_heads
 
 METRICS = "metrics.json"
 LOCK = ".locedit.lock"
@@ -45,7 +45,7 @@ TRAINER_STATE = "trainer_state.json"
 def default_output_dir(edit_args, args, recipe_name: str) -> str:
     """outputs/<recipe>/<heads>[-<edit>]-lr<lr>-tau<tau>-seed<seed>[-split<split_seed>]: unique per run of a
     sweep."""
-    slug = heads_slug(edit_args.heads, edit_args.heads_seed, edit_args.heads_draws)
+    slug = HeadSpec.of(edit_args).slug
     if edit_args.edit_strength != "adaptive":
         slug += f"-{edit_args.edit_strength}"
     if edit_args.edit_read != "all":
@@ -61,7 +61,7 @@ def _split_part(edit_args) -> str:
 
 def iti_output_dir(edit_args, alpha: float, recipe_name: str) -> str:
     """outputs/<recipe>/iti-<heads>-alpha<alpha>: one directory per head set and strength."""
-    slug = heads_slug(edit_args.heads, edit_args.heads_seed, edit_args.heads_draws)
+    slug = HeadSpec.of(edit_args).slug
     return os.path.join("outputs", recipe_name, f"iti-{slug}-alpha{alpha:g}{_split_part(edit_args)}")
 
 
@@ -106,10 +106,17 @@ def split_question_ids(splits) -> dict[str, list]:
 
 
 def write_run_description(
-    output_dir: str, recipe, heads, layout, splits, probe_dir: str | None = None, question_ids: dict | None = None
+    output_dir: str,
+    recipe,
+    heads,
+    layout,
+    splits,
+    located: dict[str, str] | None = None,
+    question_ids: dict | None = None,
 ) -> None:
-    """The resolved recipe, the heads and the question split, written at the start of a run. `question_ids`
-    (split_question_ids(splits)) saves reading the splits again when many runs share them."""
+    """The resolved recipe, the heads and the question split, written at the start of a run. `located`: the
+    directory of each locator result the run used (`probe` -> DIR); `question_ids` (split_question_ids(splits))
+    saves reading the splits again when many runs share them."""
     os.makedirs(output_dir, exist_ok=True)
     edit_args = recipe.edit
     write_text_atomic(
@@ -121,12 +128,13 @@ def write_run_description(
         {
             "spec": edit_args.heads,
             "heads_seed": edit_args.heads_seed,
-            "family": head_family(edit_args.heads),
+            "family": HeadSpec.of(edit_args).family,
             "heads": [list(h) for h in heads],
             "model_type": layout.model_type,
             "num_layers": layout.num_layers,
             "num_heads": layout.num_heads,
-            **({"probe_results": probe_dir} if probe_dir else {}),
+            # Where the scores that chose the heads (probe:K, importance:K) and ITI's probe came from.
+            **{f"{locator}_results": directory for locator, directory in (located or {}).items()},
         },
     )
     write_json_atomic(

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from locedit import AttentionLayout, load_edit, resolve_heads
 from locedit.core.errors import HeadSpecError
 from locedit.core.recipe import parse_recipe
-from locedit.heads import expand_head_specs
+from locedit.heads import HeadSpec
 from locedit.rundir import expand_run_dirs
 from locedit.train import main
 from locedit.training.multi import EditBank, replicate_batch
@@ -108,6 +108,11 @@ def test_replicate_batch_is_edit_major_within_chosen_and_rejected():
     out = replicate_batch(batch, 3)
     assert out["input_ids"][:, 0].tolist() == [0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3]
     assert out["ref_chosen_logps"].tolist() == [1.0, 2.0] * 3
+
+
+def expand_head_specs(spec: str, seed: int, draws: int, layout) -> list[tuple[str, int]]:
+    """(spec, seed) of every edit of a run of this spec."""
+    return [(edit.text, edit.seed) for edit in HeadSpec.parse(spec, seed, draws, layout).edits(layout)]
 
 
 def test_head_spec_expansion_and_errors():

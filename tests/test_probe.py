@@ -19,7 +19,7 @@ from locedit import cli as locedit_cli
 from locedit.core.errors import HeadSpecError
 from locedit.core.recipe import parse_recipe
 from locedit.data import load_preference_splits, load_questions
-from locedit.heads import head_family, resolve_heads
+from locedit.heads import HeadSpec, resolve_heads
 from locedit.locate import (
     ProbeResult,
     compute_probe_result,
@@ -215,7 +215,7 @@ def test_probe_heads_resolve_to_the_top_k():
         resolve_heads("probe:2", layout, probe_scores=scores[:2])
     with pytest.raises(HeadSpecError, match="bad head count"):
         resolve_heads("probe:x", layout, probe_scores=scores)
-    assert head_family("probe:16") == "probe-16"
+    assert HeadSpec.parse("probe:16").family == "probe-16"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from locedit import load_edit
 from locedit.core.args import LocEditConfig
 from locedit.core.recipe import parse_recipe
 from locedit.core.tracking import wandb_tracking
-from locedit.heads import head_family
+from locedit.heads import HeadSpec
 from locedit.rundir import default_output_dir
 from locedit.train import cli, main
 
@@ -182,7 +182,7 @@ def test_wandb_goes_offline_without_credentials_and_never_prompts(tmp_path, monk
     training_args = recipe.training
     training_args.output_dir = "outputs/tiny/random1-hs0"
 
-    with wandb_tracking(training_args, recipe.edit.wandb_project, head_family(recipe.edit.heads)):
+    with wandb_tracking(training_args, recipe.edit.wandb_project, HeadSpec.of(recipe.edit).family):
         assert os.environ["WANDB_MODE"] == "offline"
         assert os.environ["WANDB_RUN_GROUP"] == "single-head" and training_args.run_name == "random1-hs0"
     assert capsys.readouterr().err.count("offline") == 1

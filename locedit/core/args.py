@@ -112,6 +112,13 @@ class StudyArguments:
         default=None,
         metadata={"help": "Edits whose KL is above this are broken: flagged, and left out of the verdict."},
     )
+    study_heuristics: str = field(
+        default="importance",
+        metadata={
+            "help": "Localization heuristics besides the probes whose K best heads get their own optimal edit, "
+            "comma-separated ('importance': gradient head importance); 'none' for none."
+        },
+    )
 
     def __post_init__(self):
         for name in ("study_random", "study_single"):

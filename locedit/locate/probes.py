@@ -26,6 +26,7 @@ from ..core.errors import DataError, ProbeResultError
 from ..core.files import atomic_path, write_json_atomic
 from ..heads import format_heads, rank_heads
 from ..models.layout import AttentionLayout
+from .heatmap import save_score_heatmap
 
 PROBE_JSON = "probe.json"
 PROBE_TENSORS = "probe.safetensors"
@@ -343,31 +344,7 @@ def load_probe_result(path: str, layout: AttentionLayout | None = None) -> Probe
 
 def save_heatmap(result: ProbeResult, path: str, marked: int = 16) -> None:
     """Validation accuracy by layer (rows) and head (columns); the `marked` best heads get a dot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    accuracy = result.val_accuracy.float().numpy()
-    width = min(16.0, 2.0 + 0.25 * result.num_heads)
-    height = min(16.0, 1.5 + 0.25 * result.num_layers)
-    fig, ax = plt.subplots(figsize=(max(width, 4.0), max(height, 3.0)))
-    # The scale spans the accuracies themselves: on a real model they may all lie within 0.5-0.65.
-    low, high = float(accuracy.min()), float(accuracy.max())
-    image = ax.imshow(accuracy, origin="lower", aspect="auto", cmap="viridis", vmin=low, vmax=max(high, low + 1e-3))
-    top = result.top_heads(min(marked, result.num_layers * result.num_heads))
-    ax.scatter([h for _, h in top], [layer for layer, _ in top], s=8, c="white", marker="o", label=f"top {len(top)}")
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    best = top[0]
-    # Two short lines: one long line is clipped on a narrow figure (few heads).
-    ax.set_title(f"probe validation accuracy\nbest {format_heads([best])}: {accuracy[best]:.3f}", fontsize="medium")
-    ax.legend(loc="upper right", fontsize="small", framealpha=0.5)
-    fig.colorbar(image, ax=ax, label="accuracy")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_score_heatmap(result.val_accuracy, path, "probe validation accuracy", "accuracy", marked)
 
 
 def compute_probe_result(

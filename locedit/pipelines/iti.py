@@ -9,15 +9,13 @@ metrics.json with method, alpha and heads), so ITI and the optimal edit at the s
 
 from __future__ import annotations
 
-import copy
 import os
-from dataclasses import replace
 
 from ..core.recipe import Recipe
 from ..edit import add_iti_edit
-from ..heads import expand_head_specs, format_heads, resolve_heads
+from ..heads import HeadSpec, draw_recipe, format_heads
 from ..models.loading import load_model_and_tokenizer
-from ..plan import make_plan, resolve_probe_heads
+from ..plan import locate_heads, make_plan
 from ..rundir import clear_finished, iti_output_dir, run_lock, write_metrics, write_run_description
 
 
@@ -26,29 +24,27 @@ def iti_run_dir(recipe: Recipe) -> str:
     return iti_output_dir(recipe.edit, recipe.probe.iti_alpha, recipe.name)
 
 
-def _draws(recipe: Recipe, output_dir: str, layout) -> list[tuple[Recipe, str]]:
-    """One (recipe, output_dir) per head set: `heads_draws` / `single:K` give several, each in its own directory."""
-    edit_args = recipe.edit
-    draws = expand_head_specs(edit_args.heads, edit_args.heads_seed, edit_args.heads_draws, layout)
+def _draws(recipe: Recipe, spec: HeadSpec, output_dir: str, layout) -> list[tuple[Recipe, HeadSpec, str]]:
+    """One (recipe, spec, output_dir) per head set: `heads_draws` / `single:K` give several, each in its own
+    directory."""
+    draws = spec.edits(layout)
     if len(draws) == 1:
-        return [(recipe, output_dir)]
+        return [(recipe, spec, output_dir)]
     runs = []
-    for spec, seed in draws:
-        single = copy.copy(recipe)
-        single.edit = replace(edit_args, heads=spec, heads_seed=seed, heads_draws=1)
-        runs.append((single, os.path.join(output_dir, os.path.basename(iti_run_dir(single)))))
+    for draw in draws:
+        single = draw_recipe(recipe, draw)
+        runs.append((single, draw, os.path.join(output_dir, os.path.basename(iti_run_dir(single)))))
     return runs
 
 
-def describe(plan, recipe: Recipe, runs: list[tuple[Recipe, str]]) -> str:
+def describe(plan, recipe: Recipe, runs: list[tuple[Recipe, HeadSpec, str]]) -> str:
     probe = plan.probe_result.path if plan.probe_result is not None else f"{plan.probe_dir} (probe stage runs first)"
     if len(runs) == 1:
         heads = [f"  heads        {plan.heads_line(recipe.edit)}"]
     else:  # several draws of a random spec: each draw's heads (no probe scores needed)
         heads = [
-            f"  heads        {run.edit.heads} seed {run.edit.heads_seed} -> "
-            f"{format_heads(resolve_heads(run.edit.heads, plan.layout, seed=run.edit.heads_seed))}"
-            for run, _ in runs
+            f"  heads        {draw} seed {draw.seed} -> {format_heads(draw.resolve(plan.layout))}"
+            for _, draw, _ in runs
         ]
     lines = [
         "locedit iti",
@@ -60,7 +56,7 @@ def describe(plan, recipe: Recipe, runs: list[tuple[Recipe, str]]) -> str:
         f"  probe        {probe}",
         f"  data         {plan.data_line(recipe.edit)}",
     ]
-    lines += [f"  output_dir   {output_dir}" for _, output_dir in runs]
+    lines += [f"  output_dir   {output_dir}" for _, _, output_dir in runs]
     return "\n".join(lines)
 
 
@@ -71,7 +67,7 @@ def make_iti_edits(recipe: Recipe):
     args = recipe.training
     output_dir = args.output_dir if args.output_dir_was_given else iti_run_dir(recipe)
     plan = make_plan(recipe, need_probe=True, output_dir=output_dir)
-    runs = _draws(recipe, plan.output_dir, plan.layout)
+    runs = _draws(recipe, plan.spec, plan.output_dir, plan.layout)
     print(describe(plan, recipe, runs), flush=True)
     if recipe.edit.dry_run:
         return plan
@@ -79,19 +75,16 @@ def make_iti_edits(recipe: Recipe):
     with run_lock(plan.output_dir):
         clear_finished(plan.output_dir)
         model, tokenizer = load_model_and_tokenizer(plan.model_path, recipe.model, args.trust_remote_code)
-        if plan.probe_result is None:
-            resolve_probe_heads(plan, recipe, model, tokenizer)
+        if plan.missing:
+            locate_heads(plan, recipe, model, tokenizer)
             print(f"  heads        {plan.heads_line(recipe.edit)}", flush=True)
         result, alpha = plan.probe_result, recipe.probe.iti_alpha
         metrics = {}
-        for run_recipe, output_dir in runs:
-            heads = plan.heads
-            if run_recipe is not recipe or heads is None:
-                spec, seed = run_recipe.edit.heads, run_recipe.edit.heads_seed
-                heads = resolve_heads(spec, plan.layout, seed=seed, probe_scores=result.val_accuracy.tolist())
+        for run_recipe, draw, output_dir in runs:
+            heads = plan.heads if draw is plan.spec else draw.resolve(plan.layout)
             edited = add_iti_edit(model, result, heads, alpha)
             clear_finished(output_dir)  # a rewrite stopped half way must not look finished
-            write_run_description(output_dir, run_recipe, heads, plan.layout, plan.splits, plan.probe_dir)
+            write_run_description(output_dir, run_recipe, heads, plan.layout, plan.splits, plan.located_dirs)
             edited.save_pretrained(output_dir)
             metrics = {
                 "method": "iti",
@@ -107,6 +100,6 @@ def make_iti_edits(recipe: Recipe):
             print(f"  saved        {output_dir}", flush=True)
         if len(runs) > 1:
             # As a multi-edit training run: the top directory lists its edits; `locedit eval DIR` evaluates them all.
-            metrics = {"method": "iti", "iti_alpha": alpha, "edits": [os.path.basename(d) for _, d in runs]}
+            metrics = {"method": "iti", "iti_alpha": alpha, "edits": [os.path.basename(d) for _, _, d in runs]}
             write_metrics(plan.output_dir, metrics)
     return metrics

@@ -1,4 +1,9 @@
-"""The study: every stage of the paper's comparison from one `probe:K` recipe, in one process (`locedit study`)."""
+"""The study: every stage of the paper's comparison from one `probe:K` recipe, in one process (`locedit study`).
+
+Its families: ITI at the probe heads and at random heads; optimal edits at the probe heads, at the heads every other
+localization heuristic ranks first (one family per locator of `locedit.locate.LOCATORS`, e.g. gradient importance:
+`importance:K`, with the same K), at random heads, at single heads and at all heads.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +19,8 @@ from ..core.plugins import load_plugins
 from ..core.recipe import Recipe, parse_recipe
 from ..core.tracking import reports_to_wandb
 from ..evaluation import evaluate
-from ..heads import is_probe_spec, spec_count
-from ..locate import probe_recipe
+from ..heads import HeadSpec
+from ..locate import LOCATORS, probe_recipe
 from ..models.sources import resolve_model_path
 from ..reporting import find_runs, write_report
 from ..reporting.study import Edit, format_timings, write_study_files, write_study_report
@@ -42,15 +47,19 @@ class StudyOptions:
     single: int = 8  # random single heads (the paper draws 24)
     lr_all: float | None = None  # default: the recipe's learning rate x LR_SCALE["all"]
     lr_single: float | None = None  # default: the recipe's learning rate x LR_SCALE["single"]
+    heuristics: tuple[str, ...] = ()  # other locators whose K best heads get an optimal edit (importance, ...)
 
     @classmethod
     def of(cls, recipe: Recipe) -> StudyOptions:
         """The recipe's `study_*` settings (its file's keys, or flags)."""
         study = recipe.study
-        return cls(study.study_random, study.study_single, study.study_lr_all, study.study_lr_single)
+        heuristics = tuple(
+            name.strip() for name in study.study_heuristics.split(",") if name.strip() not in ("", "none")
+        )
+        return cls(study.study_random, study.study_single, study.study_lr_all, study.study_lr_single, heuristics)
 
 
-STUDY_FLAGS = ("--study_random", "--study_single", "--study_lr_all", "--study_lr_single")
+STUDY_FLAGS = ("--study_random", "--study_single", "--study_lr_all", "--study_lr_single", "--study_heuristics")
 
 
 def parse_options(argv: list[str]) -> tuple[StudyOptions, list[str]]:
@@ -75,11 +84,13 @@ def parse_options(argv: list[str]) -> tuple[StudyOptions, list[str]]:
 
 def family_flags(recipe: Recipe, options: StudyOptions) -> list[tuple[str, list[str]]]:
     """(family, recipe flags) of each optimal edit the study trains, in order."""
-    spec = recipe.edit.heads.strip()
+    spec = HeadSpec.of(recipe.edit)
     lr = recipe.training.learning_rate
     lr_all = options.lr_all if options.lr_all is not None else lr * LR_SCALE["all"]
     lr_single = options.lr_single if options.lr_single is not None else lr * LR_SCALE["single"]
-    families = [("probe", ["--heads", spec])]
+    families = [("probe", ["--heads", spec.text])]
+    # The other localization heuristics asked for, at as many heads as the probes pick.
+    families += [(name, ["--heads", f"{name}:{spec.count}"]) for name in options.heuristics]
     if options.random:
         families.append(("random", random_heads_flags(recipe, options)))
     if options.single:
@@ -90,9 +101,16 @@ def family_flags(recipe: Recipe, options: StudyOptions) -> list[tuple[str, list[
 
 def check_study_recipe(recipe: Recipe) -> None:
     """The study needs `probe:K` heads; plugins add their own checks."""
-    if not is_probe_spec(recipe.edit.heads):
+    if HeadSpec.of(recipe.edit).locator != "probe":
         raise RecipeError(
             f"the study compares edits at the probe heads with others: set heads to probe:K, not '{recipe.edit.heads}'"
+        )
+    heuristics = StudyOptions.of(recipe).heuristics
+    unknown = [name for name in heuristics if name not in LOCATORS or name == "probe"]
+    if unknown:
+        others = ", ".join(sorted(set(LOCATORS) - {"probe"}))
+        raise RecipeError(
+            f"study_heuristics names {', '.join(unknown)}: not a heuristic besides the probes ({others})"
         )
     load_plugins()  # their checks register when they are imported
     for check in STUDY_CHECKS:
@@ -200,7 +218,7 @@ def _dry_run(recipe: Recipe, options: StudyOptions, stage) -> dict:
 
 def random_heads_flags(recipe: Recipe, options: StudyOptions) -> list[str]:
     """The head flags of the `--study_random` random sets of K heads (K of the recipe's `probe:K`)."""
-    return ["--heads", f"random:{spec_count(recipe.edit.heads)}", "--heads_draws", str(options.random)]
+    return ["--heads", f"random:{HeadSpec.of(recipe.edit).count}", "--heads_draws", str(options.random)]
 
 
 def verdict_metric(recipe: Recipe) -> str:

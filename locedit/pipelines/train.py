@@ -8,9 +8,8 @@ import gc
 from ..core.recipe import Recipe
 from ..core.tracking import wandb_tracking
 from ..evaluation import check_settings, evaluate_after_training
-from ..heads import head_family
 from ..models.loading import load_model_and_tokenizer
-from ..plan import RunPlan, make_plan, resolve_probe_heads
+from ..plan import RunPlan, locate_heads, make_plan
 from ..rundir import clear_finished, read_metrics, run_lock, write_run_description
 from ..training import train_edits
 
@@ -54,17 +53,18 @@ def train_recipe(recipe: Recipe) -> dict | RunPlan:
 def _train(recipe: Recipe, plan: RunPlan, is_main: bool) -> dict:
     """Load the model, (probe,) write the run description, train and write the results."""
     edit_args, model_args, training_args = recipe.edit, recipe.model, recipe.training
-    with wandb_tracking(training_args, edit_args.wandb_project, head_family(edit_args.heads), announce=is_main):
+    with wandb_tracking(training_args, edit_args.wandb_project, plan.spec.family, announce=is_main):
         model = tokenizer = None
         if plan.heads is None:
-            # probe:K with no probe result yet: probe the loaded model, then train at the heads it ranks first.
+            # probe:K / importance:K with no saved scores yet: score the heads on the loaded model, then train at
+            # those it ranks first.
             model, tokenizer = load_model_and_tokenizer(plan.model_path, model_args, training_args.trust_remote_code)
-            resolve_probe_heads(plan, recipe, model, tokenizer)
+            locate_heads(plan, recipe, model, tokenizer)
             if is_main:
                 print(f"  heads        {plan.heads_line(edit_args)}", flush=True)
         if is_main:
             clear_finished(plan.output_dir)  # a run going on (more steps) is unfinished until it ends
-            write_run_description(plan.output_dir, recipe, plan.heads, plan.layout, plan.splits, plan.probe_dir)
+            write_run_description(plan.output_dir, recipe, plan.heads, plan.layout, plan.splits, plan.located_dirs)
         if model is None:
             model, tokenizer = load_model_and_tokenizer(plan.model_path, model_args, training_args.trust_remote_code)
         return train_edits(recipe, plan, model, tokenizer)

@@ -6,9 +6,9 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from ..core.errors import RecipeError
+from ..core.errors import HeadSpecError, RecipeError
 from ..evaluation.similarity import FIELDS as SIMILARITY_FIELDS
-from ..heads import is_random_spec
+from ..heads import HeadSpec
 from ..rundir import find_evaluated, read_evaluation, read_heads, read_metrics, read_recipe
 
 COLUMNS = [
@@ -112,7 +112,7 @@ def read_run(run_dir: Path) -> Run:
         method=method,
         family=heads.get("family", "base"),
         heads=heads.get("spec", "none"),
-        heads_seed=heads.get("heads_seed") if is_random_spec(heads.get("spec", "")) else None,
+        heads_seed=heads.get("heads_seed") if _uses_seed(heads.get("spec", "")) else None,
         tau=recipe.get("beta") if method == "ipo" else None,
         learning_rate=recipe.get("learning_rate") if method == "ipo" else None,
         alpha=finished.get("iti_alpha") if method == "iti" else None,
@@ -120,3 +120,11 @@ def read_run(run_dir: Path) -> Run:
         verdicts=verdicts,
         values=values,
     )
+
+
+def _uses_seed(spec: str) -> bool:
+    """Whether a run's recorded spec drew its heads with heads_seed (a spec of a plugin not loaded here: no)."""
+    try:
+        return HeadSpec.parse(spec).uses_seed
+    except HeadSpecError:
+        return False

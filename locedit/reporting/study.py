@@ -27,11 +27,28 @@ FAMILY_NAMES = {
 }
 
 
+def family_order(families) -> list[str]:
+    """The study's order of the families present; another localization heuristic's (importance, ...) right after
+    the probes'."""
+    present = list(dict.fromkeys(families))
+    others = [family for family in present if family not in FAMILY_ORDER]
+    order = [
+        *FAMILY_ORDER[: FAMILY_ORDER.index("probe") + 1],
+        *others,
+        *FAMILY_ORDER[FAMILY_ORDER.index("probe") + 1 :],
+    ]
+    return [family for family in order if family in present]
+
+
+def family_name(family: str) -> str:
+    return FAMILY_NAMES.get(family, f"optimal at the {family} heads")
+
+
 @dataclass
 class Edit:
     """One evaluated model of the study: the base model, ITI or an optimal edit."""
 
-    family: str  # one of FAMILY_ORDER
+    family: str  # one of FAMILY_ORDER, or the name of another localization heuristic (importance, ...)
     output_dir: str  # the run directory; for the base model, where its evaluation goes
     heads: str = ""
     learning_rate: float | None = None
@@ -98,7 +115,7 @@ def table_rows(rows: list[Edit], dataset: str, max_kl: float | None = None) -> l
         kl = edit.metrics.get("kl")
         table.append(
             {
-                "model": FAMILY_NAMES[edit.family],
+                "model": family_name(edit.family),
                 "family": edit.family,
                 "heads": "all" if edit.family == "all" else edit.heads,
                 "learning_rate": edit.learning_rate,
@@ -116,11 +133,9 @@ def summary_rows(rows: list[dict], metric: str = "true_info") -> list[dict]:
     """One row per family: the mean of each metric over its edits, its best True*Info and its best `metric` among
     the edits not broken (the paper compares the best edit a location allows), and how many edits are broken."""
     summary = []
-    for family in FAMILY_ORDER:
+    for family in family_order(row["family"] for row in rows):
         members = [row for row in rows if row["family"] == family]
-        if not members:
-            continue
-        row = {"model": FAMILY_NAMES[family], "family": family, "edits": len(members)}
+        row = {"model": family_name(family), "family": family, "edits": len(members)}
         for key in (*metric_keys(), "ipo_loss"):
             values = [member[key] for member in members if member.get(key) is not None]
             row[key] = sum(values) / len(values) if values else None
@@ -154,7 +169,7 @@ def sample_answers(rows: list[Edit], count: int = 6) -> str:
                 answer = records[index]["answer"].replace("\n", " ") or "(empty)"
                 heads = "all" if family == "all" else firsts[family].heads or "no edit"
                 heads = heads if len(heads) <= 60 else heads[:57] + "..."
-                lines.append(f"- {FAMILY_NAMES[family]} ({heads}): {answer}")
+                lines.append(f"- {family_name(family)} ({heads}): {answer}")
         lines.append("")
     return "\n".join(lines)
 
@@ -209,7 +224,7 @@ def write_plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     keys = [("true", "True"), ("info", "Info"), ("true_info", "True*Info")]
-    families = [family for family in FAMILY_ORDER if any(row["family"] == family for row in rows)]
+    families = family_order(row["family"] for row in rows)
     width = 0.8 / len(keys)
     fig, ax = plt.subplots(figsize=(1.4 * len(families) + 2.5, 4.5))
     for i, (key, name) in enumerate(keys):
@@ -219,7 +234,11 @@ def write_plot(rows: list[dict], path: str, title: str) -> None:
             ax.bar(position, sum(values) / len(values), width, color=f"C{i}", label=name if x == 0 else None)
             if len(values) > 1:
                 ax.scatter([position] * len(values), values, s=10, color="black", zorder=3)
-    ax.set_xticks(range(len(families)), [FAMILY_TITLES[family] for family in families], fontsize="small")
+    ax.set_xticks(
+        range(len(families)),
+        [FAMILY_TITLES.get(family, f"optimal\n{family} heads") for family in families],
+        fontsize="small",
+    )
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("fraction of test questions")
     ax.set_title(title, fontsize="medium")

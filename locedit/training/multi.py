@@ -28,9 +28,8 @@ Why not K PEFT adapters: PEFT applies one active adapter set to a whole batch; r
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -40,7 +39,7 @@ from trl import DPOTrainer
 from ..core.errors import HeadSpecError
 from ..core.files import atomic_path
 from ..edit import HeadEditConfig, head_mask, initial_read_vector
-from ..heads import expand_head_specs, heads_by_layer, resolve_heads
+from ..heads import HeadSpec, draw_recipe, heads_by_layer
 from ..models.layout import AttentionLayout
 from ..rundir import default_output_dir, split_question_ids, write_metrics, write_run_description
 from .pair_logps import PairScoringMixin
@@ -243,10 +242,9 @@ def replicate_batch(inputs: dict, num_edits: int) -> dict:
 
 @dataclass
 class EditRun:
-    """One edit of a multi-edit run: its head spec and seed, heads, config and output directory."""
+    """One edit of a multi-edit run: its head spec (with its seed), heads, config and output directory."""
 
-    spec: str
-    seed: int
+    spec: HeadSpec
     heads: list[tuple[int, int]]
     config: HeadEditConfig
     output_dir: str
@@ -256,8 +254,8 @@ def plan_edits(recipe, plan) -> list[EditRun]:
     """Resolve every edit of a multi-edit run (before any weights are loaded)."""
     edit_args, args = recipe.edit, recipe.training
     runs = []
-    for spec, seed in expand_head_specs(edit_args.heads, edit_args.heads_seed, edit_args.heads_draws, plan.layout):
-        heads = resolve_heads(spec, plan.layout, seed=seed)
+    for spec in plan.spec.edits(plan.layout):
+        heads = spec.resolve(plan.layout)
         config = HeadEditConfig.for_heads(
             plan.layout,
             heads,
@@ -265,9 +263,8 @@ def plan_edits(recipe, plan) -> list[EditRun]:
             edit_strength=edit_args.edit_strength,
             init_seed=args.seed,
         )
-        single = replace(edit_args, heads=spec, heads_seed=seed, heads_draws=1)
-        name = os.path.basename(default_output_dir(single, args, recipe.name))
-        runs.append(EditRun(spec, seed, heads, config, os.path.join(plan.output_dir, name)))
+        name = os.path.basename(default_output_dir(draw_recipe(recipe, spec).edit, args, recipe.name))
+        runs.append(EditRun(spec, heads, config, os.path.join(plan.output_dir, name)))
     return runs
 
 
@@ -298,10 +295,14 @@ def train_multi_edit(recipe, plan, model, tokenizer) -> dict:
     if PartialState().is_main_process:
         question_ids = split_question_ids(plan.splits)
         for index, run in enumerate(runs):
-            edit_recipe = copy.copy(recipe)
-            edit_recipe.edit = replace(recipe.edit, heads=run.spec, heads_seed=run.seed, heads_draws=1)
             write_run_description(
-                run.output_dir, edit_recipe, run.heads, layout, plan.splits, plan.probe_dir, question_ids
+                run.output_dir,
+                draw_recipe(recipe, run.spec),
+                run.heads,
+                layout,
+                plan.splits,
+                plan.located_dirs,
+                question_ids,
             )
             bank.save_edit(index, run.config, layout, run.output_dir)
             write_metrics(run.output_dir, {**metrics, "multi_edit_run": plan.output_dir, "multi_edit_index": index})

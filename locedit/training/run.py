@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..core.recipe import Recipe
-from ..heads import is_multi_edit
 from ..plan import RunPlan
 from ..rundir import write_metrics
 from .multi import train_multi_edit
@@ -12,8 +11,7 @@ from .trainer import LocEditTrainer, preference_datasets, train_and_validate
 
 def train_edits(recipe: Recipe, plan: RunPlan, model, tokenizer) -> dict:
     """Train the plan's edit (or edits) on the loaded model and write the run directory; returns the metrics."""
-    edit_args = recipe.edit
-    if is_multi_edit(edit_args.heads, edit_args.heads_draws):
+    if plan.spec.is_multi_edit:
         return train_multi_edit(recipe, plan, model, tokenizer)
     trainer = LocEditTrainer(
         model=model,
