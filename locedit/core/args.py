@@ -113,10 +113,10 @@ class StudyArguments:
         metadata={"help": "Edits whose KL is above this are broken: flagged, and left out of the verdict."},
     )
     study_heuristics: str = field(
-        default="importance",
+        default="none",
         metadata={
             "help": "Localization heuristics besides the probes whose K best heads get their own optimal edit, "
-            "comma-separated ('importance': gradient head importance); 'none' for none."
+            "comma-separated ('importance': gradient head importance); 'none' (the default) for none."
         },
     )
 
