@@ -17,10 +17,14 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+from locedit.core.errors import quiet_library_notices  # noqa: E402
+
+quiet_library_notices()  # as the commands do: the libraries below print nothing a reader can act on
+
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
 
-from locedit.core.args import LocEditConfig  # noqa: E402
+from locedit.config import LocEditConfig  # noqa: E402
 from locedit.data import load_preference_splits  # noqa: E402
 from locedit.models.tiny import build_tiny_model  # noqa: E402
 

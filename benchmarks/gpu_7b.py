@@ -17,10 +17,14 @@ import argparse
 import sys
 import time
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from locedit.core.errors import quiet_library_notices
 
-from locedit import AttentionLayout, HeadEditConfig, add_edit, resolve_heads
+quiet_library_notices()  # as the commands do: the libraries below print nothing a reader can act on
+
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from locedit import AttentionLayout, HeadEditConfig, add_edit, resolve_heads  # noqa: E402
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 

@@ -17,7 +17,7 @@ import torch
 from common import CPU, SMALL, model_dir, timed
 from safetensors.torch import load_file
 
-from locedit.core.recipe import parse_recipe
+from locedit.config import parse_recipe
 from locedit.rundir import expand_run_dirs
 from locedit.train import main as train
 

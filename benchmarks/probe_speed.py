@@ -17,10 +17,14 @@ import argparse
 import time
 import warnings
 
-import numpy as np
-import torch
+from locedit.core.errors import quiet_library_notices
 
-from locedit.locate import fit_logistic_probes, probe_accuracy
+quiet_library_notices()  # as the commands do: the libraries below print nothing a reader can act on
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from locedit.locate import fit_logistic_probes, probe_accuracy  # noqa: E402
 
 
 def make_data(examples: int, heads: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,41 +1,46 @@
 """locedit: is a behaviour of a language model really localized where a heuristic says it is?
 
-Importing locedit registers its edits with PEFT, so `peft.PeftModel.from_pretrained(model, edit_dir)` loads a saved
-edit with its heads.
+Importing locedit imports nothing else and changes nothing in other libraries: its public names load on first use
+(`from locedit import load_edit`), PEFT learns saved edits once an edit is built or loaded (`locedit.load_edit`, or
+`locedit.register_with_peft()` before `peft.PeftModel.from_pretrained(model, edit_dir)`), and the commands quiet the
+libraries' notices only when they run (`locedit.core.errors.run_cli`).
 """
 
-import logging
-import warnings
+from __future__ import annotations
 
-# bitsandbytes warns on import on CPUs without its optional `kernels` package; locedit never runs 4-bit on a CPU.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-# With `kernels` installed (bitsandbytes 0.50 pulls it in), its offline notice comes with that same import.
-logging.getLogger("kernels._internals.hf_hub").addFilter(
-    lambda record: not record.getMessage().startswith("Skipping publisher trust check")
-)
-# PEFT and TRL still read transformers' deprecated `is_gradient_checkpointing`, once per model wrap: nothing a user
-# of locedit can act on, and it buried every stage's output of the study under repeats.
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-
-from .core.errors import EditLoadError, HeadSpecError, LocEditError  # noqa: E402
-from .edit import HeadEditConfig, HeadEditLayer, add_edit, edit_layers, edit_norms, load_edit  # noqa: E402
-from .heads import HeadSpec, format_heads, resolve_heads  # noqa: E402
-from .models import AttentionLayout  # noqa: E402
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AttentionLayout",
-    "EditLoadError",
-    "HeadEditConfig",
-    "HeadEditLayer",
-    "HeadSpecError",
-    "LocEditError",
-    "add_edit",
-    "edit_layers",
-    "edit_norms",
-    "HeadSpec",
-    "format_heads",
-    "load_edit",
-    "resolve_heads",
-]
+# Public name -> the module that defines it (docs/python-api.md).
+_EXPORTS = {
+    "AttentionLayout": "locedit.models",
+    "EditLoadError": "locedit.core.errors",
+    "HeadEditConfig": "locedit.edit",
+    "HeadEditLayer": "locedit.edit",
+    "HeadSpec": "locedit.heads",
+    "HeadSpecError": "locedit.core.errors",
+    "LocEditError": "locedit.core.errors",
+    "add_edit": "locedit.edit",
+    "edit_layers": "locedit.edit",
+    "edit_norms": "locedit.edit",
+    "format_heads": "locedit.heads",
+    "load_edit": "locedit.edit",
+    "register_with_peft": "locedit.edit",
+    "resolve_heads": "locedit.heads",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    # PEP 562: torch, transformers and PEFT load when a name that needs them is first used, not on `import locedit`.
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'locedit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

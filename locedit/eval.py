@@ -17,14 +17,15 @@ import os
 import sys
 
 from .core.errors import RecipeError, run_cli
-from .core.recipe import Recipe, make_parser, parse_recipe
-from .evaluation import evaluate
+from .core.recipe import Recipe
 
-__all__ = ["main", "make_parser", "split_argv"]
+__all__ = ["cli", "main", "split_argv"]
 
 
 def main(recipe: Recipe, run_dirs: list[str] | tuple = (), base: bool = False) -> list[dict]:
     """Check everything, then evaluate the base model and/or the edits in `run_dirs`. Returns their metrics."""
+    from .evaluation import evaluate
+
     return evaluate(recipe, run_dirs, base=base)
 
 
@@ -60,6 +61,9 @@ def cli(argv: list[str] | None = None) -> int:
         print(USAGE + "\n")
 
     def run() -> None:
+        # The libraries load here, inside run_cli, after it has quieted their notices.
+        from .config import parse_recipe
+
         run_dirs, base, recipe_argv = split_argv(argv)
         main(parse_recipe(recipe_argv, prog="locedit eval"), run_dirs, base=base)
 

@@ -9,20 +9,28 @@ from __future__ import annotations
 import sys
 
 from .core.errors import run_cli
-from .core.recipe import Recipe, make_parser, parse_recipe
-from .pipelines.iti import iti_run_dir, make_iti_edits
+from .core.recipe import Recipe
 
-__all__ = ["iti_run_dir", "main", "make_parser"]
+__all__ = ["cli", "main"]
 
 
 def main(recipe: Recipe):
     """Make ITI's edit at the recipe's heads and write its run directory (one per head set)."""
+    from .pipelines.iti import make_iti_edits
+
     return make_iti_edits(recipe)
 
 
 def cli(argv: list[str] | None = None) -> int:
     """`python -m locedit.iti RECIPE [--key value ...]`: a user's mistake prints one line and exits 2."""
-    return run_cli(lambda: main(parse_recipe(argv, prog="python -m locedit.iti")))
+
+    def run():
+        # The libraries load here, inside run_cli, after it has quieted their notices.
+        from .config import parse_recipe
+
+        return main(parse_recipe(argv, prog="python -m locedit.iti"))
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

@@ -12,25 +12,36 @@ import sys
 
 from .core.args import ModelArguments
 from .core.errors import run_cli
-from .core.recipe import RecipeParser, config_argv, parse_dataclasses
-from .evaluation.judge_training import JudgeDataArguments, JudgeTrainConfig, train_judge
 
 __all__ = ["main", "make_parser"]
 
 
-def make_parser() -> RecipeParser:
+def make_parser():
+    """The judge recipe's parser (TRL's TrlParser over the judge's data, model and training arguments)."""
+    from .config import RecipeParser
+    from .evaluation.judge_training import JudgeDataArguments, JudgeTrainConfig
+
     return RecipeParser((JudgeDataArguments, ModelArguments, JudgeTrainConfig), prog="locedit judge-train")
 
 
-def main(data_args: JudgeDataArguments, model_args: ModelArguments, args: JudgeTrainConfig) -> dict:
-    """Train the judge, save it, score the held-out questions and write judge_metrics.json. Returns the metrics."""
+def main(data_args, model_args: ModelArguments, args) -> dict:
+    """Train the judge (JudgeDataArguments, ModelArguments, JudgeTrainConfig), save it, score the held-out questions
+    and write judge_metrics.json. Returns the metrics."""
+    from .evaluation.judge_training import train_judge
+
     return train_judge(data_args, model_args, args)
 
 
 def cli(argv: list[str] | None = None) -> int:
     """`locedit judge-train [RECIPE.yaml] [--key value ...]`: a user's mistake prints one line and exits 2."""
-    argv = config_argv(list(sys.argv[1:] if argv is None else argv))
-    return run_cli(lambda: main(*parse_dataclasses(make_parser(), argv)))
+
+    def run():
+        # The libraries load here, inside run_cli, after it has quieted their notices.
+        from .config import config_argv, parse_dataclasses
+
+        return main(*parse_dataclasses(make_parser(), config_argv(list(sys.argv[1:] if argv is None else argv))))
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .core.args import PAIR_SCORING_SWITCHES, EditArguments, LocEditConfig, ModelArguments
+from .config import LocEditConfig
+from .core.args import PAIR_SCORING_SWITCHES, EditArguments, ModelArguments
 from .core.errors import RecipeError
 from .core.recipe import Recipe
 from .data import load_preference_splits, question_counts, validate_dataset_arg
@@ -28,8 +29,8 @@ class RunPlan:
     """Everything resolved before any weights are loaded.
 
     A score-driven spec (`probe:K`, `importance:K`) whose locator has no saved result yet leaves `heads` and
-    `edit_config` None: the locator must run on the loaded model first (`locate_heads`), writing its result to
-    `located_dirs[locator]`.
+    `edit_config` None: the locator must run on the loaded model first (`locedit.pipelines.locate.locate_heads`),
+    writing its result to `located_dirs[locator]`.
     """
 
     model_path: str
@@ -233,15 +234,3 @@ def make_plan(recipe: Recipe, need_probe: bool = False, output_dir: str | None =
         if result is not None:
             plan.use_result(locator, result, directory, recipe)
     return plan
-
-
-def locate_heads(plan: RunPlan, recipe: Recipe, model, tokenizer) -> None:
-    """Run each locator the plan still misses on the loaded model (once, on the main process first), then resolve
-    the heads from its scores."""
-    from accelerate import PartialState
-
-    for locator in plan.missing:
-        with PartialState().main_process_first():
-            result = LOCATORS[locator].run(recipe, plan.model_path, plan.layout, model, tokenizer)
-        directory = getattr(result, "path", None) or plan.located_dirs[locator]
-        plan.use_result(locator, result, directory, recipe)

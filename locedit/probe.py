@@ -12,20 +12,29 @@ from __future__ import annotations
 import sys
 
 from .core.errors import run_cli
-from .core.recipe import Recipe, make_parser, parse_recipe
-from .locate import ProbeResult, ProbeStage, probe_recipe
+from .core.recipe import Recipe
 
-__all__ = ["main", "make_parser"]
+__all__ = ["cli", "main"]
 
 
-def main(recipe: Recipe) -> ProbeResult | ProbeStage:
-    """Probe every head of the recipe's model on its training questions and save the result."""
+def main(recipe: Recipe):
+    """Probe every head of the recipe's model on its training questions and save the result (a ProbeResult; the
+    ProbeStage in a dry run)."""
+    from .locate import probe_recipe
+
     return probe_recipe(recipe)
 
 
 def cli(argv: list[str] | None = None) -> int:
     """`python -m locedit.probe RECIPE [--key value ...]`: a user's mistake prints one line and exits 2."""
-    return run_cli(lambda: main(parse_recipe(argv, prog="python -m locedit.probe")))
+
+    def run():
+        # The libraries load here, inside run_cli, after it has quieted their notices.
+        from .config import parse_recipe
+
+        return main(parse_recipe(argv, prog="python -m locedit.probe"))
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,13 @@ from pathlib import Path
 
 from .core.errors import run_cli
 from .core.recipe import OneLineParser
-from .reporting import METRICS, find_runs, write_report
 
 __all__ = ["cli", "main", "make_parser"]
 
 
 def make_parser() -> OneLineParser:
+    from .reporting import METRICS
+
     parser = OneLineParser(
         prog="locedit report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -38,6 +39,8 @@ def make_parser() -> OneLineParser:
 
 def report(args: argparse.Namespace) -> dict:
     """Read the evaluated runs below args.run_dirs, write the report and print its table and verdict."""
+    from .reporting import find_runs, write_report
+
     runs = find_runs(args.run_dirs)
     result = write_report(runs, args.output_dir, args.report_to, args.wandb_project, args.metric, args.max_kl)
     print(Path(args.output_dir, "results.md").read_text())

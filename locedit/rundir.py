@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from .config import LocEditConfig
+from .core.args import EditArguments, ModelArguments, ProbeArguments, result_settings
 from .core.errors import RecipeError
 from .core.files import read_json, write_json_atomic, write_text_atomic
 from .heads import HeadSpec, format_heads
@@ -306,46 +308,9 @@ def read_adapter_config(run_dir: str) -> dict:
 # refused (it would resume, or overwrite, another run's results). How long it trains is not among them: a run
 # started again with more steps or epochs goes on from its last checkpoint.
 LENGTH_SETTINGS = ("num_train_epochs", "max_steps")
-RESULT_SETTINGS = (
-    "model_name_or_path",
-    "model_revision",
-    "dtype",
-    "load_in_8bit",
-    "load_in_4bit",
-    "bnb_4bit_quant_type",
-    "dataset",
-    "dataset_config",
-    "split_fractions",
-    "split_seed",
-    "group_by",
-    "prompt_template",
-    "completion_template",
-    "chat_template",
-    "max_pairs_per_question",
-    "heads",
-    "heads_seed",
-    "heads_draws",
-    "edit_read",
-    "edit_strength",
-    "probe_template",
-    "probe_val_fraction",
-    "probe_seed",
-    "probe_standardize",
-    "iti_alpha",
-    "beta",
-    "loss_type",
-    "learning_rate",
-    "lr_scheduler_type",
-    "warmup_steps",
-    "weight_decay",
-    "max_grad_norm",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "optim",
-    "seed",
-    "max_length",
-    "bf16",
-)
+# The settings that determine a run's result, as the recipe's fields mark them (core.args.result_settings): a run
+# directory holding a run made with other values is refused, not overwritten.
+RESULT_SETTINGS = result_settings(ModelArguments, EditArguments, ProbeArguments, LocEditConfig)
 
 
 def settings_difference(old: dict, new: dict, keys=RESULT_SETTINGS) -> str | None:

@@ -27,13 +27,14 @@ from __future__ import annotations
 import sys
 
 from .core.errors import run_cli
-from .pipelines.study import parse_options, run_study
 
 __all__ = ["cli", "main"]
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the study from command-line arguments: a recipe, recipe flags and `--study_*` flags."""
+    from .pipelines.study import parse_options, run_study
+
     argv = list(sys.argv[1:] if argv is None else argv)
     options, recipe_argv = parse_options(argv)
     return run_study(recipe_argv, options)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from .core.errors import run_cli
 from .core.recipe import OneLineParser
-from .pipelines.sweep import default_devices, plan_sweep, run_sweep
 
 __all__ = ["cli", "main", "make_parser"]
 
@@ -42,6 +41,8 @@ def make_parser() -> OneLineParser:
 
 def sweep(args: argparse.Namespace) -> int:
     """List (dry run) or run the sweep; 1 when a run failed."""
+    from .pipelines.sweep import default_devices, plan_sweep, run_sweep
+
     if args.dry_run:
         runs = plan_sweep(args.sweep)
         for run in runs:

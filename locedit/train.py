@@ -13,21 +13,28 @@ from __future__ import annotations
 import sys
 
 from .core.errors import run_cli
-from .core.recipe import Recipe, make_parser, parse_recipe
-from .pipelines.train import train_recipe
-from .plan import RunPlan
+from .core.recipe import Recipe
 
-__all__ = ["main", "make_parser"]
+__all__ = ["cli", "main"]
 
 
-def main(recipe: Recipe) -> dict | RunPlan:
+def main(recipe: Recipe):
     """Plan, then (unless dry_run) train the edit and write the run directory. Returns the plan or the metrics."""
+    from .pipelines.train import train_recipe
+
     return train_recipe(recipe)
 
 
 def cli(argv: list[str] | None = None) -> int:
     """`python -m locedit.train RECIPE [--key value ...]`: a user's mistake prints one line and exits 2."""
-    return run_cli(lambda: main(parse_recipe(argv, prog="python -m locedit.train")))
+
+    def run():
+        # The libraries load here, inside run_cli, after it has quieted their notices.
+        from .config import parse_recipe
+
+        return main(parse_recipe(argv, prog="python -m locedit.train"))
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

@@ -50,3 +50,43 @@ def test_the_check_sees_a_private_import():
     assert private_imports(command, "from locedit.core.files import write_json_atomic\n") == []
     # Only other modules count: a module naming its own private names is not flagged.
     assert private_imports(PACKAGE / "data" / "pairs.py", "from .pairs import _warn\n") == []
+
+
+IMPORT_CHECK = """
+import logging, sys, warnings
+
+import locedit
+loaded = {"torch", "transformers", "trl", "peft"} & set(sys.modules)
+assert not loaded, f"import locedit loaded {loaded}"
+
+import peft.mapping as mapping
+
+def state():
+    return (
+        dict(mapping.PEFT_TYPE_TO_CONFIG_MAPPING),
+        dict(mapping.PEFT_TYPE_TO_TUNER_MAPPING),
+        list(warnings.filters),
+        [(name, logging.getLogger(name).level, list(logging.getLogger(name).filters))
+         for name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")],
+    )
+
+before = state()
+import locedit.edit, locedit.heads, locedit.plan, locedit.training
+from locedit import load_edit
+assert state() == before, "importing locedit changed PEFT's mappings, the warning filters or the loggers"
+from locedit import HeadEditConfig
+config = HeadEditConfig(heads=[[0, 1]], num_layers=2, num_heads=4, model_type="llama", edit_layers={"o": 0})
+assert mapping.PEFT_TYPE_TO_CONFIG_MAPPING["LORA"].__name__ == "_LoraConfigWithEdits", "an edit registers with PEFT"
+print("ok")
+"""
+
+
+def test_importing_locedit_changes_nothing_in_other_libraries():
+    """`import locedit` loads none of torch, transformers, TRL or PEFT; importing its modules leaves PEFT's mappings,
+    the warning filters and the libraries' loggers as they were; PEFT learns saved edits once an edit is built."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", IMPORT_CHECK], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ok"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from locedit.config import parse_recipe
 from locedit.core.errors import DataError, RecipeError
-from locedit.core.recipe import parse_recipe
 from locedit.data import load_preference_splits, load_questions
 from locedit.evaluation.plan import Target, _edit_target
 from locedit.evaluation.prompts import (

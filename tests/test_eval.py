@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig
 import locedit.evaluation.run as eval_module
 import locedit.rundir as rundir_module
 from locedit import add_edit, edit_layers, load_edit
-from locedit.core.recipe import parse_recipe
+from locedit.config import parse_recipe
 from locedit.eval import cli
 from locedit.evaluation.judges import JUDGE_KINDS, HFJudge, Judge
 from locedit.evaluation.plan import Target, _load_source

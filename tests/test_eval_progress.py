@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import locedit.evaluation.run as eval_module
 from locedit import add_edit, edit_layers
-from locedit.core.recipe import parse_recipe
+from locedit.config import parse_recipe
 from locedit.eval import cli
 from locedit.evaluation.judges import HFJudge, Judge, OpenAIJudge, SimilarityJudge
 from locedit.evaluation.run import is_model_based

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from locedit import cli as locedit_cli
 from locedit import load_edit
-from locedit.core.recipe import parse_recipe
+from locedit.config import parse_recipe
 from locedit.edit import add_iti_edit, edit_layers, iti_vectors
 from locedit.heads import resolve_heads
 from locedit.locate import ProbeResult

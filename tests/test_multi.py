@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from locedit import AttentionLayout, load_edit, resolve_heads
+from locedit.config import parse_recipe
 from locedit.core.errors import HeadSpecError
-from locedit.core.recipe import parse_recipe
 from locedit.heads import HeadSpec
 from locedit.rundir import expand_run_dirs
 from locedit.train import main

@@ -15,7 +15,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import add_fused_lm_head
 
 from locedit import AttentionLayout, HeadEditConfig, resolve_heads
-from locedit.core.args import LocEditConfig
+from locedit.config import LocEditConfig
 from locedit.data import load_preference_splits
 from locedit.models import prefix_sharing
 from locedit.models.prefix_sharing import pack_rows

@@ -16,8 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from locedit import cli as locedit_cli
+from locedit.config import parse_recipe
 from locedit.core.errors import HeadSpecError
-from locedit.core.recipe import parse_recipe
 from locedit.data import load_preference_splits, load_questions
 from locedit.heads import HeadSpec, resolve_heads
 from locedit.locate import (

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from locedit import AttentionLayout, HeadEditConfig, add_edit, edit_layers, resolve_heads
-from locedit.core.recipe import parse_recipe
+from locedit.config import parse_recipe
 from locedit.edit import head_mask
 from locedit.evaluation.scoring import answer_logprobs
 from locedit.locate import collect_head_activations

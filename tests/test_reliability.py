@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from locedit.cli import main as locedit
-from locedit.core.recipe import parse_recipe
+from locedit.config import parse_recipe
 from locedit.rundir import LOCK, expand_run_dirs
 from locedit.train import main as train
 

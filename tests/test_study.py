@@ -10,8 +10,8 @@ import pytest
 
 from locedit import study
 from locedit.cli import main as locedit_main
+from locedit.config import parse_recipe
 from locedit.core.errors import RecipeError
-from locedit.core.recipe import parse_recipe
 from locedit.data import load_questions
 from locedit.pipelines import study as study_pipeline
 from locedit.reporting import study as study_report

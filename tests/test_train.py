@@ -14,8 +14,7 @@ from transformers import AutoModelForCausalLM, BertConfig, LlamaConfig
 
 import locedit.core.args
 from locedit import load_edit
-from locedit.core.args import LocEditConfig
-from locedit.core.recipe import parse_recipe
+from locedit.config import LocEditConfig, parse_recipe
 from locedit.core.tracking import wandb_tracking
 from locedit.heads import HeadSpec
 from locedit.rundir import default_output_dir

@@ -12,8 +12,7 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from locedit import AttentionLayout, HeadEditConfig, resolve_heads
-from locedit.core.args import LocEditConfig
-from locedit.core.recipe import parse_recipe
+from locedit.config import LocEditConfig, parse_recipe
 from locedit.data import load_preference_splits
 from locedit.training import LocEditTrainer, preference_datasets
 from locedit.training.reference import ReferenceLogpCache, base_weights_digest, reference_model_key

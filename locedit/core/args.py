@@ -1,15 +1,31 @@
-"""The fields of a locedit recipe: what to edit, which data, which model, and how to train (TRL's DPOConfig)."""
+"""The fields of a locedit recipe: what to edit, which data, which model, probing, evaluation and the study.
+
+Plain dataclasses: how to train is TRL's DPOConfig with locedit's defaults, `locedit.config.LocEditConfig`, so that
+`locedit.core` imports nothing of torch, transformers or TRL."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
 
-import torch
-from trl import DPOConfig
-
 logger = logging.getLogger(__name__)
+
+# The marker of a field whose value determines a run's result (in its metadata): a run directory holding a run made
+# with another value is refused, not overwritten (locedit.rundir.RESULT_SETTINGS, locedit.evaluation.plan).
+RESULT_KEY = "result"
+
+
+def result_settings(*classes) -> tuple[str, ...]:
+    """The result-determining fields of these argument classes, in order: those marked RESULT_KEY, and the fields a
+    class inherits from TRL that determine a result too (its `inherited_result_settings`)."""
+    names = []
+    for cls in classes:
+        names += [f.name for f in dataclasses.fields(cls) if f.metadata.get(RESULT_KEY)]
+        names += [name for name in getattr(cls, "inherited_result_settings", ()) if name not in names]
+    return tuple(names)
+
 
 # What the edit strength reads, and what it is (locedit.edit): choices of the recipe fields below.
 EDIT_READS = ("all", "heads")
@@ -22,19 +38,26 @@ class EditArguments:
 
     heads: str = field(
         default="all",
-        metadata={"help": "Heads to edit: 'all', 'L12H3,L14H0', 'layers:12-15' or 'random:16' (0-based)."},
+        metadata={
+            RESULT_KEY: True,
+            "help": "Heads to edit: 'all', 'L12H3,L14H0', 'layers:12-15' or 'random:16' (0-based).",
+        },
     )
-    heads_seed: int = field(default=0, metadata={"help": "Seed of the draw for 'random:K' head specs."})
+    heads_seed: int = field(
+        default=0, metadata={RESULT_KEY: True, "help": "Seed of the draw for 'random:K' head specs."}
+    )
     heads_draws: int = field(
         default=1,
         metadata={
+            RESULT_KEY: True,
             "help": "Train this many random draws of the head spec (seeds heads_seed, heads_seed+1, ...) in one pass "
-            "per step; 'single:K' is K distinct random single heads."
+            "per step; 'single:K' is K distinct random single heads.",
         },
     )
     edit_read: str = field(
         default="all",
         metadata={
+            RESULT_KEY: True,
             "help": "What the edit strength <a, o> reads: 'all' heads (the paper) or only the selected 'heads'.",
             "choices": list(EDIT_READS),
         },
@@ -42,6 +65,7 @@ class EditArguments:
     edit_strength: str = field(
         default="adaptive",
         metadata={
+            RESULT_KEY: True,
             "help": "'adaptive': o + <a,o>(m*b) (the paper); 'constant': o + m*b, a learned vector at the heads.",
             "choices": list(EDIT_STRENGTHS),
         },
@@ -49,27 +73,41 @@ class EditArguments:
     dataset: str = field(
         default="truthfulqa/truthful_qa",
         metadata={
+            RESULT_KEY: True,
             "help": "Preference data: a Hub id, a local .csv/.json/.jsonl/.parquet file, 'synthetic' "
-            "(a small question set the project generates) or 'toy' / 'toy:key=value,...' (the toy world's questions)."
+            "(a small question set the project generates) or 'toy' / 'toy:key=value,...' (the toy world's questions).",
         },
     )
-    dataset_config: str | None = field(default="generation", metadata={"help": "Hub config of the data set."})
+    dataset_config: str | None = field(
+        default="generation", metadata={RESULT_KEY: True, "help": "Hub config of the data set."}
+    )
     split_fractions: list[float] = field(
         default_factory=lambda: [0.6, 0.2, 0.2],
-        metadata={"help": "Fractions of questions for train, validation and test (split by question)."},
+        metadata={
+            RESULT_KEY: True,
+            "help": "Fractions of questions for train, validation and test (split by question).",
+        },
     )
-    split_seed: int = field(default=0, metadata={"help": "Seed of the question split."})
-    prompt_template: str = field(default="Q: {question}\nA:", metadata={"help": "Prompt built from a question."})
-    completion_template: str = field(default=" {answer}", metadata={"help": "Completion built from an answer."})
+    split_seed: int = field(default=0, metadata={RESULT_KEY: True, "help": "Seed of the question split."})
+    prompt_template: str = field(
+        default="Q: {question}\nA:", metadata={RESULT_KEY: True, "help": "Prompt built from a question."}
+    )
+    completion_template: str = field(
+        default=" {answer}", metadata={RESULT_KEY: True, "help": "Completion built from an answer."}
+    )
     chat_template: bool = field(
         default=False,
-        metadata={"help": "Wrap prompts in the tokenizer's own chat template (instruct models)."},
+        metadata={RESULT_KEY: True, "help": "Wrap prompts in the tokenizer's own chat template (instruct models)."},
     )
     group_by: str | None = field(
-        default=None, metadata={"help": "Column kept together by the split (default: the question, or the prompt)."}
+        default=None,
+        metadata={
+            RESULT_KEY: True,
+            "help": "Column kept together by the split (default: the question, or the prompt).",
+        },
     )
     max_pairs_per_question: int | None = field(
-        default=None, metadata={"help": "Keep at most this many (seeded) pairs per question."}
+        default=None, metadata={RESULT_KEY: True, "help": "Keep at most this many (seeded) pairs per question."}
     )
     wandb_project: str = field(default="locedit", metadata={"help": "W&B project when report_to includes wandb."})
     dry_run: bool = field(
@@ -89,11 +127,11 @@ class EditArguments:
 
     def __post_init__(self):
         # argparse checks `choices` on the command line only, not on values that come from a recipe.
-        _check_choice("edit_read", self.edit_read, EDIT_READS)
-        _check_choice("edit_strength", self.edit_strength, EDIT_STRENGTHS)
+        check_choice("edit_read", self.edit_read, EDIT_READS)
+        check_choice("edit_strength", self.edit_strength, EDIT_STRENGTHS)
         if len(self.split_fractions) != 3:
             raise ValueError(f"split_fractions {self.split_fractions} must be three numbers: train, validation, test")
-        _check_at_least("heads_draws", self.heads_draws, 1)
+        check_at_least("heads_draws", self.heads_draws, 1)
 
 
 @dataclass
@@ -126,7 +164,7 @@ class StudyArguments:
                 raise ValueError(f"{name} {getattr(self, name)} is not valid: it must be 0 or more")
         for name in ("study_lr_all", "study_lr_single", "study_max_kl"):
             if getattr(self, name) is not None:
-                _check_positive(name, getattr(self, name))
+                check_positive(name, getattr(self, name))
 
 
 @dataclass
@@ -138,26 +176,35 @@ class ProbeArguments:
     )
     probe_template: str = field(
         default="Q: {question} A: {answer} Q: {other_question}",
-        metadata={"help": "Probe example: a question, a correct (label 1) or incorrect (0) answer, another question."},
+        metadata={
+            RESULT_KEY: True,
+            "help": "Probe example: a question, a correct (label 1) or incorrect (0) answer, another question.",
+        },
     )
     probe_val_fraction: float = field(
-        default=0.2, metadata={"help": "Fraction of the training questions held out to score the probes."}
+        default=0.2,
+        metadata={RESULT_KEY: True, "help": "Fraction of the training questions held out to score the probes."},
     )
     probe_seed: int = field(
-        default=0, metadata={"help": "Seed of the other question in each probe example and of the held-out part."}
+        default=0,
+        metadata={
+            RESULT_KEY: True,
+            "help": "Seed of the other question in each probe example and of the held-out part.",
+        },
     )
     probe_standardize: bool = field(
         default=False,
         metadata={
+            RESULT_KEY: True,
             "help": "Fit the probes on z-scored activations (ITI fits raw ones; with C=1 raw activations of a tiny "
-            "scale give constant probes)."
+            "scale give constant probes).",
         },
     )
     probe_batch_size: int = field(default=16, metadata={"help": "Examples per forward pass when collecting."})
     probe_output_dir: str | None = field(
         default=None, metadata={"help": "Where probe results go; default outputs/<recipe>/probe."}
     )
-    iti_alpha: float = field(default=15.0, metadata={"help": "ITI's intervention strength alpha."})
+    iti_alpha: float = field(default=15.0, metadata={RESULT_KEY: True, "help": "ITI's intervention strength alpha."})
 
 
 @dataclass
@@ -170,32 +217,41 @@ class EvalArguments:
     eval_judge_truth: str = field(
         default="hf:allenai/truthfulqa-truth-judge-llama2-7B",
         metadata={
+            RESULT_KEY: True,
             "help": "Truth judge: 'hf:MODEL' (local causal LM), 'openai:MODEL' (OPENAI_BASE_URL), "
-            "'toy' (the toy world's exact judge) or 'none'."
+            "'toy' (the toy world's exact judge) or 'none'.",
         },
     )
     eval_judge_info: str = field(
         default="hf:allenai/truthfulqa-info-judge-llama2-7B",
-        metadata={"help": "Informativeness judge, as eval_judge_truth."},
+        metadata={RESULT_KEY: True, "help": "Informativeness judge, as eval_judge_truth."},
     )
     eval_judge_dtype: str = field(
         default="auto",
-        metadata={"help": "Weights dtype of hf: judges.", "choices": ["auto", "bfloat16", "float16", "float32"]},
+        metadata={
+            RESULT_KEY: True,
+            "help": "Weights dtype of hf: judges.",
+            "choices": ["auto", "bfloat16", "float16", "float32"],
+        },
     )
     eval_prompt: str = field(
         default="none",
         metadata={
+            RESULT_KEY: True,
             "help": "What precedes the training prompt_template: 'none', ITI's 'instruction', TruthfulQA's QA "
             "'primer' (six Q/A pairs), or 'iti' (instruction then primer, ITI's evaluation).",
             "choices": ["none", "instruction", "primer", "iti"],
         },
     )
-    eval_max_new_tokens: int = field(default=50, metadata={"help": "Most tokens generated per answer."})
+    eval_max_new_tokens: int = field(
+        default=50, metadata={RESULT_KEY: True, "help": "Most tokens generated per answer."}
+    )
     eval_batch_size: int = field(default=16, metadata={"help": "Prompts per batch for generation and scoring."})
     eval_max_questions: int | None = field(
-        default=None, metadata={"help": "Evaluate only the first N test questions (by id), for quick checks."}
+        default=None,
+        metadata={RESULT_KEY: True, "help": "Evaluate only the first N test questions (by id), for quick checks."},
     )
-    eval_mc: bool = field(default=True, metadata={"help": "Compute MC1/MC2 from answer log-probs."})
+    eval_mc: bool = field(default=True, metadata={RESULT_KEY: True, "help": "Compute MC1/MC2 from answer log-probs."})
     eval_mc_share_prompt: bool = field(
         default=True,
         metadata={
@@ -206,21 +262,27 @@ class EvalArguments:
     eval_mc_targets: str | None = field(
         default="auto",
         metadata={
+            RESULT_KEY: True,
             "help": "The choices of MC1/MC2: 'auto' (TruthfulQA's Hub multiple_choice configuration for the Hub "
             "TruthfulQA generation data, else the data's answers), 'answers' or 'none' (the data's best, correct "
-            "and incorrect answers), or a local .json/.jsonl/.parquet file in the multiple_choice format."
+            "and incorrect answers), or a local .json/.jsonl/.parquet file in the multiple_choice format.",
         },
     )
     eval_corpus: str = field(
         default="stas/openwebtext-10k",
         metadata={
+            RESULT_KEY: True,
             "help": "Text for KL and cross-entropy: a Hub data set with a 'text' column (streamed), a local "
             ".jsonl/.json file ('text' field) or text file (documents separated by blank lines), 'toy' (the toy "
-            "world's statements) or 'none'."
+            "world's statements) or 'none'.",
         },
     )
-    eval_corpus_docs: int = field(default=100, metadata={"help": "Documents of eval_corpus used (the first N)."})
-    eval_corpus_max_tokens: int = field(default=128, metadata={"help": "Each document is cut at this many tokens."})
+    eval_corpus_docs: int = field(
+        default=100, metadata={RESULT_KEY: True, "help": "Documents of eval_corpus used (the first N)."}
+    )
+    eval_corpus_max_tokens: int = field(
+        default=128, metadata={RESULT_KEY: True, "help": "Each document is cut at this many tokens."}
+    )
     eval_merge: bool = field(
         default=True,
         metadata={"help": "Merge the edit into the weights for generation (not for quantised weights)."},
@@ -240,26 +302,31 @@ class ModelArguments:
     model_name_or_path: str = field(
         default="tiny:llama",
         metadata={
+            RESULT_KEY: True,
             "help": "Hub id or local path of the base model, 'tiny:ARCH' for a tiny model built locally, or 'toy' "
-            "for the toy world's pre-trained model."
+            "for the toy world's pre-trained model.",
         },
     )
-    model_revision: str = field(default="main", metadata={"help": "Model revision on the Hub."})
+    model_revision: str = field(default="main", metadata={RESULT_KEY: True, "help": "Model revision on the Hub."})
     dtype: str | None = field(
         default="auto",
-        metadata={"help": "Weights dtype.", "choices": ["auto", "bfloat16", "float16", "float32"]},
+        metadata={RESULT_KEY: True, "help": "Weights dtype.", "choices": ["auto", "bfloat16", "float16", "float32"]},
     )
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. 'sdpa' or 'flash_attention_2'."})
-    load_in_8bit: bool = field(default=False, metadata={"help": "Load the base model in 8-bit (bitsandbytes)."})
-    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base model in 4-bit (bitsandbytes)."})
+    load_in_8bit: bool = field(
+        default=False, metadata={RESULT_KEY: True, "help": "Load the base model in 8-bit (bitsandbytes)."}
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={RESULT_KEY: True, "help": "Load the base model in 4-bit (bitsandbytes)."}
+    )
     bnb_4bit_quant_type: str = field(
-        default="nf4", metadata={"help": "4-bit quantisation type.", "choices": ["fp4", "nf4"]}
+        default="nf4", metadata={RESULT_KEY: True, "help": "4-bit quantisation type.", "choices": ["fp4", "nf4"]}
     )
     use_bnb_nested_quant: bool = field(default=False, metadata={"help": "Nested 4-bit quantisation."})
     bnb_4bit_quant_storage: str | None = field(default=None, metadata={"help": "Storage dtype of 4-bit weights."})
 
     def __post_init__(self):
-        _check_choice("dtype", self.dtype, ("auto", "bfloat16", "float16", "float32", None))
+        check_choice("dtype", self.dtype, ("auto", "bfloat16", "float16", "float32", None))
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("load_in_4bit and load_in_8bit are both set; choose one")
 
@@ -268,142 +335,27 @@ class ModelArguments:
 PAIR_SCORING_SWITCHES = ("score_completions_only", "share_prompt", "frozen_prefix", "pack_sequences")
 
 
-@dataclass
-class LocEditConfig(DPOConfig):
-    """TRL's DPOConfig with the paper's defaults (appendix A) and defaults that also work on a CPU.
-
-    The loss is IPO and `beta` is the paper's tau. `output_dir` defaults to a directory unique to the run (derived
-    from the recipe, heads, learning rate, tau and seed), so the runs of a sweep never share one.
-    """
-
-    output_dir: str | None = field(
-        default=None, metadata={"help": "Run directory; default outputs/<recipe>/<heads>-lr<lr>-tau<tau>-seed<seed>."}
-    )
-    loss_type: list[str] = field(default_factory=lambda: ["ipo"], metadata={"help": "IPO, as in the paper."})
-    beta: float = field(default=0.1, metadata={"help": "IPO's tau: the target log-ratio margin is 1/(2 tau)."})
-    learning_rate: float = field(
-        default=5.0e-4, metadata={"help": "Learning rate (paper: 1e-4 all heads, 5e-4 16 heads, 2e-3 single head)."}
-    )
-    num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs over the training pairs."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
-    per_device_train_batch_size: int = field(default=4, metadata={"help": "Pairs per device per step."})
-    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Pairs per device per eval step."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
-    bf16: bool | None = field(
-        default=None, metadata={"help": "bf16 mixed precision; default: on where the GPU has it."}
-    )
-    precompute_ref_log_probs: bool = field(
-        default=True, metadata={"help": "Compute the base model's log-probs once before training."}
-    )
-    cache_ref_log_probs: bool = field(
-        default=True,
-        metadata={
-            "help": "Keep the reference log-probs of each pair in $LOCEDIT_CACHE/ref_logps and reuse them in every "
-            "run on the same base model and pairs (sweeps, multi-edit runs, study stages)."
-        },
-    )
-    max_eval_pairs: int | None = field(
-        default=512,
-        metadata={
-            "help": "Validate on at most this many (seeded) validation pairs, when eval_strategy is not 'no'; "
-            "null for all of them."
-        },
-    )
-    score_completions_only: bool = field(
-        default=True,
-        metadata={
-            "help": "Run the LM head only where a completion token is scored (exact; TRL does so only with Triton "
-            "on CUDA/XPU); the log-only entropy, mean logits and top-1 accuracy are left out of training steps."
-        },
-    )
-    share_prompt: bool = field(
-        default=True,
-        metadata={
-            "help": "Run each pair's prompt once: one sequence [prompt, chosen, rejected] with a block attention mask "
-            "(exact; needs sdpa or eager attention)."
-        },
-    )
-    frozen_prefix: bool = field(
-        default=True,
-        metadata={
-            "help": "Compute the hidden states entering the lowest edited layer once per pair and start each step "
-            "there (exact with dropout off)."
-        },
-    )
-    pack_sequences: bool = field(
-        default=True,
-        metadata={
-            "help": "Lay a batch's sequences side by side in rows no longer than its longest, each seeing only "
-            "itself: almost no padding, the same batches and numbers (exact; sdpa or eager attention)."
-        },
-    )
-    frozen_prefix_max_memory_gb: float = field(
-        default=4.0, metadata={"help": "Memory for the frozen prefix; beyond it, it is kept on disk."}
-    )
-    train_sampling_strategy: str = field(
-        default="random",
-        metadata={
-            "help": "'random' (the Trainer's); 'group_by_length': batches of similar length (seeded by seed and the "
-            "epoch, resumable), which changes which pairs share a step and so what is learned: on the toy study it "
-            "lowered the all-heads edit's True from 0.81 to 0.59. pack_sequences removes padding exactly."
-        },
-    )
-    include_num_input_tokens_seen: str = field(
-        default="non_padding", metadata={"help": "Count the tokens trained on (for tokens/s); 'no' to skip."}
-    )
-    logging_steps: float = field(default=10, metadata={"help": "Log every this many steps."})
-    save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint (resumable runs)."})
-    report_to: str | list[str] = field(default="none", metadata={"help": "'wandb' to track the run in W&B."})
-
-    def __post_init__(self):
-        self.output_dir_was_given = self.output_dir is not None
-        # Ranges the optimizer, the loss or the data loader would reject only after the weights load (or not at all).
-        _check_positive("learning_rate", self.learning_rate)
-        _check_positive("beta", self.beta, "IPO's tau")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            _check_at_least(name, getattr(self, name), 1)
-        if self.max_eval_pairs is not None:
-            _check_at_least("max_eval_pairs", self.max_eval_pairs, 1)
-        _check_positive("frozen_prefix_max_memory_gb", self.frozen_prefix_max_memory_gb)
-        if self.frozen_prefix and not self.disable_dropout:
-            raise ValueError(
-                "frozen_prefix needs disable_dropout: true (with dropout the layers below the edit are random); "
-                "set frozen_prefix: false to train with dropout"
-            )
-        if not (self.max_steps > 0 or self.num_train_epochs > 0):  # max_steps > 0 overrides the epochs
-            raise ValueError(
-                f"num_train_epochs {self.num_train_epochs} is not valid: it must be > 0 (or set max_steps > 0)"
-            )
-        if self.bf16 is None:
-            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.fp16
-        if str(self.optim).startswith("paged") and not torch.cuda.is_available():
-            # bitsandbytes' paged optimizers need CUDA; on a CPU the same update is plain AdamW.
-            _warn_once(f"locedit: optim '{self.optim}' needs a GPU; using adamw_torch instead")
-            self.optim = "adamw_torch"
-        super().__post_init__()
-
-
 _warned: set[str] = set()
 
 
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
     """A notice is said once per process, however many recipes are parsed (a sweep parses one per run)."""
     if message not in _warned:
         _warned.add(message)
         logger.warning(message)
 
 
-def _check_positive(name: str, value, meaning: str = "") -> None:
+def check_positive(name: str, value, meaning: str = "") -> None:
     if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
         what = f" ({meaning})" if meaning else ""
         raise ValueError(f"{name}{what} {value} is not valid: it must be a number > 0")
 
 
-def _check_at_least(name: str, value, least: int) -> None:
+def check_at_least(name: str, value, least: int) -> None:
     if not (isinstance(value, int) and value >= least):
         raise ValueError(f"{name} {value} is not valid: it must be an integer >= {least}")
 
 
-def _check_choice(name: str, value, valid) -> None:
+def check_choice(name: str, value, valid) -> None:
     if value not in valid:
         raise ValueError(f"{name} '{value}' is not valid; choose one of {', '.join(str(v) for v in valid if v)}")

@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 
 
@@ -18,18 +19,15 @@ def cache_root() -> Path:
 
 def cache_key(settings: dict, sources: list[Path]) -> str:
     """A short hash of what a cached model depends on: its settings, the source of the code that builds it, and the
-    library versions (a config saved by one transformers version may not load in an older one)."""
-    import tokenizers
-    import torch
-    import transformers
-
+    library versions (a config saved by one transformers version may not load in an older one). The versions are the
+    installed distributions' (the same strings as the modules' __version__), read without importing them."""
     blob = json.dumps(
         {
             "settings": settings,
             "sources": [hashlib.sha256(Path(source).read_bytes()).hexdigest() for source in sources],
-            "transformers": transformers.__version__,
-            "tokenizers": tokenizers.__version__,
-            "torch": torch.__version__,
+            "transformers": version("transformers"),
+            "tokenizers": version("tokenizers"),
+            "torch": version("torch"),
         },
         sort_keys=True,
     )

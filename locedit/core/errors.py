@@ -5,8 +5,10 @@ The subclasses say which stage found the mistake; commands never need to know th
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 
@@ -46,6 +48,19 @@ class ProbeResultError(RecipeError):
 USER_ERRORS = (LocEditError, FileNotFoundError)
 
 
+def quiet_library_notices() -> None:
+    """What the libraries print that a locedit user cannot act on, silenced for the commands (never on import)."""
+    # bitsandbytes warns on import on CPUs without its optional `kernels` package; locedit never runs 4-bit on a CPU.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # With `kernels` installed (bitsandbytes 0.50 pulls it in), its offline notice comes with that same import.
+    logging.getLogger("kernels._internals.hf_hub").addFilter(
+        lambda record: not record.getMessage().startswith("Skipping publisher trust check")
+    )
+    # PEFT and TRL still read transformers' deprecated `is_gradient_checkpointing`, once per model wrap: it buried
+    # every stage's output of the study under repeats.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def run_cli(main: Callable[[], object]) -> int:
     """Run a command; a user's mistake prints one line `locedit: error: ...` and returns 2 (no traceback).
 
@@ -53,6 +68,7 @@ def run_cli(main: Callable[[], object]) -> int:
     Ctrl-C, with one line instead of a traceback.
     """
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    quiet_library_notices()
     try:
         result = main()
     except USER_ERRORS as err:

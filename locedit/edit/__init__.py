@@ -1,8 +1,8 @@
 """Edit: the optimal localized edit as a PEFT adapter (head-masked rank-1 LoRA), and ITI's edit as the same kind."""
 
-from .adapter import HeadEditConfig, HeadEditLayer, head_mask, initial_read_vector
+from .adapter import HeadEditConfig, HeadEditLayer, check_edit_fits, head_mask, initial_read_vector, register_with_peft
 from .iti import add_iti_edit, iti_vectors
-from .model import add_edit, check_edit_fits, edit_layers, edit_norms, load_edit
+from .model import add_edit, edit_layers, edit_norms, load_edit
 
 __all__ = [
     "HeadEditConfig",
@@ -16,4 +16,5 @@ __all__ = [
     "initial_read_vector",
     "iti_vectors",
     "load_edit",
+    "register_with_peft",
 ]

@@ -19,13 +19,16 @@ from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners.lora import LoraModel
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
+from peft.utils import PeftType
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..core.args import EDIT_READS, EDIT_STRENGTHS
-from ..core.errors import EditLoadError
+from ..core.errors import EditLoadError, HeadSpecError
 from ..heads import heads_by_layer
 from ..models.layout import AttentionLayout, projection_in_features
 
@@ -72,6 +75,8 @@ class HeadEditConfig(LoraConfig):
         self.heads = [[int(layer), int(head)] for layer, head in self.heads]
         # Not serialised by PEFT, so it is registered again every time the config is built (also when loaded).
         self._register_custom_module({nn.Linear: HeadEditLayer, Conv1D: HeadEditLayer})
+        # PEFT's loaders learn saved edits when the first edit is built, not when locedit is imported.
+        register_with_peft()
 
     @classmethod
     def for_heads(
@@ -284,3 +289,62 @@ def _check_mergeable(base: nn.Module) -> None:
             f"cannot merge a locedit edit into quantised weights ({type(base).__name__}); "
             "use the edit unmerged, it works the same"
         )
+
+
+def check_edit_fits(model: nn.Module, config: HeadEditConfig) -> None:
+    """Raise EditLoadError if the edit was made for a model of another shape or architecture."""
+    try:
+        layout = AttentionLayout.from_model(model)
+    except HeadSpecError as err:
+        raise EditLoadError(str(err)) from None
+    if (layout.num_layers, layout.num_heads) != (config.num_layers, config.num_heads):
+        raise EditLoadError(
+            f"the edit was made for a model of {config.shape}, but this model ({layout.model_type}) has {layout.shape}"
+        )
+    missing = [path for path in config.edit_layers if layout.layer_of(path) is None]
+    if missing:
+        raise EditLoadError(
+            f"the edit was made for a '{config.model_type}' model; '{missing[0]}' is not an output projection of "
+            f"this '{layout.model_type}' model"
+        )
+    try:
+        layout.head_dim(model)  # the projections must split evenly into heads
+    except HeadSpecError as err:
+        raise EditLoadError(str(err)) from None
+
+
+class _LoraConfigWithEdits(LoraConfig):
+    """What PEFT builds for `peft_type: LORA` once locedit is imported: a HeadEditConfig for a saved locedit edit,
+    a plain LoraConfig for anything else. PEFT builds configs as `PEFT_TYPE_TO_CONFIG_MAPPING[peft_type](**saved)`
+    (`PeftModel.from_pretrained`, `PeftConfig.from_pretrained`, transformers' `load_adapter`), so dispatching at
+    construction covers every loader and keeps the heads that a plain LoraConfig would drop.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        return (HeadEditConfig if "edit_layers" in kwargs else LoraConfig)(*args, **kwargs)
+
+
+class _LoraModelWithEdits(LoraModel):
+    """PEFT's LoRA tuner, plus a check that a locedit edit fits the model before it is injected.
+
+    The check needs the whole model (its layers x heads), which a layer never sees; PEFT gives the tuner the model
+    in `_pre_injection_hook`, so `PeftModel.from_pretrained` onto a model of another shape fails as `load_edit` does.
+    """
+
+    def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
+        if isinstance(config, HeadEditConfig):
+            check_edit_fits(model, config)
+        super()._pre_injection_hook(model, config, adapter_name)
+
+
+def register_with_peft() -> None:
+    """Make PEFT's loaders recognise saved locedit edits (keeping their heads) and check that they fit the model.
+
+    PEFT has no way to register a LoRA variant with its loaders other than its global mappings, so this replaces
+    PEFT's LoRA config and tuner with subclasses that behave exactly as PEFT's for any other LoRA. It runs only once
+    an edit is built or loaded in the process (every HeadEditConfig calls it), not on `import locedit`: a process
+    that merely imports locedit leaves PEFT as it was. Call it before `PeftModel.from_pretrained(model, edit_dir)` in
+    a process that has built no edit yet (`locedit.load_edit` needs no call).
+    """
+    PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.LORA] = _LoraConfigWithEdits
+    PEFT_TYPE_TO_TUNER_MAPPING[PeftType.LORA] = _LoraModelWithEdits

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 
-from ..core.args import EvalArguments, ModelArguments
+from ..core.args import EvalArguments, ModelArguments, result_settings
 from ..core.errors import DataError, RecipeError
 from ..core.recipe import Recipe
 from ..data import load_question_details, load_questions, validate_dataset_arg
@@ -307,19 +307,7 @@ def _check_edit_fits(run_dir: str, layout) -> None:
 
 
 # The eval settings that change an evaluation's results: a finished evaluation made with others is not overwritten.
-EVAL_RESULT_SETTINGS = (
-    "eval_judge_truth",
-    "eval_judge_info",
-    "eval_judge_dtype",
-    "eval_prompt",
-    "eval_max_new_tokens",
-    "eval_max_questions",
-    "eval_mc",
-    "eval_mc_targets",
-    "eval_corpus",
-    "eval_corpus_docs",
-    "eval_corpus_max_tokens",
-)
+EVAL_RESULT_SETTINGS = result_settings(EvalArguments)
 
 
 def _check_earlier_evaluation(target: Target, args: EvalArguments) -> None:

@@ -15,8 +15,9 @@ from ..core.recipe import Recipe
 from ..edit import add_iti_edit
 from ..heads import HeadSpec, draw_recipe, format_heads
 from ..models.loading import load_model_and_tokenizer
-from ..plan import locate_heads, make_plan
+from ..plan import make_plan
 from ..rundir import clear_finished, iti_output_dir, run_lock, write_metrics, write_run_description
+from .locate import locate_heads
 
 
 def iti_run_dir(recipe: Recipe) -> str:

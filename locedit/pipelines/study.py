@@ -14,9 +14,10 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from ..config import parse_recipe
 from ..core.errors import RecipeError
 from ..core.plugins import load_plugins
-from ..core.recipe import Recipe, parse_recipe
+from ..core.recipe import Recipe
 from ..core.tracking import reports_to_wandb
 from ..evaluation import evaluate
 from ..heads import HeadSpec

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import yaml
 
+from ..config import parse_recipe
 from ..core.errors import USER_ERRORS, RecipeError
 from ..core.files import write_text_atomic
-from ..core.recipe import parse_recipe
 from ..rundir import is_finished, output_dir_of
 
 PROGRAM = "locedit.train"

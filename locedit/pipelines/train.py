@@ -9,9 +9,10 @@ from ..core.recipe import Recipe
 from ..core.tracking import wandb_tracking
 from ..evaluation import check_settings, evaluate_after_training
 from ..models.loading import load_model_and_tokenizer
-from ..plan import RunPlan, locate_heads, make_plan
+from ..plan import RunPlan, make_plan
 from ..rundir import clear_finished, read_metrics, run_lock, write_run_description
 from ..training import train_edits
+from .locate import locate_heads
 
 
 def train_recipe(recipe: Recipe) -> dict | RunPlan:
