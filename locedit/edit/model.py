@@ -10,7 +10,7 @@ from torch import nn
 
 from ..core.errors import EditLoadError
 from ..models.layout import AttentionLayout
-from .adapter import HeadEditConfig, HeadEditLayer, check_edit_fits
+from .adapter import HeadEditConfig, HeadEditLayer, check_edit_fits, register_with_peft
 
 
 def add_edit(model: nn.Module, config: HeadEditConfig, adapter_name: str = "default") -> PeftModel:
@@ -29,6 +29,7 @@ def load_edit(model: nn.Module, path: str, adapter_name: str = "default", is_tra
     with open(config_file) as f:
         if "edit_layers" not in json.load(f):
             raise EditLoadError(f"'{path}' holds a PEFT adapter that is not a locedit edit")
+    register_with_peft()  # PEFT builds the saved config through its mappings: they must know edits first
     config = HeadEditConfig.from_pretrained(path)
     check_edit_fits(model, config)
     return PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable, config=config)
