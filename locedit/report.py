@@ -14,7 +14,8 @@ from pathlib import Path
 
 from .core.errors import run_cli
 from .core.recipe import OneLineParser
-from .reporting import METRICS, find_runs, write_report
+from .evaluation import MAIN
+from .reporting import find_runs, scoring_metrics, write_report
 
 __all__ = ["cli", "main", "make_parser"]
 
@@ -28,7 +29,7 @@ def make_parser() -> OneLineParser:
     parser.add_argument("--report_to", default="none", choices=["none", "wandb"])
     parser.add_argument("--wandb_project", default="locedit")
     parser.add_argument(
-        "--metric", default="true_info", choices=METRICS, help="the score of each head set: its best value of this"
+        "--metric", default=MAIN, choices=scoring_metrics(), help="the score of each head set: its best value of this"
     )
     parser.add_argument(
         "--max_kl", type=float, default=None, help="edits with KL above this are broken, left out of the verdict"
