@@ -19,7 +19,8 @@ __all__ = ["cli", "main", "make_parser"]
 
 
 def make_parser() -> OneLineParser:
-    from .reporting import METRICS
+    from .evaluation import MAIN
+    from .reporting import scoring_metrics
 
     parser = OneLineParser(
         prog="locedit report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -29,7 +30,7 @@ def make_parser() -> OneLineParser:
     parser.add_argument("--report_to", default="none", choices=["none", "wandb"])
     parser.add_argument("--wandb_project", default="locedit")
     parser.add_argument(
-        "--metric", default="true_info", choices=METRICS, help="the score of each head set: its best value of this"
+        "--metric", default=MAIN, choices=scoring_metrics(), help="the score of each head set: its best value of this"
     )
     parser.add_argument(
         "--max_kl", type=float, default=None, help="edits with KL above this are broken, left out of the verdict"

@@ -17,19 +17,18 @@ Definitions (paper sections 2 and 7, following ITI, TruthfulQA and lm-evaluation
   (`locedit.evaluation.similarity`, lm-eval's `truthfulqa_gen`), when the `similarity` truth judge ran.
 - CE: the mean next-token cross-entropy of a document (its tokens after the first), then the mean over documents
   (ITI's `run_ce_loss`, i.e. `model(ids, labels=ids).loss` per document).
+
+Each metric's key, label and the per-question fields it is made of are registered once in
+`locedit.evaluation.metric_registry`; `summarise` gives every registered metric of per-question records.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
-from .similarity import FIELDS as SIMILARITY_FIELDS
-
-# The per-question numbers whose means an evaluation reports (the similarity ones where that judge ran).
-RECORD_KEYS = ("mc1", "mc2", *SIMILARITY_FIELDS)
+from .metric_registry import per_question_metrics
 
 
 def mean(values: Sequence[float]) -> float:
@@ -80,32 +79,26 @@ def token_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, mask: tor
     return total / targets.sum(-1).to(total.dtype)
 
 
-def summarise(records: Sequence[dict], keys: Sequence[str] = RECORD_KEYS) -> dict[str, float]:
-    """True/Info/True*Info (when judged) and the means of `keys` over per-question records."""
+def summarise(records: Sequence[dict]) -> dict[str, float]:
+    """Every registered metric made of per-question fields that the records have (True*Info only where both judges
+    ran, a judge that did not run gives nothing), and the number of questions."""
     summary: dict[str, float] = {"questions": len(records)}
-    judged = {key for key in ("truthful", "informative") if records and all(key in r for r in records)}
-    if judged == {"truthful", "informative"}:
-        summary.update(true_info([r["truthful"] for r in records], [r["informative"] for r in records]))
-    elif judged:  # one judge only: its mean, no product
-        key = judged.pop()
-        summary["true" if key == "truthful" else "info"] = mean([float(r[key]) for r in records])
-    for key in keys:
-        values = [r[key] for r in records if r.get(key) is not None and not math.isnan(r[key])]
-        if values:
-            summary[key] = mean(values)
+    for metric in per_question_metrics():
+        value = metric.of_records(records)
+        if value is not None:
+            summary[metric.key] = value
     return summary
 
 
-def per_category(records: Sequence[dict], keys: Sequence[str] = RECORD_KEYS) -> dict[str, dict[str, float]]:
+def per_category(records: Sequence[dict]) -> dict[str, dict[str, float]]:
     """`summarise` for each category of the records (True*Info is the product of the category's means)."""
     categories: dict[str, list[dict]] = {}
     for record in records:
         categories.setdefault(record.get("category") or "", []).append(record)
-    return {name: summarise(group, keys) for name, group in sorted(categories.items())}
+    return {name: summarise(group) for name, group in sorted(categories.items())}
 
 
 __all__ = [
-    "RECORD_KEYS",
     "mc1",
     "mc2",
     "mean",

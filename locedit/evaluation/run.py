@@ -16,7 +16,9 @@ Per model:
   each choice as it is (lm-eval's `truthfulqa_mc1` / `truthfulqa_mc2`); otherwise MC1 compares the best answer with
   the incorrect answers, MC2 the correct answers with the incorrect ones, each closed with a period (ITI);
 - KL(original || edited) of the next-token distribution and the cross-entropy on `eval_corpus` (ITI's 100
-  OpenWebText documents cut at 128 tokens by default), the original being the same model with the edit disabled.
+  OpenWebText documents cut at 128 tokens by default), the original being the same model with the edit disabled;
+- the fields of the metrics registered with a `per_question` function (`locedit.evaluation.metric_registry`), from
+  each judged answer. The summary holds every registered metric the records give.
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ from ..edit import load_edit
 from ..models.loading import batches, load_model_and_tokenizer
 from ..rundir import run_lock, write_evaluation
 from .judges import Judge, verdicts
+from .metric_registry import add_per_question_values, all_metrics, per_question_fields
 from .metrics import mc1, mc2, per_category, summarise
 from .plan import EvalPlan, EvalResources, Target, plan_evaluation
 from .prompts import build_prompt, close_answer
 from .scoring import answer_logprobs, can_merge, corpus_scores, generate_answers, merged
-from .similarity import FIELDS as SIMILARITY_FIELDS
 
 
 def _target_questions(plan: EvalPlan, target: Target) -> list[dict]:
@@ -234,8 +236,8 @@ def report_to_wandb(recipe: Recipe, target: Target, records: list[dict], metrics
     )
     try:
         run.summary.update(_flatten(metrics))
-        columns = ["question_id", "category", "question", "answer", "truth", "info", "mc1", "mc2"]
-        columns += [key for key in SIMILARITY_FIELDS if records and key in records[0]]
+        columns = ["question_id", "category", "question", "answer", "truth", "info"]
+        columns += [name for name in per_question_fields() if records and name in records[0]]
         table = wandb.Table(columns=columns, data=[[record.get(c) for c in columns] for record in records])
         run.log({"eval/generations": table})
     finally:
@@ -318,6 +320,7 @@ def _finish(plan: EvalPlan, recipe: Recipe, args: EvalArguments, result: tuple, 
     eval/timings.json, not metrics.json, whose content is a function of the settings alone (an evaluation run again
     writes the same file); the metrics returned and sent to W&B carry them as `timings`."""
     target, records, scores = result
+    add_per_question_values(records)  # the registered metrics computed from the judged answers
     metrics = metrics_of(plan, target, records, scores, args, timings)
     os.makedirs(target.eval_dir, exist_ok=True)
     write_json_atomic(os.path.join(target.eval_dir, TIMINGS), metrics["timings"])
@@ -350,10 +353,9 @@ def describe_timings(timings: dict) -> str:
 
 
 def describe(metrics: dict) -> str:
-    names = [("true", "True"), ("info", "Info"), ("true_info", "True*Info"), ("mc1", "MC1"), ("mc2", "MC2")]
-    names += [("bleu_acc", "BLEU acc"), ("rouge1_acc", "ROUGE-1 acc"), ("rougeL_acc", "ROUGE-L acc")]
-    names += [("kl", "KL"), ("ce", "CE")]
-    return ", ".join(f"{label} {metrics[key]:.4g}" for key, label in names if key in metrics)
+    """e.g. "True 0.5, Info 0.9, True*Info 0.45, MC1 0.3, MC2 0.4, KL 0.01, CE 3.2": the metrics of the tables."""
+    shown = [metric for metric in all_metrics() if metric.table and metric.key in metrics]
+    return ", ".join(f"{metric.label} {metrics[metric.key]:.4g}" for metric in shown)
 
 
 def evaluate(recipe: Recipe, run_dirs: list[str] | tuple = (), base: bool = False) -> list[dict]:

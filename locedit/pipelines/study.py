@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..config import parse_recipe
 from ..core.errors import RecipeError
@@ -23,9 +24,9 @@ from ..evaluation import evaluate
 from ..heads import HeadSpec
 from ..locate import LOCATORS, probe_recipe
 from ..models.sources import resolve_model_path
-from ..reporting import find_runs, write_report
-from ..reporting.study import Edit, format_timings, write_study_files, write_study_report
-from ..rundir import expand_run_dirs, output_dir_of, read_heads_spec
+from ..reporting import Run, read_run, write_report
+from ..reporting.study import format_timings, write_study_files, write_study_report
+from ..rundir import expand_run_dirs, output_dir_of
 from .iti import iti_run_dir, make_iti_edits
 from .train import train_recipe
 
@@ -160,38 +161,34 @@ def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
     with timer("probe"):
         probe_recipe(stage("probe", []))
 
-    edits: list[Edit] = []
+    edits: list[tuple[str, str]] = []  # (family, run directory) of every edit, in the table's order
     with timer("iti"):
         iti_recipe = stage("iti", [])
-        heads = make_iti_edits(iti_recipe)["heads_spec"]
-        edits.append(Edit("iti", iti_run_dir(iti_recipe), heads))
+        make_iti_edits(iti_recipe)
+        edits.append(("iti", iti_run_dir(iti_recipe)))
         if options.random:  # the same random sets as the optimal edits' (same heads_seed), for Fig. 1a
             random_recipe = stage("iti", random_heads_flags(recipe, options))
             make_iti_edits(random_recipe)
-            for edit_dir in expand_run_dirs([iti_run_dir(random_recipe)]):
-                edits.append(Edit("iti_random", edit_dir, read_heads_spec(edit_dir)))
+            edits += [("iti_random", edit_dir) for edit_dir in expand_run_dirs([iti_run_dir(random_recipe)])]
 
     for family, flags in family_flags(recipe, options):
         with timer(f"train {family}"):
             run_recipe = stage("train", flags)
             run_dir = output_dir_of(run_recipe)
             train_recipe(run_recipe)
-        for edit_dir in expand_run_dirs([run_dir]):  # a multi-edit run holds one directory per edit
-            edits.append(Edit(family, edit_dir, read_heads_spec(edit_dir), run_recipe.training.learning_rate))
+        edits += [(family, edit_dir) for edit_dir in expand_run_dirs([run_dir])]  # a multi-edit run: one per edit
 
-    base = Edit("base", os.path.join(study_dir, "base"))
+    base_dir = os.path.join(study_dir, "base")
     with timer("eval"):
-        eval_recipe = stage("eval", ["--eval_output_dir", base.output_dir], shown=["RUN_DIR...", "--base"])
-        all_metrics = evaluate(eval_recipe, [edit.output_dir for edit in edits], base=True)
-    by_dir = {os.path.normpath(m["edit"]) if m["edit"] else None: m for m in all_metrics}
-    base.metrics = by_dir[None]
-    for edit in edits:
-        edit.metrics = by_dir[os.path.normpath(edit.output_dir)]
+        eval_recipe = stage("eval", ["--eval_output_dir", base_dir], shown=["RUN_DIR...", "--base"])
+        evaluate(eval_recipe, [run_dir for _, run_dir in edits], base=True)
 
     with timer("report"):
+        # The study's table and the paper's report read the same runs from their directories.
+        runs = [read_run(Path(run_dir), family) for family, run_dir in [("base", base_dir), *edits]]
         metric = verdict_metric(recipe)
-        report = write_study_report([base, *edits], recipe, study_dir, metric)
-        report["verdict"] = write_paper_report([base, *edits], recipe, study_dir, metric)
+        report = write_study_report(runs, recipe, study_dir, metric)
+        report["verdict"] = write_paper_report(runs, recipe, study_dir, metric)
     report["timings"] = timer.stages
     write_study_files(report, recipe, study_dir)
     print(f"\n{report['table']}\n\n{report['summary_table']}\n\n{format_timings(timer.stages)}", flush=True)
@@ -228,9 +225,8 @@ def verdict_metric(recipe: Recipe) -> str:
     return "true_info" if all(judged.values()) else ("true" if judged["truth"] else "mc2")
 
 
-def write_paper_report(rows: list[Edit], recipe: Recipe, study_dir: str, metric: str) -> dict:
+def write_paper_report(runs: list[Run], recipe: Recipe, study_dir: str, metric: str) -> dict:
     """`locedit report` of the study's runs in `study/report/`: the paper's figures, table and verdict."""
-    runs = find_runs([edit.output_dir for edit in rows])
     report_to = "wandb" if reports_to_wandb(recipe.training.report_to) else "none"
     return write_report(
         runs,

@@ -1,12 +1,11 @@
 """Reporting: the table, the paper's figures and the verdict (p-values, bootstrap) from evaluated runs."""
 
-from .report import check_metric, write_report
-from .runs import COLUMNS, METRICS, Run, find_runs, read_run
+from .report import check_metric, scoring_metrics, write_report
+from .runs import SETTINGS, Run, find_runs, read_run
 from .stats import best_per_head_set, paired_bootstrap, permutation_p_value, verdict
 
 __all__ = [
-    "COLUMNS",
-    "METRICS",
+    "SETTINGS",
     "Run",
     "best_per_head_set",
     "check_metric",
@@ -14,6 +13,7 @@ __all__ = [
     "paired_bootstrap",
     "permutation_p_value",
     "read_run",
+    "scoring_metrics",
     "verdict",
     "write_report",
 ]

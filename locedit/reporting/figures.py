@@ -1,15 +1,17 @@
-"""The paper's figures from evaluated runs: fig1a, fig2_3, fig4a and fig1c_5 (see `locedit.reporting.report`)."""
+"""The paper's figures from evaluated runs: fig1a, fig2_3, fig4a and fig1c_5 (see `locedit.reporting.report`), and one
+figure per `against_kl` of the registered metrics (`locedit.evaluation.metric_registry`; MC1 and MC2 are fig1c_5's)."""
 
 from __future__ import annotations
 
 import os
 
 from ..core.files import atomic_path
-from .runs import Run, metric_label
+from ..evaluation.metric_registry import KL, MAIN, all_metrics, factors, get_metric
+from .runs import Run
 from .stats import best_per_head_set
 
 
-def write_figures(runs: list[Run], output_dir: str, metric: str = "true_info", max_kl: float | None = None):
+def write_figures(runs: list[Run], output_dir: str, metric: str = MAIN, max_kl: float | None = None):
     """The figures; head sets are scored by their best `metric`, broken edits (KL above `max_kl`) left out of that
     (they still appear where KL is drawn)."""
     import matplotlib
@@ -17,7 +19,8 @@ def write_figures(runs: list[Run], output_dir: str, metric: str = "true_info", m
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    name = metric_label(metric)
+    name = get_metric(metric).label
+    true, info = factors(MAIN)  # the truth-info trade-off: the two factors of True*Info
     best = best_per_head_set([run for run in runs if run.method != "base" and not run.is_broken(max_kl)], metric)
     base = next((run for run in runs if run.method == "base"), None)
     written = []
@@ -55,14 +58,20 @@ def write_figures(runs: list[Run], output_dir: str, metric: str = "true_info", m
         if run.method in ("ipo", "iti"):
             group = f"{'ITI' if run.method == 'iti' else 'optimal'} {_family_group(run.family)}"
             every.setdefault(group, []).append(run)
-    series = {key: judged for key, members in every.items() if (judged := [r for r in members if _judged(r)])}
+
+    def judged(run: Run) -> bool:  # without an info judge there is no truth-info trade-off to draw
+        return run.metrics.get(true.key) is not None and run.metrics.get(info.key) is not None
+
+    series = {key: scored for key, members in every.items() if (scored := [r for r in members if judged(r)])}
     for label, members in sorted(series.items()):
         members.sort(key=lambda r: (r.tau or 0, r.alpha or 0))
-        ax.scatter([r.metrics["info"] for r in members], [r.metrics["true"] for r in members], label=label, alpha=0.7)
-    if base and _judged(base):
-        ax.scatter([base.metrics["info"]], [base.metrics["true"]], marker="*", s=150, color="black", label="base")
-    ax.set_xlabel("Info")
-    ax.set_ylabel("True")
+        points = [r.metrics[info.key] for r in members], [r.metrics[true.key] for r in members]
+        ax.scatter(*points, label=label, alpha=0.7)
+    if base and judged(base):
+        points = [base.metrics[info.key]], [base.metrics[true.key]]
+        ax.scatter(*points, marker="*", s=150, color="black", label="base")
+    ax.set_xlabel(info.label)
+    ax.set_ylabel(true.label)
     ax.set_title("Truth-info trade-off over tau (optimal edits) and alpha (ITI)")
     _legend(ax)
     save(fig, "fig2_3_truth_info_tradeoff.png")
@@ -81,21 +90,26 @@ def write_figures(runs: list[Run], output_dir: str, metric: str = "true_info", m
     _legend(ax)
     save(fig, "fig4a_single_heads.png")
 
-    # Fig. 1c / 5: MC against KL.
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-    for ax, key in zip(axes, ("mc1", "mc2"), strict=True):
-        for label, members in sorted(every.items()):
-            points = [(r.metrics.get("kl"), r.metrics.get(key)) for r in members]
-            points = [(x, y) for x, y in points if x is not None and y is not None]
-            if points:
-                ax.scatter(*zip(*points, strict=True), label=label, alpha=0.7)
-        if max_kl is not None:  # edits right of it are broken, out of the verdict
-            ax.axvline(max_kl, color="red", ls="--", label=f"max_kl {max_kl:g}")
-        ax.set_xlabel("KL(original || edited) per token")
-        ax.set_ylabel(key.upper())
-        ax.set_title(f"{key.upper()} against KL")
-    _legend(axes[0])
-    save(fig, "fig1c_5_mc_vs_kl.png")
+    # Fig. 1c / 5, MC against KL, and every other metric drawn against KL: one panel per metric of a figure.
+    panels: dict[str, list] = {}
+    for scored in all_metrics():
+        if scored.against_kl:
+            panels.setdefault(scored.against_kl, []).append(scored)
+    for figure, metrics in panels.items():
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 4), squeeze=False)
+        for ax, scored in zip(axes[0], metrics, strict=True):
+            for label, members in sorted(every.items()):
+                points = [(r.metrics.get(KL), r.metrics.get(scored.key)) for r in members]
+                points = [(x, y) for x, y in points if x is not None and y is not None]
+                if points:
+                    ax.scatter(*zip(*points, strict=True), label=label, alpha=0.7)
+            if max_kl is not None:  # edits right of it are broken, out of the verdict
+                ax.axvline(max_kl, color="red", ls="--", label=f"max_kl {max_kl:g}")
+            ax.set_xlabel("KL(original || edited) per token")
+            ax.set_ylabel(scored.label)
+            ax.set_title(f"{scored.label} against KL")
+        _legend(axes[0][0])
+        save(fig, f"{figure}.png")
     return written
 
 
@@ -109,8 +123,3 @@ def _family_group(family: str) -> str:
         if family.startswith(prefix):
             return {"all": "all heads", "single": "single heads"}.get(prefix, f"{prefix} heads")
     return family
-
-
-def _judged(run: Run) -> bool:
-    """Whether both judges scored the run (without an info judge there is no truth-info trade-off to draw)."""
-    return run.metrics.get("true") is not None and run.metrics.get("info") is not None

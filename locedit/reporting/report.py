@@ -3,21 +3,23 @@
 Reads every evaluated run under the given directories (`eval/metrics.json` and `eval/generations.jsonl`, with the
 run's `heads.json`, `recipe.yaml` and `metrics.json`) and writes to the report directory:
 
-- `results.csv` and `results.md`: one row per run (method, head family, heads, tau, learning rate or alpha, True,
-  Info, True*Info, MC1, MC2, the chosen metric when it is none of these, KL, CE, whether the run is its head set's
-  best by the chosen metric, and with `max_kl` whether it is broken);
+- `results.csv` and `results.md`: one row per run (method, head family, heads, tau, learning rate or alpha, every
+  metric of the tables that some run has (True, Info, True*Info, MC1, MC2, KL, CE, and plugins'), the chosen metric
+  when it is none of these, whether the run is its head set's best by the chosen metric, and with `max_kl` whether
+  it is broken);
 - the paper's figures as PNG: the score of ITI at probe vs random heads (fig1a), the truth-info trade-off over tau
   of optimal edits per family and of ITI (fig2_3), the best score of random single heads with all heads marked
-  (fig4a), MC against KL (fig1c_5);
+  (fig4a), MC against KL (fig1c_5), and any other metric registered to be drawn against KL;
 - `verdict.md` / `verdict.json`: for each method, a permutation p-value for "probe heads score higher than random
   head sets", and for each family whether it reaches the all-heads optimum within a paired bootstrap confidence
   interval over test questions.
 
 A head set's score is its best value of one metric over the hyperparameters it was run with (tau, learning rate,
-alpha), as the paper compares the best edit each location allows: True*Info by default (the paper's), or any of
-`METRICS` (True alone where no info judge ran, MC1, MC2, TruthfulQA's BLEU/ROUGE `bleu_acc`, ...). With `max_kl`,
-edits whose KL from the base model is above it are broken: flagged in the table and left out of the scores and the
-verdict, as a high score from a broken model is no evidence.
+alpha), as the paper compares the best edit each location allows: True*Info by default (the paper's), or any metric
+made of per-question values (True alone where no info judge ran, MC1, MC2, TruthfulQA's BLEU/ROUGE `bleu_acc`, ...;
+`locedit.evaluation.metric_registry`), the best being the highest or, for a lower-is-better one, the lowest. With
+`max_kl`, edits whose KL from the base model is above it are broken: flagged in the table and left out of the scores
+and the verdict, as a high score from a broken model is no evidence.
 """
 
 from __future__ import annotations
@@ -31,30 +33,43 @@ from pathlib import Path
 from ..core.errors import RecipeError
 from ..core.files import write_text_atomic
 from ..core.tracking import offline_without_credentials
+from ..evaluation.metric_registry import MAIN, all_metrics, get_metric, per_question_metrics
 from .figures import write_figures
-from .runs import COLUMNS, METRICS, Run, metric_label
+from .runs import SETTINGS, Run
 from .stats import best_per_head_set, verdict
+
+
+def scoring_metrics() -> list[str]:
+    """The metrics a report can rank head sets by (`--metric`): those made of per-question values."""
+    return [metric.key for metric in per_question_metrics()]
 
 
 def check_metric(runs: list[Run], metric: str) -> None:
     """The metric is one the report can rank by and at least one run has it; else one error line."""
-    if metric not in METRICS:
+    scoring = scoring_metrics()
+    if metric not in scoring:
         raise RecipeError(
-            f"metric '{metric}' is not one a report can rank head sets by; use one of {', '.join(METRICS)}"
+            f"metric '{metric}' is not one a report can rank head sets by; use one of {', '.join(scoring)}"
         )
     if any(run.metrics.get(metric) is not None for run in runs):
         return
-    present = [key for key in METRICS if any(run.metrics.get(key) is not None for run in runs)]
-    why = " (True*Info needs both a truth and an info judge)" if metric == "true_info" else ""
+    present = [key for key in scoring if any(run.metrics.get(key) is not None for run in runs)]
+    needs = get_metric(metric).needs
+    why = f" ({get_metric(metric).label} needs {needs})" if needs else ""
     has = f"they have {', '.join(present)}; name one with --metric" if present else "they have no metric to rank by"
     raise RecipeError(f"no evaluated run has {metric}{why}: {has}")
 
 
-def table(runs: list[Run], metric: str = "true_info", max_kl: float | None = None) -> tuple[list[str], list[dict]]:
-    """The columns and rows of the results table: the chosen metric beside KL and CE, `best` marking each head
-    set's best run by it (broken runs left out), `broken` (with max_kl) the edits whose KL is above max_kl."""
-    extra = [metric] if metric not in COLUMNS else []
-    columns = COLUMNS[: COLUMNS.index("kl")] + extra + ["kl", "ce", "best"]
+def table(runs: list[Run], metric: str = MAIN, max_kl: float | None = None) -> tuple[list[str], list[dict]]:
+    """The columns and rows of the results table: the metrics of the tables that some run has and the chosen one, in
+    the registry's order (so the chosen one beside KL and CE), `best` marking each head set's best run by it (broken
+    runs left out), `broken` (with max_kl) the edits whose KL is above max_kl."""
+    metrics = [
+        scored.key
+        for scored in all_metrics()
+        if scored.key == metric or (scored.table and any(run.metrics.get(scored.key) is not None for run in runs))
+    ]
+    columns = [*SETTINGS, *metrics, "best"]
     columns += ["broken"] if max_kl is not None else []
     columns += ["run_dir"]
     best = best_per_head_set([run for run in runs if run.method != "base" and not run.is_broken(max_kl)], metric)
@@ -68,7 +83,7 @@ def table(runs: list[Run], metric: str = "true_info", max_kl: float | None = Non
     return columns, rows
 
 
-def write_table(runs: list[Run], output_dir: str, metric: str = "true_info", max_kl: float | None = None) -> None:
+def write_table(runs: list[Run], output_dir: str, metric: str = MAIN, max_kl: float | None = None) -> None:
     columns, rows = table(runs, metric, max_kl)
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=columns)
@@ -84,7 +99,7 @@ def write_table(runs: list[Run], output_dir: str, metric: str = "true_info", max
 
 
 def _score_line(metric: str, max_kl: float | None) -> str:
-    line = f"Score: {metric_label(metric)} (`{metric}`); `best` marks each head set's best run by it"
+    line = f"Score: {get_metric(metric).label} (`{metric}`); `best` marks each head set's best run by it"
     if max_kl is not None:
         line += f"; `broken`: KL above {max_kl:g}, left out of `best` and of the verdict"
     return line + "."
@@ -128,7 +143,7 @@ def write_report(
     output_dir: str,
     report_to: str = "none",
     project: str = "locedit",
-    metric: str = "true_info",
+    metric: str = MAIN,
     max_kl: float | None = None,
 ) -> dict:
     """The table, the figures and the verdict of `runs` in `output_dir` (and on W&B), head sets scored by their best

@@ -1,4 +1,5 @@
-"""The evaluated runs a report reads: settings, metrics and per-question verdicts of each (`locedit.rundir`)."""
+"""The evaluated runs the report and the study read: settings, metrics and per-question values of each
+(`locedit.rundir`). Which metrics a run has, and what they are made of, is `locedit.evaluation.metric_registry`'s."""
 
 from __future__ import annotations
 
@@ -7,75 +8,44 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..core.errors import HeadSpecError, RecipeError
-from ..evaluation.similarity import FIELDS as SIMILARITY_FIELDS
-from ..heads import HeadSpec
+from ..evaluation.metric_registry import KL, all_metrics, per_question_fields
+from ..heads import HeadSpec, format_heads
 from ..rundir import find_evaluated, read_evaluation, read_heads, read_metrics, read_recipe
 
-COLUMNS = [
-    "method",
-    "family",
-    "heads",
-    "heads_seed",
-    "tau",
-    "learning_rate",
-    "alpha",
-    "true",
-    "info",
-    "true_info",
-    "mc1",
-    "mc2",
-    "kl",
-    "ce",
-    "run_dir",
-]
-
-# The scores a report can rank head sets by (`--metric`; higher is better for each), and how they read in text.
-METRICS = ("true_info", "true", "info", "mc1", "mc2", *SIMILARITY_FIELDS)
-LABELS = {"true_info": "True*Info", "true": "True", "info": "Info", "mc1": "MC1", "mc2": "MC2"}
-# The per-question numbers of generations.jsonl a report reads (the judges' verdicts as 0/1).
-PER_QUESTION = ("truthful", "informative", "mc1", "mc2", *SIMILARITY_FIELDS)
-
-
-def metric_label(metric: str) -> str:
-    return LABELS.get(metric, metric)
-
-
-def metric_fields(metric: str) -> tuple[str, ...]:
-    """The per-question fields a metric is made of: it is the product of their means over questions (True*Info is
-    the one product of two, `locedit.evaluation.metrics.true_info`; every other metric is one field's mean)."""
-    return {"true_info": ("truthful", "informative"), "true": ("truthful",), "info": ("informative",)}.get(
-        metric, (metric,)
-    )
+# The report's columns before the metrics: what a run is.
+SETTINGS = ["method", "family", "heads", "heads_seed", "tau", "learning_rate", "alpha"]
 
 
 @dataclass
 class Run:
-    """One evaluated run (or the base model): its settings, its metrics and its per-question verdicts."""
+    """One evaluated run (or the base model): its settings, its metrics and its per-question values."""
 
     run_dir: str
     method: str  # ipo (an optimal edit), iti, or base
     family: str  # all-heads, probe-16, random-16, single-head, ... ("base" for the base model)
-    heads: str
+    heads: str  # the head spec it was made with: probe:16, random:16, L0H1 ("none" for the base model)
     heads_seed: int | None
     tau: float | None
     learning_rate: float | None
     alpha: float | None
+    # eval/metrics.json, and the registered metrics computed from the run's directory (`Metric.value`)
     metrics: dict
-    verdicts: dict[int, tuple[bool, bool]] = field(default_factory=dict, repr=False)  # question_id -> (true, info)
-    values: dict[int, dict[str, float]] = field(default_factory=dict, repr=False)  # question_id -> PER_QUESTION
+    values: dict[int, dict[str, float]] = field(default_factory=dict, repr=False)  # question_id -> field -> value
+    explicit_heads: str = ""  # its heads as heads.json lists them, e.g. L0H1,L2H3 ("" for the base model)
+    study_family: str | None = None  # for a run a study made, its family there (`locedit.reporting.study`)
 
     @property
     def head_set(self) -> tuple[str, str, int | None]:
         """Runs of the same method at the same heads, whatever their hyperparameters."""
         return (self.method, self.heads, self.heads_seed)
 
-    def row(self, columns=COLUMNS) -> dict:
-        settings = {f.name for f in fields(self)} - {"metrics", "verdicts", "values"}
+    def row(self, columns: list[str]) -> dict:
+        settings = {f.name for f in fields(self)} - {"metrics", "values"}
         return {key: getattr(self, key) if key in settings else self.metrics.get(key) for key in columns}
 
     def is_broken(self, max_kl: float | None) -> bool:
         """An edit whose KL from the base model is above `max_kl` (one without a KL cannot be told broken)."""
-        kl = self.metrics.get("kl")
+        kl = self.metrics.get(KL)
         return max_kl is not None and self.method != "base" and kl is not None and kl > max_kl
 
 
@@ -94,19 +64,21 @@ def find_runs(paths: list[str]) -> list[Run]:
     return runs
 
 
-def read_run(run_dir: Path) -> Run:
+def read_run(run_dir: Path, study_family: str | None = None) -> Run:
     evaluation, records = read_evaluation(str(run_dir))
     heads = read_heads(str(run_dir))
     finished = read_metrics(str(run_dir))
     recipe = read_recipe(str(run_dir))
     method = "base" if not heads else finished.get("method", "ipo")
-    verdicts, values = {}, {}
+    names, values = per_question_fields(), {}
     for record in records:
-        if "truthful" in record and "informative" in record:
-            verdicts[int(record["question_id"])] = (bool(record["truthful"]), bool(record["informative"]))
         # Missing or NaN values are left out, as the evaluation's means leave them out.
-        numbers = {key: float(record[key]) for key in PER_QUESTION if record.get(key) is not None}
-        values[int(record["question_id"])] = {key: value for key, value in numbers.items() if not math.isnan(value)}
+        numbers = {name: float(record[name]) for name in names if record.get(name) is not None}
+        values[int(record["question_id"])] = {name: value for name, value in numbers.items() if not math.isnan(value)}
+    metrics = dict(evaluation)
+    for metric in all_metrics():
+        if metric.value is not None and (value := metric.value(str(run_dir), evaluation.get("dataset"))) is not None:
+            metrics[metric.key] = value
     return Run(
         run_dir=str(run_dir),
         method=method,
@@ -116,9 +88,10 @@ def read_run(run_dir: Path) -> Run:
         tau=recipe.get("beta") if method == "ipo" else None,
         learning_rate=recipe.get("learning_rate") if method == "ipo" else None,
         alpha=finished.get("iti_alpha") if method == "iti" else None,
-        metrics=evaluation,
-        verdicts=verdicts,
+        metrics=metrics,
         values=values,
+        explicit_heads=format_heads([tuple(head) for head in heads.get("heads", [])]),
+        study_family=study_family,
     )
 
 

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import functools
-import operator
 import random
 
 import numpy as np
 from scipy import stats
 
-from .runs import Run, metric_fields, metric_label
+from ..evaluation.metric_registry import KL, MAIN, Metric, get_metric
+from .runs import Run
 
 
-def best_per_head_set(runs: list[Run], metric: str = "true_info") -> dict[tuple, Run]:
-    """For each head set, its run with the highest `metric` (over tau, learning rate, alpha)."""
-    best: dict[tuple, Run] = {}
+def best_per_head_set(runs: list[Run], metric: str = MAIN) -> dict[tuple, Run]:
+    """For each head set, its run with the best `metric` (over tau, learning rate, alpha)."""
+    scored, best = get_metric(metric), {}
     for run in runs:
         if run.metrics.get(metric) is None:
             continue
-        if run.head_set not in best or run.metrics[metric] > best[run.head_set].metrics[metric]:
+        if run.head_set not in best or scored.better(run.metrics[metric], best[run.head_set].metrics[metric]):
             best[run.head_set] = run
     return best
 
@@ -52,17 +52,18 @@ def permutation_p_value(treated: list[float], control: list[float], permutations
 
 
 def paired_bootstrap(
-    run: Run, reference: Run, samples: int = 2000, seed: int = 0, level: float = 0.95, metric: str = "true_info"
+    run: Run, reference: Run, samples: int = 2000, seed: int = 0, level: float = 0.95, metric: str = MAIN
 ):
     """(difference, low, high): `metric`(run) - `metric`(reference) on their shared test questions, and scipy's
     percentile bootstrap interval of it, resampling the questions (paired: one resample serves both runs)."""
-    names = metric_fields(metric)
+    scored = get_metric(metric)
+    names = scored.fields
     shared = set(run.values) & set(reference.values)
     questions = sorted(q for q in shared if all(n in r.values[q] for r in (run, reference) for n in names))
     if not questions:
         return None
     columns = [np.array([r.values[q][name] for q in questions]) for r in (run, reference) for name in names]
-    difference = functools.partial(_metric_difference, len(names))
+    difference = functools.partial(_metric_difference, scored)
     observed = float(difference(*columns, axis=-1))
     interval = stats.bootstrap(
         columns,
@@ -77,24 +78,27 @@ def paired_bootstrap(
     return observed, float(interval.low), float(interval.high)
 
 
-def _metric_difference(fields: int, *columns, axis):
-    """The metric of the first `fields` columns minus that of the rest: each is the product of its columns' means
-    (True*Info the product of the two means, `locedit.evaluation.metrics.true_info`; a one-field metric its mean)."""
+def _metric_difference(metric: Metric, *columns, axis):
+    """The metric of the first run's columns (one per field) minus that of the other's, each from its columns' means
+    as the evaluation combines them (True*Info the product of the two means)."""
+    fields = len(metric.fields)
 
     def score(group):
-        return functools.reduce(operator.mul, [column.mean(axis) for column in group])
+        return metric.combine([column.mean(axis) for column in group])
 
     return score(columns[:fields]) - score(columns[fields:])
 
 
-def verdict(runs: list[Run], level: float = 0.95, metric: str = "true_info", max_kl: float | None = None) -> dict:
+def verdict(runs: list[Run], level: float = 0.95, metric: str = MAIN, max_kl: float | None = None) -> dict:
     """The statistics behind the paper's question, as numbers and as sentences: each head set scored by its best
     `metric`; edits with KL above `max_kl` are broken and left out."""
-    name = metric_label(metric)
+    scored = get_metric(metric)
+    name = scored.label
+    sign = 1 if scored.higher_is_better else -1  # the tests ask whether a family scores better
     broken = [run for run in runs if run.is_broken(max_kl)]
     result: dict = {"metric": metric, "probe_vs_random": {}, "reaches_all_heads": {}, "sentences": []}
     if max_kl is not None:
-        unchecked = [r for r in runs if r.method != "base" and r.metrics.get("kl") is None]
+        unchecked = [r for r in runs if r.method != "base" and r.metrics.get(KL) is None]
         result.update(max_kl=max_kl, broken=[run.run_dir for run in broken], unchecked=[r.run_dir for r in unchecked])
         edits = sum(run.method != "base" for run in runs)
         sentence = f"{len(broken)} of {edits} edits have KL above {max_kl:g} (broken) and are left out of the verdict"
@@ -106,11 +110,11 @@ def verdict(runs: list[Run], level: float = 0.95, metric: str = "true_info", max
         probe = [r.metrics[metric] for r in best.values() if r.method == method and r.family.startswith("probe")]
         rand = [r.metrics[metric] for r in best.values() if r.method == method and r.family.startswith("random")]
         if probe and rand:
-            p = permutation_p_value(probe, rand)
+            p = permutation_p_value([sign * v for v in probe], [sign * v for v in rand])
             result["probe_vs_random"][method] = {"probe": probe, "random": rand, "p_value": p}
-            title = "ITI" if method == "iti" else "optimal edits"
+            title, best_probe = ("ITI" if method == "iti" else "optimal edits"), scored.best(probe)
             result["sentences"].append(
-                f"Under {title}, probe heads (best {name} {max(probe):.3f}) against {len(rand)} random head sets "
+                f"Under {title}, probe heads (best {name} {best_probe:.3f}) against {len(rand)} random head sets "
                 f"(median {sorted(rand)[len(rand) // 2]:.3f}): p = {p:.3g} (one-sided permutation test)."
             )
     optimum = [r for r in best.values() if r.method == "ipo" and r.family == "all-heads"]
@@ -123,7 +127,7 @@ def verdict(runs: list[Run], level: float = 0.95, metric: str = "true_info", max
         for family, members in sorted(families.items()):
             intervals = [(r, paired_bootstrap(r, reference, level=level, metric=metric)) for r in members]
             intervals = [(r, ci) for r, ci in intervals if ci is not None]
-            reaching = [r for r, (_, _, high) in intervals if high >= 0]
+            reaching = [r for r, (_, low, high) in intervals if (high >= 0 if sign > 0 else low <= 0)]
             result["reaches_all_heads"][family] = {
                 "sets": len(intervals),
                 "reaching": len(reaching),

@@ -1,7 +1,9 @@
 """The study's report: the table of every evaluated model, a summary per family, the plot and study.json.
 
-Plugins can add a column: `register_study_metric(key, title, fn)` with `fn(output_dir, dataset)` giving a value per
-evaluated model or None (the toy world's "True (misconceptions)").
+Its columns are the metrics of the tables (`locedit.evaluation.metric_registry`), in the registry's order. Plugins
+can add a column: `register_study_metric(key, title, fn)` with `fn(output_dir, dataset)` giving a value per
+evaluated model or None (the toy world's "True (misconceptions)"): a metric of the registry like any other, so the
+report shows it too.
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from ..core.files import atomic_path, write_text_atomic
 from ..core.recipe import Recipe
+from ..evaluation.metric_registry import KL, MAIN, METRICS, Metric, all_metrics, get_metric, register_metric
 from ..rundir import read_evaluation, read_training_loss
+from .runs import Run
 
 FAMILY_ORDER = ("base", "iti", "iti_random", "probe", "random", "single", "all")
 FAMILY_NAMES = {
@@ -44,94 +47,82 @@ def family_name(family: str) -> str:
     return FAMILY_NAMES.get(family, f"optimal at the {family} heads")
 
 
-@dataclass
-class Edit:
-    """One evaluated model of the study: the base model, ITI or an optimal edit."""
-
-    family: str  # one of FAMILY_ORDER, or the name of another localization heuristic (importance, ...)
-    output_dir: str  # the run directory; for the base model, where its evaluation goes
-    heads: str = ""
-    learning_rate: float | None = None
-    metrics: dict = field(default_factory=dict)
-
-
-# key -> (column title, fn(output_dir, dataset) -> value or None): columns plugins add after True*Info.
-STUDY_METRICS: dict[str, tuple[str, Callable[[str, str], float | None]]] = {}
+NUMBER = ".3f"  # the format of a number that is no metric's (learning rate, IPO loss)
 
 
 def register_study_metric(key: str, title: str, value: Callable[[str, str], float | None]) -> None:
-    STUDY_METRICS[key] = (title, value)
+    """A metric computed from each evaluated model's run directory and data set, placed after True*Info and the
+    study metrics registered before it (where the study's table has always shown them)."""
+    keys = list(METRICS)
+    after = keys.index(MAIN)
+    while after + 1 < len(keys) and METRICS[keys[after + 1]].value is not None:
+        after += 1
+    register_metric(Metric(key, title, value=value), after=keys[after])
+
+
+def table_metrics() -> list[Metric]:
+    """The metrics of the study's tables, in their order."""
+    return [metric for metric in all_metrics() if metric.table]
 
 
 def metric_keys() -> tuple[str, ...]:
-    return ("true", "info", "true_info", *STUDY_METRICS, "mc1", "mc2", "kl", "ce")
+    return tuple(metric.key for metric in table_metrics())
 
 
-def table_columns() -> tuple[tuple[str, str], ...]:
-    extra = tuple((key, title) for key, (title, _) in STUDY_METRICS.items())
+def table_columns() -> tuple[tuple[str, str, str], ...]:
+    """(key, title, number format) of each column of the study's table."""
     return (
-        ("model", "model"),
-        ("heads", "heads"),
-        ("learning_rate", "lr"),
-        ("true", "True"),
-        ("info", "Info"),
-        ("true_info", "True*Info"),
-        *extra,
-        ("mc1", "MC1"),
-        ("mc2", "MC2"),
-        ("kl", "KL"),
-        ("ce", "CE"),
-        ("ipo_loss", "IPO loss"),
-        ("broken", "broken"),
+        ("model", "model", NUMBER),
+        ("heads", "heads", NUMBER),
+        ("learning_rate", "lr", NUMBER),
+        *((metric.key, metric.label, metric.format) for metric in table_metrics()),
+        ("ipo_loss", "IPO loss", NUMBER),
+        ("broken", "broken", NUMBER),
     )
 
 
-def summary_columns() -> tuple[tuple[str, str], ...]:
-    extra = tuple((key, title) for key, (title, _) in STUDY_METRICS.items())
-    return (
-        ("model", "family"),
-        ("edits", "edits"),
-        ("true", "True"),
-        ("info", "Info"),
-        ("true_info", "True*Info"),
-        ("best_true_info", "best True*Info"),
-        *extra,
-        ("mc1", "MC1"),
-        ("mc2", "MC2"),
-        ("best", "best"),
-        ("kl", "KL"),
-        ("ce", "CE"),
-        ("ipo_loss", "IPO loss"),
-        ("broken", "broken"),
-    )
+def summary_columns(metric: str = MAIN) -> tuple[tuple[str, str, str], ...]:
+    """(key, title, number format) of each column of the summary per family: the best True*Info beside True*Info,
+    and `best`, the best of the verdict's `metric`, after the last metric made of per-question values."""
+    main = get_metric(MAIN)
+    columns: list[tuple[str, str, str]] = [("model", "family", NUMBER), ("edits", "edits", NUMBER)]
+    metrics = table_metrics()
+    last_scored = max(i for i, scored in enumerate(metrics) if scored.fields)
+    for i, scored in enumerate(metrics):
+        columns.append((scored.key, scored.label, scored.format))
+        if scored.key == MAIN:
+            columns.append((f"best_{MAIN}", f"best {main.label}", main.format))
+        if i == last_scored:
+            columns.append(("best", "best", get_metric(metric).format))
+    return (*columns, ("ipo_loss", "IPO loss", NUMBER), ("broken", "broken", NUMBER))
 
 
-def table_rows(rows: list[Edit], dataset: str, max_kl: float | None = None) -> list[dict]:
+def table_rows(runs: list[Run], max_kl: float | None = None) -> list[dict]:
     """One row per evaluated model: its metrics, the IPO loss its training reached (on its training pairs, where
     measured; it starts at 1 / (4 tau^2)) and, with `max_kl`, whether its KL makes it broken."""
     table = []
-    for edit in rows:
-        loss = None if edit.family in ("base", "iti", "iti_random") else read_training_loss(edit.output_dir)
-        kl = edit.metrics.get("kl")
+    for run in runs:
+        loss = None if run.study_family in ("base", "iti", "iti_random") else read_training_loss(run.run_dir)
+        kl = run.metrics.get(KL)
         table.append(
             {
-                "model": family_name(edit.family),
-                "family": edit.family,
-                "heads": "all" if edit.family == "all" else edit.heads,
-                "learning_rate": edit.learning_rate,
-                **{key: edit.metrics.get(key) for key in metric_keys() if key not in STUDY_METRICS},
-                **{key: value(edit.output_dir, dataset) for key, (_, value) in STUDY_METRICS.items()},
+                "model": family_name(run.study_family),
+                "family": run.study_family,
+                "heads": "all" if run.study_family == "all" else run.explicit_heads,
+                "learning_rate": run.learning_rate,
+                **{key: run.metrics.get(key) for key in metric_keys()},
                 "ipo_loss": None if loss is None else loss[1],
                 "broken": None if max_kl is None or kl is None else ("yes" if kl > max_kl else "no"),
-                "output_dir": edit.output_dir,
+                "output_dir": run.run_dir,
             }
         )
     return table
 
 
-def summary_rows(rows: list[dict], metric: str = "true_info") -> list[dict]:
+def summary_rows(rows: list[dict], metric: str = MAIN) -> list[dict]:
     """One row per family: the mean of each metric over its edits, its best True*Info and its best `metric` among
     the edits not broken (the paper compares the best edit a location allows), and how many edits are broken."""
+    main, scored = get_metric(MAIN), get_metric(metric)
     summary = []
     for family in family_order(row["family"] for row in rows):
         members = [row for row in rows if row["family"] == family]
@@ -139,25 +130,25 @@ def summary_rows(rows: list[dict], metric: str = "true_info") -> list[dict]:
         for key in (*metric_keys(), "ipo_loss"):
             values = [member[key] for member in members if member.get(key) is not None]
             row[key] = sum(values) / len(values) if values else None
-        scored = [member["true_info"] for member in members if member.get("true_info") is not None]
-        row["best_true_info"] = max(scored) if scored else None  # no info judge: no True*Info
+        mains = [member[MAIN] for member in members if member.get(MAIN) is not None]
+        row[f"best_{MAIN}"] = main.best(mains) if mains else None  # no info judge: no True*Info
         sound = [m[metric] for m in members if m.get(metric) is not None and m.get("broken") != "yes"]
-        row["best"] = max(sound) if sound else None
+        row["best"] = scored.best(sound) if sound else None
         flagged = [member for member in members if member.get("broken") is not None]
         row["broken"] = f"{sum(m['broken'] == 'yes' for m in flagged)} of {len(flagged)}" if flagged else None
         summary.append(row)
     return summary
 
 
-def sample_answers(rows: list[Edit], count: int = 6) -> str:
+def sample_answers(runs: list[Run], count: int = 6) -> str:
     """The first `count` test questions with the answer of the base model and of the first edit of each family."""
     firsts = {}
-    for edit in rows:
-        firsts.setdefault(edit.family, edit)
+    for run in runs:
+        firsts.setdefault(run.study_family, run)
     answers = {}
-    for family, edit in firsts.items():
+    for family, run in firsts.items():
         try:
-            answers[family] = read_evaluation(edit.output_dir)[1]
+            answers[family] = read_evaluation(run.run_dir)[1]
         except OSError:
             continue
     base = answers.get("base") or next(iter(answers.values()), [])
@@ -167,7 +158,7 @@ def sample_answers(rows: list[Edit], count: int = 6) -> str:
         for family, records in answers.items():
             if index < len(records):
                 answer = records[index]["answer"].replace("\n", " ") or "(empty)"
-                heads = "all" if family == "all" else firsts[family].heads or "no edit"
+                heads = "all" if family == "all" else firsts[family].explicit_heads or "no edit"
                 heads = heads if len(heads) <= 60 else heads[:57] + "..."
                 lines.append(f"- {family_name(family)} ({heads}): {answer}")
         lines.append("")
@@ -175,26 +166,27 @@ def sample_answers(rows: list[Edit], count: int = 6) -> str:
 
 
 def format_table(rows: list[dict], columns=None) -> str:
-    """A Markdown table of the rows; columns with no value in any row are left out."""
+    """A Markdown table of the rows, `columns` (key, title, number format) or the study table's; columns with no
+    value in any row are left out."""
     columns = [
-        (key, name) for key, name in columns or table_columns() if any(row.get(key) not in (None, "") for row in rows)
+        column for column in columns or table_columns() if any(row.get(column[0]) not in (None, "") for row in rows)
     ]
-    cells = [[name for _, name in columns]]
-    cells += [[_cell(row.get(key)) for key, _ in columns] for row in rows]
+    cells = [[title for _, title, _ in columns]]
+    cells += [[_cell(row.get(key), number) for key, _, number in columns] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |" for line in cells]
     lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
     return "\n".join(lines)
 
 
-def _cell(value) -> str:
+def _cell(value, number: str = NUMBER) -> str:
     if value is None or value == "":
         return "-"
     if isinstance(value, str):
         return value if len(value) <= 40 else value[:37] + "..."
     if isinstance(value, int):
         return str(value)
-    return f"{value:.3f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.1e}"
+    return f"{value:{number}}" if abs(value) >= 1e-3 or value == 0 else f"{value:.1e}"
 
 
 def format_timings(stages: dict) -> str:
@@ -217,20 +209,21 @@ FAMILY_TITLES = {
 
 
 def write_plot(rows: list[dict], path: str, title: str) -> None:
-    """Bars of True, Info and True*Info per family (the mean over its edits; each edit is a dot)."""
+    """Bars of the metrics registered as `study_bar` (True, Info and True*Info) per family (the mean over its edits;
+    each edit is a dot)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("true", "True"), ("info", "Info"), ("true_info", "True*Info")]
+    keys = [(metric.key, metric.label) for metric in all_metrics() if metric.study_bar]
     families = family_order(row["family"] for row in rows)
     width = 0.8 / len(keys)
     fig, ax = plt.subplots(figsize=(1.4 * len(families) + 2.5, 4.5))
     for i, (key, name) in enumerate(keys):
         for x, family in enumerate(families):
             values = [row.get(key) or 0.0 for row in rows if row["family"] == family]
-            position = x + (i - 1) * width
+            position = x + (i - (len(keys) - 1) / 2) * width
             ax.bar(position, sum(values) / len(values), width, color=f"C{i}", label=name if x == 0 else None)
             if len(values) > 1:
                 ax.scatter([position] * len(values), values, s=10, color="black", zorder=3)
@@ -242,21 +235,21 @@ def write_plot(rows: list[dict], path: str, title: str) -> None:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("fraction of test questions")
     ax.set_title(title, fontsize="medium")
-    ax.legend(loc="upper left", fontsize="small", ncols=3)
+    ax.legend(loc="upper left", fontsize="small", ncols=len(keys))
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
 
-def write_study_report(rows: list[Edit], recipe: Recipe, study_dir: str, metric: str = "true_info") -> dict:
+def write_study_report(runs: list[Run], recipe: Recipe, study_dir: str, metric: str = MAIN) -> dict:
     """study.png (the plot) in `study_dir`; returns the tables and their rows (`write_study_files` writes them).
     `metric` is the score of the verdict, whose best per family the summary gives."""
     os.makedirs(study_dir, exist_ok=True)
     max_kl = recipe.study.study_max_kl
-    table = table_rows(rows, recipe.edit.dataset, max_kl)
+    table = table_rows(runs, max_kl)
     summary = summary_rows(table, metric)
-    questions = rows[0].metrics.get("questions", "?")
+    questions = runs[0].metrics.get("questions", "?")
     title = f"{recipe.name}: {recipe.model.model_name_or_path}, {questions} test questions of {recipe.edit.dataset}"
     write_plot(table, os.path.join(study_dir, "study.png"), title)
     report = {
@@ -268,8 +261,8 @@ def write_study_report(rows: list[Edit], recipe: Recipe, study_dir: str, metric:
         "metric": metric,
         "max_kl": max_kl,
         "table": format_table(table),
-        "summary_table": format_table(summary, summary_columns()),
-        "samples": sample_answers(rows),
+        "summary_table": format_table(summary, summary_columns(metric)),
+        "samples": sample_answers(runs),
     }
     return report
 
