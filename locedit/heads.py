@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from .core.errors import HeadSpecError
+from .core.plugins import load_plugins
 from .models.layout import AttentionLayout
 
 _HEAD_ITEM = re.compile(r"^L(\d+)H(\d+)$", re.IGNORECASE)
@@ -82,9 +83,12 @@ class HeadSpec:
             kind, arg = "all", ""
         elif not colon and _HEAD_ITEM.match(text.split(",")[0].strip()):
             kind, arg = "heads", text
-        elif not colon or not arg or kind in ("all", "heads") or kind not in SELECTORS:
-            shape = f" (model has {layout.shape})" if layout is not None else ""
-            raise HeadSpecError(f"bad head spec '{text}'{shape}; valid forms: {valid_forms()}")
+        else:
+            if colon and arg and kind not in SELECTORS:
+                load_plugins()  # a plugin's selector registers when its plugin is imported
+            if not colon or not arg or kind in ("all", "heads") or kind not in SELECTORS:
+                shape = f" (model has {layout.shape})" if layout is not None else ""
+                raise HeadSpecError(f"bad head spec '{text}'{shape}; valid forms: {valid_forms()}")
         spec = cls(text, kind, arg, int(seed), int(draws))
         if spec.draws < 1:
             raise HeadSpecError(f"heads_draws must be at least 1, got {spec.draws}")

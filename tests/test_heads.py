@@ -187,3 +187,29 @@ def test_format_heads_round_trips():
 
 def test_heads_by_layer():
     assert heads_by_layer([(3, 1), (0, 2), (3, 0)]) == {0: [2], 3: [0, 1]}
+
+
+def test_a_registered_selector_works_everywhere_a_spec_is_read(capsys):
+    """One `register_selector` call is the whole of a new selector: parsing, checks, resolution, family, directory
+    name, and a training recipe's plan."""
+    from locedit import cli as locedit_cli
+    from locedit.heads import SELECTORS, HeadSpec, Selector, head_count, register_selector
+
+    def first_heads(spec, layout, scores):
+        return [divmod(index, layout.num_heads) for index in range(head_count(spec, layout))]
+
+    register_selector(Selector("first", "first:4", first_heads, lambda spec: f"first-{spec.arg}"))
+    try:
+        layout = make_layout()
+        spec = HeadSpec.parse("first:5")
+        assert (spec.family, spec.slug, spec.locator, spec.is_multi_edit) == ("first-5", "first5", None, False)
+        assert spec.resolve(layout) == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]
+        with pytest.raises(HeadSpecError, match="asks for 99 heads"):
+            HeadSpec.parse("first:99").check(layout)
+        assert locedit_cli.main(["train", "recipes/tiny.yaml", "--heads", "first:3", "--dry_run", "true"]) == 0
+        out = capsys.readouterr().out
+        assert "first:3 -> 3 heads in 1 layers: L0H0,L0H1,L0H2" in out and "outputs/tiny/first3-lr" in out
+    finally:
+        SELECTORS.pop("first")
+    with pytest.raises(HeadSpecError, match="bad head spec 'first:3'"):
+        HeadSpec.parse("first:3")
