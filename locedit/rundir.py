@@ -24,7 +24,7 @@ import yaml
 
 from .config import LocEditConfig
 from .core.args import EditArguments, ModelArguments, ProbeArguments, result_settings
-from .core.errors import RecipeError
+from .core.errors import DamagedFileError, RecipeError
 from .core.files import read_json, write_json_atomic, write_text_atomic
 from .heads import HeadSpec, format_heads
 
@@ -34,6 +34,7 @@ HEADS = "heads.json"
 SPLITS = "splits.json"
 RECIPE = "recipe.yaml"
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # what PeftModel.save_pretrained writes
 EVAL_DIR = "eval"
 GENERATIONS = "generations.jsonl"
 TRAINER_STATE = "trainer_state.json"
@@ -193,8 +194,14 @@ def has_edit(output_dir: str) -> bool:
     return os.path.isfile(os.path.join(output_dir, ADAPTER_CONFIG))
 
 
+# What to do about a damaged file of a run directory (core.files.DamagedFileError names the file).
+RERUN = "run the same command again to redo the run, or remove the run directory"
+RETRAIN = "train the run again (locedit train), or restore the run directory's files from a copy"
+REEVALUATE = "evaluate the run again (locedit eval), or remove its eval directory"
+
+
 def read_metrics(output_dir: str) -> dict:
-    return read_json(os.path.join(output_dir, METRICS))
+    return read_json(os.path.join(output_dir, METRICS), RERUN)
 
 
 def read_training_loss(output_dir: str) -> tuple[float, float] | None:
@@ -216,7 +223,7 @@ def read_training_loss(output_dir: str) -> tuple[float, float] | None:
 
 
 def read_heads(output_dir: str) -> dict:
-    return read_json(os.path.join(output_dir, HEADS))
+    return read_json(os.path.join(output_dir, HEADS), RETRAIN)
 
 
 def read_heads_spec(output_dir: str) -> str:
@@ -228,21 +235,29 @@ def read_recipe(output_dir: str) -> dict:
     path = os.path.join(output_dir, RECIPE)
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        loaded = yaml.safe_load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise DamagedFileError(f"'{path}' is damaged ({str(err).splitlines()[0]}); {RETRAIN}") from None
     return loaded if isinstance(loaded, dict) else {}
 
 
 def read_evaluation(output_dir: str) -> tuple[dict, list[dict]]:
     """(eval/metrics.json, the records of eval/generations.jsonl) of an evaluated run."""
     directory = Path(eval_dir(output_dir))
-    metrics = json.loads((directory / METRICS).read_text())
+    metrics = read_json(directory / METRICS, REEVALUATE)
     generations = directory / GENERATIONS
-    records = (
-        [json.loads(line) for line in generations.read_text().splitlines() if line.strip()]
-        if (generations.is_file())
-        else []
-    )
+    records = []
+    if generations.is_file():
+        lines = generations.read_text(encoding="utf-8", errors="replace").splitlines()
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DamagedFileError(f"'{generations}' is damaged (line {number}: {err}); {REEVALUATE}") from None
     return metrics, records
 
 
@@ -283,7 +298,7 @@ def read_run_dir(run_dir: str) -> tuple[dict, dict, dict]:
     split_file = os.path.join(run_dir, SPLITS)
     if not os.path.isfile(split_file):
         raise RecipeError(f"run directory '{run_dir}' has no {SPLITS}: its test questions are unknown")
-    split = read_json(split_file)
+    split = read_json(split_file, RETRAIN)
     test = (split.get("question_ids") or {}).get("test")
     if not isinstance(test, list) or not test:
         raise RecipeError(f"'{split_file}' lists no test questions")
@@ -297,7 +312,7 @@ def read_run_dir(run_dir: str) -> tuple[dict, dict, dict]:
 
 
 def read_adapter_config(run_dir: str) -> dict:
-    return read_json(os.path.join(run_dir, ADAPTER_CONFIG))
+    return read_json(os.path.join(run_dir, ADAPTER_CONFIG), RETRAIN)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

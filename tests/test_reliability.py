@@ -399,3 +399,78 @@ def test_eval_and_study_dry_runs_check_everything_and_write_nothing(own_working_
     assert result_files(own_working_directory) == []
     # A typo in a stage's recipe is found by the dry run, not after the earlier stages ran.
     one_error_line(capsys, locedit(["study", "recipes/toy.yaml", "--dry_run", "true", "--beta", "0"]), "beta")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Damaged files a user really has, and values no result should hold: one line each, naming the file and the fix
+# ---------------------------------------------------------------------------------------------------------------------
+
+EVAL_FLAGS = ["--eval_corpus", "none", "--eval_judge_truth", "none", "--eval_judge_info", "none"]
+
+
+def cut_short(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def with_nan(path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = load_file(path)
+    first = sorted(tensors)[0]
+    tensors[first] = torch.full_like(tensors[first], float("nan"))
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+DAMAGED_RUNS = {
+    "adapter-cut-short": (lambda run: cut_short(run / "adapter_model.safetensors"), "cut short"),
+    "adapter-config-hand-edited": (
+        lambda run: (run / "adapter_config.json").write_text('{"edit_layers": {'),
+        "adapter_config.json' is damaged",
+    ),
+    "adapter-missing": (lambda run: (run / "adapter_model.safetensors").unlink(), "no adapter_model.safetensors"),
+    "edit-full-of-nan": (lambda run: with_nan(run / "adapter_model.safetensors"), "NaN or infinite"),
+    "splits-cut-short": (lambda run: cut_short(run / "splits.json"), "splits.json' is damaged"),
+}
+
+
+@pytest.mark.parametrize("damage, needle", DAMAGED_RUNS.values(), ids=DAMAGED_RUNS.keys())
+def test_eval_of_a_damaged_run_is_one_line_before_any_model_loads(finished_run, tmp_path, capsys, damage, needle):
+    out, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    damage(run)
+    line = one_error_line(capsys, locedit(["eval", str(run), *EVAL_FLAGS]), needle, str(run))
+    assert "train the run again" in line or "locedit train" in line
+    assert not (run / "eval").exists()  # nothing half-written
+
+
+def test_report_of_a_damaged_evaluation_is_one_line(finished_run, tmp_path, capsys):
+    out, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    (run / "eval").mkdir()
+    (run / "eval" / "metrics.json").write_text('{"mc2": 0.5, ')  # a copy that stopped
+    code = locedit(["report", str(tmp_path), "--output_dir", str(tmp_path / "report")])
+    one_error_line(capsys, code, str(run / "eval" / "metrics.json"), "evaluate the run again")
+    assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("damage", ["no-weights", "weights-cut-short"])
+def test_a_model_directory_without_whole_weights_is_one_line_at_plan_time(tiny_model_dir, tmp_path, capsys, damage):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama"), model)
+    if damage == "no-weights":
+        (model / "model.safetensors").unlink()
+        needle = "has a config but no weights"
+    else:
+        cut_short(model / "model.safetensors", keep=0.9)
+        needle = "cut short"
+    code = locedit(["train", TINY, "--model_name_or_path", str(model), "--dry_run", "true"])
+    one_error_line(capsys, code, str(model), needle)
+
+
+def test_a_nan_iti_strength_is_one_line(capsys, own_working_directory):
+    code = locedit(["iti", "recipes/tiny_probe.yaml", "--iti_alpha", "nan"])
+    one_error_line(capsys, code, "iti_alpha nan")
+    assert result_files(own_working_directory) == []

@@ -206,6 +206,10 @@ class ProbeArguments:
     )
     iti_alpha: float = field(default=15.0, metadata={RESULT_KEY: True, "help": "ITI's intervention strength alpha."})
 
+    def __post_init__(self):
+        if not (isinstance(self.iti_alpha, int | float) and math.isfinite(self.iti_alpha)):
+            raise ValueError(f"iti_alpha {self.iti_alpha} is not valid: it must be a finite number")
+
 
 @dataclass
 class EvalArguments:

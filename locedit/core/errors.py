@@ -40,6 +40,10 @@ class JudgeError(RecipeError):
     """A judge that cannot be used (not a causal LM, endpoint unreachable or unauthorised)."""
 
 
+class DamagedFileError(LocEditError):
+    """A file locedit reads and did not just write that is cut short, unparsable or holds unusable values."""
+
+
 class ProbeResultError(RecipeError):
     """A probe result that is missing, unreadable, or made for another model."""
 

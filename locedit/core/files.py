@@ -1,7 +1,8 @@
 """Result files are written atomically: to a temporary file beside the target, then renamed into place.
 
 A reader never sees a half-written file, and an interrupted write leaves neither a half file nor a stray temporary
-one. Every result locedit writes (metrics, evaluations, probe results, reports, sweep logs) goes through here.
+one. Every result locedit writes (metrics, evaluations, probe results, reports, sweep logs) goes through here, and a
+file read back that is damaged anyway (a copy that stopped, a hand edit) is one DamagedFileError line naming it.
 """
 
 from __future__ import annotations
@@ -9,8 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import struct
 import tempfile
 from collections.abc import Iterator
+
+from .errors import DamagedFileError
 
 
 @contextlib.contextmanager
@@ -40,9 +44,33 @@ def write_json_atomic(path: str | os.PathLike, payload, indent: int = 2) -> None
     write_text_atomic(path, json.dumps(payload, indent=indent, default=str))
 
 
-def read_json(path: str | os.PathLike) -> dict:
-    """A JSON object from a file, or {} when the file does not exist."""
+def read_json(path: str | os.PathLike, fix: str = "restore it or remove it") -> dict:
+    """A JSON object from a file, or {} when the file does not exist; a file that is not one (cut short, edited
+    by hand) is a DamagedFileError naming it and `fix`, what to do."""
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DamagedFileError(f"'{path}' is damaged ({str(err).splitlines()[0]}); {fix}") from None
+    if not isinstance(loaded, dict):
+        raise DamagedFileError(f"'{path}' is damaged (not a JSON object); {fix}")
+    return loaded
+
+
+def check_safetensors(path: str | os.PathLike, fix: str) -> None:
+    """A safetensors file whole: its header parses and the file holds every byte the header promises (a copy that
+    stopped or a full disk cuts it short). Reads the header only."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            (header_size,) = struct.unpack("<Q", f.read(8))
+            if header_size > size - 8:
+                raise ValueError(f"its header says {header_size} bytes, the file has {size}")
+            header = json.loads(f.read(header_size))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise DamagedFileError(f"'{path}' is damaged ({str(err).splitlines()[0]}); {fix}") from None
+    if 8 + header_size + end > size:
+        raise DamagedFileError(f"'{path}' is cut short ({size} of {8 + header_size + end} bytes); {fix}")

@@ -19,6 +19,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from ..core.errors import EditLoadError
 from ..heads import heads_by_layer
 from ..models.layout import AttentionLayout
 from .adapter import HeadEditConfig
@@ -46,6 +47,11 @@ def add_iti_edit(
     config = HeadEditConfig.for_heads(layout, heads, edit_strength="constant")
     edited = add_edit(model, config, adapter_name=adapter_name)
     vectors = iti_vectors(result, heads, alpha)
+    if not all(bool(torch.isfinite(vector).all()) for vector in vectors.values()):
+        raise EditLoadError(
+            f"ITI's edit at {len(heads)} heads with alpha {alpha:g} is not finite: the probe result "
+            f"'{result.path}' holds NaN or infinite directions or sigmas; probe again (locedit probe)"
+        )
     for layer, module in edit_layers(edited).items():
         weight = module.lora_B[adapter_name].weight
         weight.data.copy_(vectors[layer].to(device=weight.device, dtype=weight.dtype)[None])

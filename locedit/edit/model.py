@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from peft import PeftModel
 from torch import nn
 
 from ..core.errors import EditLoadError
+from ..core.files import check_safetensors, read_json
 from ..models.layout import AttentionLayout
+from ..rundir import ADAPTER_WEIGHTS
 from .adapter import HeadEditConfig, HeadEditLayer, check_edit_fits, register_with_peft
 
 
@@ -26,9 +27,13 @@ def load_edit(model: nn.Module, path: str, adapter_name: str = "default", is_tra
     config_file = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(config_file):
         raise EditLoadError(f"no saved edit at '{path}': {config_file} does not exist")
-    with open(config_file) as f:
-        if "edit_layers" not in json.load(f):
-            raise EditLoadError(f"'{path}' holds a PEFT adapter that is not a locedit edit")
+    fix = "train the edit again, or restore its files from a copy"
+    if "edit_layers" not in read_json(config_file, fix):
+        raise EditLoadError(f"'{path}' holds a PEFT adapter that is not a locedit edit")
+    weights = os.path.join(path, ADAPTER_WEIGHTS)
+    if not os.path.isfile(weights):
+        raise EditLoadError(f"the edit at '{path}' has no {ADAPTER_WEIGHTS}; {fix}")
+    check_safetensors(weights, fix)
     register_with_peft()  # PEFT builds the saved config through its mappings: they must know edits first
     config = HeadEditConfig.from_pretrained(path)
     check_edit_fits(model, config)

@@ -11,13 +11,16 @@ import os
 from dataclasses import dataclass, field, fields
 
 from ..core.args import EvalArguments, ModelArguments, result_settings
-from ..core.errors import DataError, RecipeError
+from ..core.errors import DamagedFileError, DataError, RecipeError
+from ..core.files import check_safetensors
 from ..core.recipe import Recipe
 from ..data import load_question_details, load_questions, validate_dataset_arg
 from ..data.sources import MC_CONFIG, MC_FILE_EXTENSIONS, is_mc_targets_file, load_mc_targets, truthfulqa_hub_id
 from ..models.layout import AttentionLayout
 from ..models.loading import read_config
 from ..rundir import (
+    ADAPTER_WEIGHTS,
+    RETRAIN,
     eval_dir,
     expand_run_dirs,
     is_evaluated,
@@ -295,8 +298,18 @@ def _attach_mc_targets(args: EvalArguments, targets: list[Target], questions: di
 
 
 def _check_edit_fits(run_dir: str, layout) -> None:
-    """The saved edit is a locedit edit made for a model of this shape (checked from the configs alone)."""
+    """The saved edit is a locedit edit made for a model of this shape (checked from the configs alone), whole, and
+    finite (a diverged run's NaN, or an ITI edit made with a NaN strength, is refused before any model loads)."""
+    import torch
+    from safetensors.torch import load_file
+
     saved = read_adapter_config(run_dir)
+    weights = os.path.join(run_dir, ADAPTER_WEIGHTS)
+    if not os.path.isfile(weights):
+        raise RecipeError(f"the edit in '{run_dir}' has no {ADAPTER_WEIGHTS}; {RETRAIN}")
+    check_safetensors(weights, RETRAIN)
+    if not all(bool(torch.isfinite(tensor).all()) for tensor in load_file(weights).values()):
+        raise DamagedFileError(f"the edit in '{run_dir}' holds NaN or infinite values (a broken run); {RETRAIN}")
     if "edit_layers" not in saved:
         raise RecipeError(f"'{run_dir}' holds a PEFT adapter that is not a locedit edit")
     if (saved.get("num_layers"), saved.get("num_heads")) != (layout.num_layers, layout.num_heads):

@@ -10,7 +10,8 @@ import os
 from pathlib import Path
 
 from ..core.args import ModelArguments
-from ..core.errors import RecipeError
+from ..core.errors import DamagedFileError, RecipeError
+from ..core.files import check_safetensors, read_json
 from .layout import AttentionLayout
 from .sources import resolve_model_path
 
@@ -45,7 +46,38 @@ def read_config(model_args: ModelArguments, trust_remote_code: bool = False):
         raise RecipeError(
             f"cannot read the config of model '{model_args.model_name_or_path}': {str(err).splitlines()[0]}{offline}"
         ) from None
+    check_local_weights(model_path)
     return model_path, config
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def check_local_weights(model_path: str) -> None:
+    """A local model directory holds its weights, whole: a folder with a config.json and no weights (a copy or a
+    download that stopped) would pass the plan and fail after the data loaded. Reads safetensors headers only."""
+    directory = Path(model_path)
+    if not directory.is_dir():
+        return  # a Hub id: the Hub's files are checked as they download
+    fix = "copy the model's weights there again, or download it again"
+    shards = []
+    for name in WEIGHT_FILES:
+        index = directory / f"{name}.index.json"
+        if (directory / name).is_file():
+            shards.append(directory / name)
+        elif index.is_file():
+            weight_map = read_json(index, fix).get("weight_map") or {}
+            shards += [directory / shard for shard in sorted(set(weight_map.values()))]
+    if not shards:
+        raise RecipeError(
+            f"model directory '{model_path}' has a config but no weights ({' or '.join(WEIGHT_FILES)}, or a sharded "
+            f"index of them); {fix}"
+        )
+    for shard in shards:
+        if not shard.is_file():
+            raise DamagedFileError(f"model directory '{model_path}' lacks the weight file '{shard.name}'; {fix}")
+        if shard.suffix == ".safetensors":
+            check_safetensors(shard, fix)
 
 
 def check_local_path(name: str) -> None:
