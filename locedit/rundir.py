@@ -341,7 +341,8 @@ def check_output_dir(output_dir: str, recipe) -> bool:
     (a finished run asked to train longer is not: it goes on).
 
     The directory must be creatable and writable (checked by creating a directory where it would go), and, when it
-    holds a run already, that run must have the same result-determining settings (RESULT_SETTINGS).
+    holds a run already, that run must have the same result-determining settings (RESULT_SETTINGS), unless it stopped
+    before it saved anything (no metrics.json, no checkpoint): then the corrected command starts over in its place.
     """
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise RecipeError(f"output_dir '{output_dir}' is a file, not a directory; give another output_dir")
@@ -350,12 +351,26 @@ def check_output_dir(output_dir: str, recipe) -> bool:
         return False
     old, new = read_recipe(output_dir), resolved_recipe(recipe, output_dir)
     difference = settings_difference(old, new)
+    if difference and not is_finished(output_dir) and not has_checkpoints(output_dir):
+        # A run that stopped before it saved anything (a crash after the weights loaded) left only its description:
+        # nothing of it can be resumed, so the corrected command starts over in its place.
+        print(
+            f"locedit: '{output_dir}' holds a run that stopped before saving anything ({difference}); starting "
+            "over with these settings",
+            file=sys.stderr,
+        )
+        return False
     if difference:
         raise RecipeError(
             f"output_dir '{output_dir}' holds a run with other settings ({difference}); give another output_dir "
             "or remove that one"
         )
     return is_finished(output_dir) and settings_difference(old, new, LENGTH_SETTINGS) is None
+
+
+def has_checkpoints(output_dir: str) -> bool:
+    """Whether a run saved any checkpoint (`checkpoint-N`, the Trainer's): something a restart would resume."""
+    return any(name.startswith("checkpoint-") for name in os.listdir(output_dir))
 
 
 def check_writable(directory: str) -> None:

@@ -474,3 +474,31 @@ def test_a_nan_iti_strength_is_one_line(capsys, own_working_directory):
     code = locedit(["iti", "recipes/tiny_probe.yaml", "--iti_alpha", "nan"])
     one_error_line(capsys, code, "iti_alpha nan")
     assert result_files(own_working_directory) == []
+
+
+def test_a_run_that_stopped_before_saving_anything_does_not_block_the_corrected_command(
+    finished_run, tmp_path, capsys
+):
+    """A run that fails after the weights load leaves its description (heads.json, recipe.yaml, splits.json) and no
+    result or checkpoint: the corrected command (other settings) starts over there; one with a checkpoint refuses."""
+    out, _ = finished_run
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("heads.json", "recipe.yaml", "splits.json"):
+        shutil.copy(out / name, run / name)
+    assert locedit(["train", TINY, *FAST, "--output_dir", str(run), "--split_seed", "1"]) == 0
+    assert "stopped before saving anything (split_seed 0 there, 1 now); starting over" in capsys.readouterr().err
+    assert (run / "metrics.json").is_file() and read_split_seed(run) == 1
+
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    for name in ("heads.json", "recipe.yaml", "splits.json"):
+        shutil.copy(out / name, stopped / name)
+    (stopped / "checkpoint-2").mkdir()  # something a restart would resume: other settings are refused
+    one_error_line(
+        capsys, locedit(["train", TINY, *FAST, "--output_dir", str(stopped), "--split_seed", "1"]), "split_seed"
+    )
+
+
+def read_split_seed(run: Path) -> int:
+    return json.loads((run / "splits.json").read_text())["split_seed"]
