@@ -151,3 +151,22 @@ def test_a_run_reports_seconds_per_step_and_tokens_per_second(tmp_path, capsys):
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["train_seconds_per_step"] > 0 and metrics["train_tokens_per_second"] > 0
     assert os.path.isdir(out_dir)
+
+
+def test_an_overwritten_cache_entry_is_computed_again_not_trusted(tmp_path, capsys):
+    """A cache file whose values were changed (still a valid file) loses those entries, with a notice; the others
+    stay; a file written without checksums is not trusted at all."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "key.safetensors"
+    cache = ReferenceLogpCache(str(path))
+    cache.add({b"a" * 16: (-1.5, -2.5), b"b" * 16: (-3.0, -4.0), b"c" * 16: (-5.0, -6.0)})
+    tensors = load_file(path)
+    tensors["chosen"][1] = -24495.0  # overwritten, as a stray write or a hand edit would
+    tensors["rejected"][2] = float("nan")
+    save_file(tensors, path)
+    assert cache.read(notice=True) == {b"a" * 16: (-1.5, -2.5)}
+    assert "2 entries of the reference log-prob cache" in capsys.readouterr().out
+    save_file({name: tensor for name, tensor in tensors.items() if name != "checks"}, path)
+    assert cache.read(notice=True) == {}
+    assert "does not read" in capsys.readouterr().out

@@ -9,13 +9,16 @@ TRL's own precompute) only the pairs not there yet.
 
 The model key is a hash of the base model's weights (the edit's own parameters left out, so a PEFT-wrapped model
 and the same model with an EditBank share it), its dtype, the device type and the truncation settings: anything
-that changes the numbers changes the file.
+that changes the numbers changes the file. Each entry carries a checksum of its key and its two values: an entry
+whose values were overwritten, or that is not finite, is computed again with a notice, never trusted (as is a file
+that does not read, or one written before entries had checksums).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 
@@ -29,6 +32,13 @@ from ..core.files import atomic_path
 # Parameter names of an edit (PEFT's lora_A/lora_B, the multi-edit bank), left out of the model key.
 EDIT_PARAMETER = re.compile(r"(^|\.)(lora_[A-Za-z_]+|locedit_bank)(\.|$)")
 KEY_BYTES = 16
+CHECK_BYTES = 8
+
+
+def entry_check(key: bytes, chosen: float, rejected: float) -> bytes:
+    """An entry's checksum: a hash of its key and its two float32 values."""
+    values = torch.tensor([chosen, rejected], dtype=torch.float32).numpy().tobytes()
+    return hashlib.sha256(key + values).digest()[:CHECK_BYTES]
 
 
 def base_weights_digest(model: torch.nn.Module) -> str:
@@ -84,23 +94,40 @@ class ReferenceLogpCache:
     def for_model(cls, model_key: str) -> ReferenceLogpCache:
         return cls(os.path.join(cache_root(), "ref_logps", f"{model_key}.safetensors"))
 
-    def read(self) -> dict[bytes, tuple[float, float]]:
+    def read(self, notice: bool = False) -> dict[bytes, tuple[float, float]]:
+        """The entries whose checksum holds and whose values are finite; with `notice`, say how many were not."""
         if not os.path.isfile(self.path):
             return {}
         try:
             tensors = load_file(self.path)
-        except (SafetensorError, OSError):
-            return {}  # a damaged file is recomputed, not trusted
-        keys = tensors["keys"].numpy()
-        chosen, rejected = tensors["chosen"].tolist(), tensors["rejected"].tolist()
-        return {bytes(key): (c, r) for key, c, r in zip(keys, chosen, rejected, strict=True)}
+            keys, checks = tensors["keys"].numpy(), tensors["checks"].numpy()
+            chosen, rejected = tensors["chosen"].tolist(), tensors["rejected"].tolist()
+        except (SafetensorError, OSError, KeyError) as err:
+            if notice:  # recomputed, not trusted
+                print(f"locedit: the reference log-prob cache '{self.path}' does not read ({err}); computing again")
+            return {}
+        entries, damaged = {}, 0
+        for key, check, c, r in zip(keys, checks, chosen, rejected, strict=True):
+            key = bytes(key)
+            if bytes(check) == entry_check(key, c, r) and math.isfinite(c) and math.isfinite(r):
+                entries[key] = (c, r)
+            else:
+                damaged += 1
+        if damaged and notice:
+            print(
+                f"locedit: {damaged} entries of the reference log-prob cache '{self.path}' fail their checksum "
+                "(overwritten or damaged); they are computed again"
+            )
+        return entries
 
     def add(self, values: dict[bytes, tuple[float, float]]) -> None:
         """Add values to the file (merged with what another process may have written meanwhile), atomically."""
         merged = {**self.read(), **values}
         keys = list(merged)
+        checks = b"".join(entry_check(key, *merged[key]) for key in keys)
         tensors = {
             "keys": torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).view(len(keys), KEY_BYTES),
+            "checks": torch.frombuffer(bytearray(checks), dtype=torch.uint8).view(len(keys), CHECK_BYTES),
             "chosen": torch.tensor([merged[key][0] for key in keys], dtype=torch.float32),
             "rejected": torch.tensor([merged[key][1] for key in keys], dtype=torch.float32),
         }
@@ -129,7 +156,7 @@ class CachedReferenceMixin:
             pair_key(*row)
             for row in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
         ]
-        known = cache.read()
+        known = cache.read(notice=PartialState().is_main_process)
         missing = sorted({i for i, key in enumerate(keys) if key not in known})
         state = PartialState()
         if state.is_main_process:
