@@ -161,3 +161,18 @@ def test_toy_study_end_to_end(tmp_path, monkeypatch):
     assert set(report["verdict"]["probe_vs_random"]) == {"iti", "ipo"}
     markdown = (out / "study.md").read_text()
     assert report["summary_table"] in markdown and report["table"] in markdown and "| total |" in markdown
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [(["--study_single", "99"], "single:99"), (["--eval_judge_truth", "hf:/no/such/judge"], "/no/such/judge")],
+    ids=["late-family", "judge"],
+)
+def test_a_real_study_refuses_a_late_stage_problem_before_any_stage_runs(flags, needle, capsys, tmp_path):
+    """The real study plans every stage and checks the judges and corpus first, as its dry run does: a bad last
+    family or a judge that cannot load ends it in one line, with nothing trained or written."""
+    code = locedit_main(["study", TOY, *flags])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("locedit: error:")]
+    assert code == 2 and len(errors) == 1 and needle in errors[0] and "Traceback" not in err
+    assert not Path("outputs").exists()

@@ -7,6 +7,8 @@ localization heuristic ranks first (one family per locator of `locedit.locate.LO
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shlex
 import time
@@ -20,7 +22,7 @@ from ..core.errors import RecipeError
 from ..core.plugins import load_plugins
 from ..core.recipe import Recipe
 from ..core.tracking import reports_to_wandb
-from ..evaluation import evaluate
+from ..evaluation import check_settings, evaluate
 from ..heads import HeadSpec
 from ..locate import LOCATORS, probe_recipe
 from ..models.sources import resolve_model_path
@@ -149,14 +151,25 @@ def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
     study_dir = os.path.join("outputs", recipe.name, STUDY_DIR)
     base_argv = list(recipe_argv)
 
+    def stage_recipe(command: str, flags: list[str]) -> Recipe:
+        return parse_recipe(base_argv + flags, prog=f"locedit {command}")
+
     def stage(command: str, flags: list[str], shown: list[str] | None = None) -> Recipe:
         print(f"\nlocedit study: {shlex.join(['locedit', command, *(shown or []), *base_argv, *flags])}", flush=True)
-        return parse_recipe(base_argv + flags, prog=f"locedit {command}")
+        return stage_recipe(command, flags)
 
     print(f"locedit study: {recipe.name}: model {recipe.model.model_name_or_path}, data {recipe.edit.dataset}")
     if recipe.edit.dry_run:
         return _dry_run(recipe, options, stage)
-    with timer("model"):
+
+    # Every stage planned and the judges and corpus checked before the first stage runs, exactly as the dry run
+    # does (its output kept back): a mistake in a late stage ends the study now, not after the earlier stages.
+    def planned(command: str, flags: list[str], shown: list[str] | None = None) -> Recipe:
+        return stage_recipe(command, [*flags, "--dry_run", "true"])
+
+    with timer("model"):  # the model resolved and every stage planned
+        with contextlib.redirect_stdout(io.StringIO()):
+            _dry_run(recipe, options, planned)
         resolve_model_path(recipe.model.model_name_or_path)  # pre-trains the toy model on first use
     with timer("probe"):
         probe_recipe(stage("probe", []))
@@ -203,14 +216,19 @@ def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
 
 def _dry_run(recipe: Recipe, options: StudyOptions, stage) -> dict:
     """Check every stage's recipe and print its plan (the flags carry --dry_run true to each): probe, ITI, each
-    family's training. Evaluation and the report need the runs, so they are not planned."""
+    family's training, and the evaluation's settings, judges and corpus (its runs do not exist yet)."""
     probe_recipe(stage("probe", []))
     make_iti_edits(stage("iti", []))
     if options.random:
         make_iti_edits(stage("iti", random_heads_flags(recipe, options)))
     for _, flags in family_flags(recipe, options):
         train_recipe(stage("train", flags))
-    print("\nlocedit study: dry run: every stage's recipe is checked; eval and the report need the runs", flush=True)
+    check_settings(stage("eval", []).eval)  # the judges load (config, or one endpoint request) and the corpus reads
+    print(
+        "\nlocedit study: dry run: every stage's recipe is checked, and the judges and corpus; eval and the report "
+        "need the runs",
+        flush=True,
+    )
     return {"dry_run": True}
 
 
