@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, BertConfig, LlamaConfig
 
 import locedit.core.args
@@ -131,7 +132,8 @@ def test_default_output_dir_is_unique_per_run_of_a_sweep():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_every_recipe_parses_and_plans_on_its_models_shape(recipe, tmp_path, shared_data_dir):
-    """Each recipe resolves against a config-only Llama-7B shape (no weights exist, so none can be loaded)."""
+    """Each recipe resolves against a Llama-7B shape: its config and an empty weights file (the plan checks that a
+    model directory's weights are there and whole, reading their header; it never loads them)."""
     parsed = parse_recipe([str(recipe)])
     edit_args, model_args = parsed.edit, parsed.model
     assert "ipo" in parsed.training.loss_type
@@ -139,6 +141,7 @@ def test_every_recipe_parses_and_plans_on_its_models_shape(recipe, tmp_path, sha
     if model_args.model_name_or_path != "tiny:llama":
         config_dir = tmp_path / "llama-7b-shape"
         LlamaConfig(num_hidden_layers=32, num_attention_heads=32, hidden_size=4096).save_pretrained(config_dir)
+        save_file({}, config_dir / "model.safetensors")
         argv += ["--model_name_or_path", str(config_dir)]
         argv += ["--dataset", str(shared_data_dir / "truthfulqa" / "TruthfulQA.csv")]
     plan = run_train(argv)
