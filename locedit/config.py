@@ -152,6 +152,12 @@ class LocEditConfig(DPOConfig):
         if self.max_eval_pairs is not None:
             check_at_least("max_eval_pairs", self.max_eval_pairs, 1)
         check_positive("frozen_prefix_max_memory_gb", self.frozen_prefix_max_memory_gb)
+        for name in ("seed", "data_seed"):  # numpy and torch take seeds in 0 .. 2**32 - 1
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and 0 <= value < 2**32):
+                raise ValueError(f"{name} {value} is not valid: it must be an integer from 0 to 2**32 - 1")
+        if self.max_length is not None:
+            check_at_least("max_length", self.max_length, 2)
         if self.frozen_prefix and not self.disable_dropout:
             raise ValueError(
                 "frozen_prefix needs disable_dropout: true (with dropout the layers below the edit are random); "

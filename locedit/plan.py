@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from .config import LocEditConfig
 from .core.args import PAIR_SCORING_SWITCHES, EditArguments, ModelArguments
+from .core.cache import check_cache_writable
 from .core.errors import RecipeError
 from .core.recipe import Recipe
 from .data import load_preference_splits, question_counts, validate_dataset_arg
@@ -173,6 +174,34 @@ def check_pair_scoring(recipe: Recipe) -> None:
         )
 
 
+def check_max_length(recipe: Recipe, model_path: str, pairs) -> None:
+    """max_length leaves a completion token in some training pair (TRL cuts each sequence to it, keeping its start):
+    one line now, not an empty batch after the weights load. Needs only the tokenizer; a model directory without one
+    is left to the loader."""
+    from transformers import AutoTokenizer
+
+    max_length, args = recipe.training.max_length, recipe.training
+    if max_length is None or len(pairs) == 0:
+        return
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_path, revision=recipe.model.model_revision, trust_remote_code=args.trust_remote_code
+        )
+    except (OSError, ValueError):
+        return
+    prompts = pairs["prompt"]
+    if isinstance(prompts[0], list):  # conversations: the chat template's prompt, as TRL tokenizes it
+        encoded = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True) for p in prompts]
+        lengths = [len(e["input_ids"] if hasattr(e, "keys") else e) for e in encoded]
+    else:
+        lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    if min(lengths) >= max_length:
+        raise RecipeError(
+            f"max_length {max_length} leaves no completion token in any training pair: the shortest prompt is "
+            f"{min(lengths)} tokens (the longest {max(lengths)}); set max_length above {min(lengths)}"
+        )
+
+
 def make_plan(recipe: Recipe, need_probe: bool = False, output_dir: str | None = None) -> RunPlan:
     """Check the recipe and resolve everything that needs no weights. `need_probe` (ITI) looks for a probe result
     whatever the head spec; a `probe:K` spec always does. `output_dir` defaults to the recipe's training run
@@ -192,6 +221,7 @@ def make_plan(recipe: Recipe, need_probe: bool = False, output_dir: str | None =
         )
     check_pair_scoring(recipe)
     finished = check_output_dir(output_dir, recipe)  # creatable, writable, and no other run's
+    check_cache_writable()  # models built, reference log-probs and frozen prefixes are kept there
     validate_dataset_arg(edit_args.dataset)
     model_path, config, layout = read_model_config(recipe.model, recipe.training.trust_remote_code)
     if edit_args.chat_template:  # the tokenizer must have one: one line now, not TRL's error after the weights load
@@ -210,6 +240,7 @@ def make_plan(recipe: Recipe, need_probe: bool = False, output_dir: str | None =
     )
     if len(splits["train"]) == 0:
         raise RecipeError(f"data set '{edit_args.dataset}' gives no training pairs")
+    check_max_length(recipe, model_path, splits["train"])
     if len(splits["test"]) == 0:
         raise RecipeError(
             f"data set '{edit_args.dataset}' gives no test questions with split_fractions "

@@ -92,6 +92,9 @@ BAD_TRAIN_FLAGS = {
     "bad-split-fractions": (["--split_fractions", "0.5", "0.5", "0.5"], "split_fractions"),
     "unknown-tiny-model": (["--model_name_or_path", "tiny:nonsense"], "tiny:nonsense"),
     "no-such-gguf-file": (["--model_name_or_path", "/no/such/model.gguf"], "/no/such/model.gguf"),
+    "negative-seed": (["--seed", "-1"], "seed -1"),
+    "max-length-below-every-prompt": (["--max_length", "5"], "max_length 5 leaves no completion token"),
+    "more-synthetic-questions-than-it-makes": (["--dataset", "synthetic:100000"], "not 100000"),
 }
 
 
@@ -502,3 +505,14 @@ def test_a_run_that_stopped_before_saving_anything_does_not_block_the_corrected_
 
 def read_split_seed(run: Path) -> int:
     return json.loads((run / "splits.json").read_text())["split_seed"]
+
+
+@pytest.mark.parametrize("where", ["below-a-file", "read-only"])
+def test_a_cache_directory_that_cannot_be_written_is_one_line(where, tmp_path, capsys, monkeypatch):
+    if where == "below-a-file":
+        (tmp_path / "a-file").write_text("")
+        cache = tmp_path / "a-file" / "cache"
+    else:
+        cache = Path("/sys/locedit-cache")  # refuses new entries even to root, as a read-only file system does
+    monkeypatch.setenv("LOCEDIT_CACHE", str(cache))
+    one_error_line(capsys, locedit(["train", TINY, "--dry_run", "true"]), str(cache), "LOCEDIT_CACHE")

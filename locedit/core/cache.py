@@ -11,6 +11,8 @@ from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
+from .errors import RecipeError
+
 
 def cache_root() -> Path:
     """Where locedit caches the models it builds: `$LOCEDIT_CACHE`, by default `~/.cache/locedit`."""
@@ -34,6 +36,21 @@ def cache_key(settings: dict, sources: list[Path]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def check_cache_writable(directory: Path | None = None) -> None:
+    """The cache directory (or a directory in it) exists and takes files, or can be made; else one RecipeError line
+    naming it and LOCEDIT_CACHE (a read-only disk, or a path below a file)."""
+    directory = Path(directory or cache_root())
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".locedit-write-test-"):
+            pass
+    except OSError as err:
+        raise RecipeError(
+            f"cache directory '{directory}' cannot be written ({err.strerror or err}); set LOCEDIT_CACHE to a "
+            "writable directory"
+        ) from None
+
+
 def build_cached(target: Path, build: Callable[[Path], object]) -> Path:
     """`target`, built by `build(directory)` first if it does not exist yet; returns `target`.
 
@@ -43,7 +60,7 @@ def build_cached(target: Path, build: Callable[[Path], object]) -> Path:
     target = Path(target)
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    check_cache_writable(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         build(tmp)

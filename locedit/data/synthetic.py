@@ -7,6 +7,8 @@ countries, gadgets) or simple arithmetic, and every answer is a few words long s
 import random
 from collections.abc import Callable
 
+from ..core.errors import DataError
+
 NO_COMMENT = "I have no comment"
 
 # Invented names are built from these syllables so they cannot collide with real-world knowledge.
@@ -161,7 +163,10 @@ def synthetic_questions(num_questions: int = 120, seed: int = 0) -> list[dict]:
     candidates = _candidates()
     available = sum(len(keys) for keys in candidates.values())
     if not 1 <= num_questions <= available:
-        raise ValueError(f"num_questions must be between 1 and {available}, got {num_questions}")
+        raise DataError(
+            f"the synthetic data set makes 1 to {available} questions, not {num_questions}: "
+            f"give synthetic:N with N <= {available}"
+        )
 
     rng = random.Random(seed)
     for keys in candidates.values():
