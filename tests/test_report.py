@@ -162,3 +162,36 @@ def test_report_errors_are_one_line(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2  # exists, but holds no evaluated run
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and all(line.startswith("locedit: error:") for line in errors)
+
+
+def test_every_heuristic_is_tested_against_random_heads():
+    """The verdict puts each localization heuristic's heads (probe, importance, ...) against the random sets, with
+    the same permutation test; the probe's result also stays under its old key."""
+    from locedit.reporting.runs import Run
+    from locedit.reporting.stats import verdict
+
+    def run(family: str, index: int, value: float) -> Run:
+        return Run(
+            run_dir=f"runs/{family}-{index}",
+            method="ipo",
+            family=family,
+            heads=f"{family}-{index}",
+            heads_seed=index,
+            tau=0.1,
+            learning_rate=1e-3,
+            alpha=None,
+            metrics={"mc2": value},
+        )
+
+    runs = [run("random-4", i, 0.4 + 0.01 * i) for i in range(7)]
+    runs += [run("probe-4", 0, 0.45), run("importance-4", 0, 0.9)]
+    result = verdict(runs, metric="mc2")
+    assert set(result["heuristics_vs_random"]) == {"probe", "importance"}
+    importance = result["heuristics_vs_random"]["importance"]["ipo"]
+    assert importance["importance"] == [0.9] and importance["p_value"] == pytest.approx(1 / 8)
+    assert result["probe_vs_random"]["ipo"] == {
+        "probe": [0.45],
+        "random": [run.metrics["mc2"] for run in runs[:7]],
+        "p_value": pytest.approx(3 / 8),  # 0.45, 0.45 and 0.46 of the 8 values are >= 0.45: exact over all labelings,
+    }
+    assert any(s.startswith("Under optimal edits, importance heads (best MC2 0.900)") for s in result["sentences"])

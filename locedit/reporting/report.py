@@ -10,9 +10,9 @@ run's `heads.json`, `recipe.yaml` and `metrics.json`) and writes to the report d
 - the paper's figures as PNG: the score of ITI at probe vs random heads (fig1a), the truth-info trade-off over tau
   of optimal edits per family and of ITI (fig2_3), the best score of random single heads with all heads marked
   (fig4a), MC against KL (fig1c_5), and any other metric registered to be drawn against KL;
-- `verdict.md` / `verdict.json`: for each method, a permutation p-value for "probe heads score higher than random
-  head sets", and for each family whether it reaches the all-heads optimum within a paired bootstrap confidence
-  interval over test questions.
+- `verdict.md` / `verdict.json`: for each method and each localization heuristic evaluated (probe, importance, ...), a
+  permutation p-value for "its heads score higher than random head sets", and for each family whether it reaches
+  the all-heads optimum within a paired bootstrap confidence interval over test questions.
 
 A head set's score is its best value of one metric over the hyperparameters it was run with (tau, learning rate,
 alpha), as the paper compares the best edit each location allows: True*Info by default (the paper's), or any metric

@@ -9,6 +9,7 @@ import numpy as np
 from scipy import stats
 
 from ..evaluation.metric_registry import KL, MAIN, Metric, get_metric
+from ..heads import SELECTORS
 from .runs import Run
 
 
@@ -96,7 +97,13 @@ def verdict(runs: list[Run], level: float = 0.95, metric: str = MAIN, max_kl: fl
     name = scored.label
     sign = 1 if scored.higher_is_better else -1  # the tests ask whether a family scores better
     broken = [run for run in runs if run.is_broken(max_kl)]
-    result: dict = {"metric": metric, "probe_vs_random": {}, "reaches_all_heads": {}, "sentences": []}
+    result: dict = {
+        "metric": metric,
+        "probe_vs_random": {},
+        "heuristics_vs_random": {},  # every localization heuristic's heads (probe, importance, ...) against random
+        "reaches_all_heads": {},
+        "sentences": [],
+    }
     if max_kl is not None:
         unchecked = [r for r in runs if r.method != "base" and r.metrics.get(KL) is None]
         result.update(max_kl=max_kl, broken=[run.run_dir for run in broken], unchecked=[r.run_dir for r in unchecked])
@@ -106,16 +113,28 @@ def verdict(runs: list[Run], level: float = 0.95, metric: str = MAIN, max_kl: fl
             sentence += f"; {len(unchecked)} have no KL (evaluated without a corpus) and could not be checked"
         result["sentences"].append(sentence + ".")
     best = best_per_head_set([run for run in runs if run.method != "base" and not run.is_broken(max_kl)], metric)
-    for method in ("iti", "ipo"):
-        probe = [r.metrics[metric] for r in best.values() if r.method == method and r.family.startswith("probe")]
-        rand = [r.metrics[metric] for r in best.values() if r.method == method and r.family.startswith("random")]
-        if probe and rand:
-            p = permutation_p_value([sign * v for v in probe], [sign * v for v in rand])
-            result["probe_vs_random"][method] = {"probe": probe, "random": rand, "p_value": p}
-            title, best_probe = ("ITI" if method == "iti" else "optimal edits"), scored.best(probe)
+    # The heuristics whose heads a spec can rank (the score-driven selectors' locators: probe, importance, ...).
+    heuristics = list(dict.fromkeys(selector.locator for selector in SELECTORS.values() if selector.locator))
+    for heuristic in heuristics:
+        for method in ("iti", "ipo"):
+            located = [
+                r.metrics[metric] for r in best.values() if r.method == method and r.family.startswith(f"{heuristic}-")
+            ]
+            rand = [r.metrics[metric] for r in best.values() if r.method == method and r.family.startswith("random")]
+            if not (located and rand):
+                continue
+            p = permutation_p_value([sign * v for v in located], [sign * v for v in rand])
+            result["heuristics_vs_random"].setdefault(heuristic, {})[method] = {
+                heuristic: located,
+                "random": rand,
+                "p_value": p,
+            }
+            if heuristic == "probe":
+                result["probe_vs_random"][method] = {"probe": located, "random": rand, "p_value": p}
+            title, best_located = ("ITI" if method == "iti" else "optimal edits"), scored.best(located)
             result["sentences"].append(
-                f"Under {title}, probe heads (best {name} {best_probe:.3f}) against {len(rand)} random head sets "
-                f"(median {sorted(rand)[len(rand) // 2]:.3f}): p = {p:.3g} (one-sided permutation test)."
+                f"Under {title}, {heuristic} heads (best {name} {best_located:.3f}) against {len(rand)} random head "
+                f"sets (median {sorted(rand)[len(rand) // 2]:.3f}): p = {p:.3g} (one-sided permutation test)."
             )
     optimum = [r for r in best.values() if r.method == "ipo" and r.family == "all-heads"]
     if optimum:
