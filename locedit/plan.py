@@ -79,7 +79,7 @@ class RunPlan:
             return ""
         return f" ({len(self.spec.edits(self.layout))} edits trained in one pass; the first)"
 
-    def heads_line(self, edit_args: EditArguments | None = None) -> str:
+    def heads_line(self) -> str:
         """What the head spec resolved to, or, for a score-driven spec with no result yet, what will happen."""
         spec, locator = self.spec, self.spec.locator
         if self.heads is None:
@@ -120,7 +120,7 @@ class RunPlan:
             "locedit plan",
             f"  model        {model_args.model_name_or_path} ({self.layout.model_type}, {self.layout.shape}, "
             f"head_dim {self.head_dim})",
-            f"  heads        {self.heads_line(edit_args)}",
+            f"  heads        {self.heads_line()}",
             f"  edit         {edit}",
             f"  data         {self.data_line(edit_args)}",
             f"  training     IPO tau {args.beta:g}, lr {args.learning_rate:g} {_plain(args.lr_scheduler_type)}, "

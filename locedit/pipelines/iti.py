@@ -41,7 +41,7 @@ def _draws(recipe: Recipe, spec: HeadSpec, output_dir: str, layout) -> list[tupl
 def describe(plan, recipe: Recipe, runs: list[tuple[Recipe, HeadSpec, str]]) -> str:
     probe = plan.probe_result.path if plan.probe_result is not None else f"{plan.probe_dir} (probe stage runs first)"
     if len(runs) == 1:
-        heads = [f"  heads        {plan.heads_line(recipe.edit)}"]
+        heads = [f"  heads        {plan.heads_line()}"]
     else:  # several draws of a random spec: each draw's heads (no probe scores needed)
         heads = [
             f"  heads        {draw} seed {draw.seed} -> {format_heads(draw.resolve(plan.layout))}"
@@ -78,7 +78,7 @@ def make_iti_edits(recipe: Recipe):
         model, tokenizer = load_model_and_tokenizer(plan.model_path, recipe.model, args.trust_remote_code)
         if plan.missing:
             locate_heads(plan, recipe, model, tokenizer)
-            print(f"  heads        {plan.heads_line(recipe.edit)}", flush=True)
+            print(f"  heads        {plan.heads_line()}", flush=True)
         result, alpha = plan.probe_result, recipe.probe.iti_alpha
         metrics = {}
         for run_recipe, draw, output_dir in runs:

@@ -62,7 +62,7 @@ def _train(recipe: Recipe, plan: RunPlan, is_main: bool) -> dict:
             model, tokenizer = load_model_and_tokenizer(plan.model_path, model_args, training_args.trust_remote_code)
             locate_heads(plan, recipe, model, tokenizer)
             if is_main:
-                print(f"  heads        {plan.heads_line(edit_args)}", flush=True)
+                print(f"  heads        {plan.heads_line()}", flush=True)
         if is_main:
             clear_finished(plan.output_dir)  # a run going on (more steps) is unfinished until it ends
             write_run_description(plan.output_dir, recipe, plan.heads, plan.layout, plan.splits, plan.located_dirs)
