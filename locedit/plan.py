@@ -231,13 +231,7 @@ def make_plan(recipe: Recipe, need_probe: bool = False, output_dir: str | None =
     # A multi-edit spec (single:K, or heads_draws > 1) is checked on every draw; the plan shows the first.
     draws = spec.edits(layout)
     heads = None if spec.locator else [draw.resolve(layout) for draw in draws][0]
-    splits = load_preference_splits(
-        **edit_args.split_source(),
-        prompt_template=edit_args.prompt_template,
-        completion_template=edit_args.completion_template,
-        max_pairs_per_question=edit_args.max_pairs_per_question,
-        chat_template=edit_args.chat_template,
-    )
+    splits = load_preference_splits(**edit_args.pair_source())
     if len(splits["train"]) == 0:
         raise RecipeError(f"data set '{edit_args.dataset}' gives no training pairs")
     check_max_length(recipe, model_path, splits["train"])

@@ -125,6 +125,26 @@ class EditArguments:
             "group_by": self.group_by,
         }
 
+    def split_settings(self) -> dict:
+        """The same settings as a result made on the split records them (probe and importance results)."""
+        return {
+            "dataset": self.dataset,
+            "dataset_config": self.dataset_config,
+            "split_fractions": [float(f) for f in self.split_fractions],
+            "split_seed": self.split_seed,
+            "group_by": self.group_by,
+        }
+
+    def pair_source(self) -> dict:
+        """The arguments of `locedit.data.load_preference_splits` that make this recipe's pairs."""
+        return {
+            **self.split_source(),
+            "prompt_template": self.prompt_template,
+            "completion_template": self.completion_template,
+            "max_pairs_per_question": self.max_pairs_per_question,
+            "chat_template": self.chat_template,
+        }
+
     def __post_init__(self):
         # argparse checks `choices` on the command line only, not on values that come from a recipe.
         check_choice("edit_read", self.edit_read, EDIT_READS)

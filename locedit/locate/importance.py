@@ -213,11 +213,7 @@ def importance_info(recipe: Recipe, model_path: str, layout: AttentionLayout) ->
         "load_in_4bit": model_args.load_in_4bit,
         "load_in_8bit": model_args.load_in_8bit,
         "model_type": layout.model_type,
-        "dataset": edit_args.dataset,
-        "dataset_config": edit_args.dataset_config,
-        "split_fractions": list(edit_args.split_fractions),
-        "split_seed": edit_args.split_seed,
-        "group_by": edit_args.group_by,
+        **edit_args.split_settings(),
         "prompt_template": edit_args.prompt_template,
         "completion_template": edit_args.completion_template,
         "max_pairs_per_question": edit_args.max_pairs_per_question,
@@ -251,13 +247,7 @@ def run_importance_stage(recipe: Recipe, model_path: str, layout: AttentionLayou
         if model is None:
             model, tokenizer = load_model_and_tokenizer(model_path, recipe.model, args.trust_remote_code)
         place_for_inference(model)
-        splits = load_preference_splits(
-            **edit_args.split_source(),
-            prompt_template=edit_args.prompt_template,
-            completion_template=edit_args.completion_template,
-            max_pairs_per_question=edit_args.max_pairs_per_question,
-            chat_template=edit_args.chat_template,
-        )
+        splits = load_preference_splits(**edit_args.pair_source())
         train = splits["train"]
         tokenized = [tokenize_pair(tokenizer, train[i], args.max_length) for i in range(len(train))]
         batch_size = args.per_device_eval_batch_size or 8

@@ -124,11 +124,7 @@ def make_probe_stage(recipe: Recipe, model_path: str, layout: AttentionLayout) -
         "model": model_args.model_name_or_path,
         "model_path": model_path,
         "model_type": layout.model_type,
-        "dataset": edit_args.dataset,
-        "dataset_config": edit_args.dataset_config,
-        "split_fractions": list(edit_args.split_fractions),
-        "split_seed": edit_args.split_seed,
-        "group_by": edit_args.group_by,
+        **edit_args.split_settings(),
         "probe_template": probe_args.probe_template,
         "chat_template": edit_args.chat_template,
         "probe_seed": probe_args.probe_seed,
@@ -242,14 +238,7 @@ def check_same_split(result: ProbeResult, recipe: Recipe) -> None:
     """A probe result must come from the recipe's own training questions: made on another split, its heads would
     have been chosen on questions that are now validation or test questions (a leak)."""
     edit_args = recipe.edit
-    wanted = {
-        "dataset": edit_args.dataset,
-        "dataset_config": edit_args.dataset_config,
-        "split_fractions": [float(f) for f in edit_args.split_fractions],
-        "split_seed": edit_args.split_seed,
-        "group_by": edit_args.group_by,
-    }
-    for key, value in wanted.items():
+    for key, value in edit_args.split_settings().items():
         made = result.info.get(key)
         if key == "split_fractions" and made is not None:
             made = [float(f) for f in made]
