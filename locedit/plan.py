@@ -174,22 +174,27 @@ def check_pair_scoring(recipe: Recipe) -> None:
         )
 
 
-def check_max_length(recipe: Recipe, model_path: str, pairs) -> None:
+def check_max_length(recipe: Recipe, model_path: str, pairs, tokenizer=None) -> None:
     """max_length leaves a completion token in some training pair (TRL cuts each sequence to it, keeping its start):
-    one line now, not an empty batch after the weights load. Needs only the tokenizer; a model directory without one
-    is left to the loader."""
+    one line now, not an empty batch after the weights load. Needs only the tokenizer (`tokenizer`, when the plan
+    loaded it already); a model directory without one is left to the loader."""
     from transformers import AutoTokenizer
 
     max_length, args = recipe.training.max_length, recipe.training
     if max_length is None or len(pairs) == 0:
         return
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_path, revision=recipe.model.model_revision, trust_remote_code=args.trust_remote_code
-        )
-    except (OSError, ValueError):
-        return
     prompts = pairs["prompt"]
+    # A token covers at least one byte of text, so a text prompt has at most its bytes' count of tokens plus the
+    # few special ones the tokenizer adds: when the shortest is well below max_length, no tokenizer is needed.
+    if not isinstance(prompts[0], list) and min(len(p.encode()) for p in prompts) + 16 < max_length:
+        return
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                model_path, revision=recipe.model.model_revision, trust_remote_code=args.trust_remote_code
+            )
+        except (OSError, ValueError):
+            return
     if isinstance(prompts[0], list):  # conversations: the chat template's prompt, as TRL tokenizes it
         encoded = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True) for p in prompts]
         lengths = [len(e["input_ids"] if hasattr(e, "keys") else e) for e in encoded]
@@ -224,8 +229,9 @@ def make_plan(recipe: Recipe, need_probe: bool = False, output_dir: str | None =
     check_cache_writable()  # models built, reference log-probs and frozen prefixes are kept there
     validate_dataset_arg(edit_args.dataset)
     model_path, config, layout = read_model_config(recipe.model, recipe.training.trust_remote_code)
+    tokenizer = None
     if edit_args.chat_template:  # the tokenizer must have one: one line now, not TRL's error after the weights load
-        chat_tokenizer(model_path, recipe.model, recipe.training.trust_remote_code)
+        tokenizer = chat_tokenizer(model_path, recipe.model, recipe.training.trust_remote_code)
     spec = HeadSpec.of(edit_args, layout)
     spec.check(layout)  # K against the model's heads, before any data is read
     # A multi-edit spec (single:K, or heads_draws > 1) is checked on every draw; the plan shows the first.
@@ -234,7 +240,7 @@ def make_plan(recipe: Recipe, need_probe: bool = False, output_dir: str | None =
     splits = load_preference_splits(**edit_args.pair_source())
     if len(splits["train"]) == 0:
         raise RecipeError(f"data set '{edit_args.dataset}' gives no training pairs")
-    check_max_length(recipe, model_path, splits["train"])
+    check_max_length(recipe, model_path, splits["train"], tokenizer)
     if len(splits["test"]) == 0:
         raise RecipeError(
             f"data set '{edit_args.dataset}' gives no test questions with split_fractions "
