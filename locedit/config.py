@@ -22,6 +22,7 @@ import yaml
 from trl import DPOConfig, TrlParser
 
 from .core.args import (
+    PAIR_DRAWS,
     RESULT_KEY,
     EditArguments,
     EvalArguments,
@@ -29,6 +30,7 @@ from .core.args import (
     ProbeArguments,
     StudyArguments,
     check_at_least,
+    check_choice,
     check_positive,
     warn_once,
 )
@@ -135,6 +137,17 @@ class LocEditConfig(DPOConfig):
             "lowered the all-heads edit's True from 0.81 to 0.59. pack_sequences removes padding exactly."
         },
     )
+    pair_draw: str = field(
+        default="question",
+        metadata={
+            RESULT_KEY: True,
+            "help": "Which pairs each step trains on. 'question': epoch by epoch over the training questions, every "
+            "question once per epoch with a fresh (seeded) pair of it, so N steps cover N x batch questions; "
+            "'pair': the Trainer's shuffle of all pairs (questions with many pairs dominate; the paper's epochs "
+            "over all 6,560 pairs).",
+            "choices": list(PAIR_DRAWS),
+        },
+    )
     include_num_input_tokens_seen: str = field(
         default="non_padding", metadata={"help": "Count the tokens trained on (for tokens/s); 'no' to skip."}
     )
@@ -151,6 +164,7 @@ class LocEditConfig(DPOConfig):
             check_at_least(name, getattr(self, name), 1)
         if self.max_eval_pairs is not None:
             check_at_least("max_eval_pairs", self.max_eval_pairs, 1)
+        check_choice("pair_draw", self.pair_draw, PAIR_DRAWS)
         check_positive("frozen_prefix_max_memory_gb", self.frozen_prefix_max_memory_gb)
         for name in ("seed", "data_seed"):  # numpy and torch take seeds in 0 .. 2**32 - 1
             value = getattr(self, name)
@@ -218,20 +232,30 @@ def parse_dataclasses(parser: TrlParser, argv: list[str]) -> tuple:
 def parse_recipe(argv: list[str] | None = None, prog: str = "locedit") -> Recipe:
     """Parse a recipe file and CLI flags (flags override the file)."""
     argv = config_argv(list(sys.argv[1:] if argv is None else argv))
-    name = "cli"
+    name, keys = "cli", set()
     if "--config" in argv:
         index = argv.index("--config") + 1
         config_path = argv[index] if index < len(argv) else ""
         if not os.path.isfile(config_path):
             raise RecipeError(f"recipe file '{config_path}' does not exist")
         name = Path(config_path).stem
-        _check_recipe_keys(config_path, prog)
+        keys = _check_recipe_keys(config_path, prog)
     edit, model, probe, evaluation, training, study = parse_dataclasses(make_parser(prog), argv)
+    if edit.chat_template:
+        # Set at all, even to its default, a template says the user expects it to shape the prompts: it does not.
+        flags = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
+        given = [key for key in ("prompt_template", "completion_template") if key in keys | flags]
+        if given:
+            them = "them" if len(given) > 1 else "it"
+            raise RecipeError(
+                f"chat_template: true puts the question in a user turn and the answer in an assistant turn of the "
+                f"tokenizer's chat template; {' and '.join(given)} would not be used: remove {them} from the recipe"
+            )
     return Recipe(edit=edit, model=model, probe=probe, eval=evaluation, training=training, study=study, name=name)
 
 
-def _check_recipe_keys(config_path: str, prog: str) -> None:
-    """Unknown recipe keys are an error naming them (TrlParser's own message is a list dump)."""
+def _check_recipe_keys(config_path: str, prog: str) -> set[str]:
+    """Unknown recipe keys are an error naming them (TrlParser's own message is a list dump). Returns the keys."""
     try:
         with open(config_path) as f:
             recipe = yaml.safe_load(f)
@@ -246,3 +270,4 @@ def _check_recipe_keys(config_path: str, prog: str) -> None:
             f"unknown recipe key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in '{config_path}' "
             f"(see {prog} --help)"
         )
+    return set(recipe)

@@ -53,6 +53,30 @@ def test_first_ipo_loss_is_one_over_four_tau_squared_and_training_lowers_it(trai
     assert sum(losses[-5:]) / 5 < losses[0] - 0.05
 
 
+def test_a_healthy_run_records_its_loss_on_its_training_pairs_and_no_divergence(trained_run):
+    _, metrics = trained_run
+    assert metrics["train_diverged"] is False and metrics["train_divergence"] is None
+    assert metrics["train_loss_start"] == pytest.approx(1 / (4 * 0.2**2))
+    assert metrics["train_pairs_loss"] < metrics["train_loss_start"] and metrics["train_pairs_scored"] > 0
+
+
+def test_a_diverged_run_ends_with_a_one_line_warning_and_its_evaluation_calls_it_broken(tmp_path, capsys):
+    from locedit.eval import cli as eval_cli
+
+    out = tmp_path / "diverged"
+    argv = ["recipes/tiny.yaml", "--report_to", "none", "--save_strategy", "no", "--learning_rate", "30"]
+    metrics = run_train([*argv, "--output_dir", str(out)])
+    warning = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warning) == 1 and warning[0].startswith("locedit: warning: the edit diverged: its IPO loss ended at")
+    assert metrics["train_diverged"] is True and metrics["train_pairs_loss"] > metrics["train_loss_start"]
+    assert json.loads((out / "metrics.json").read_text())["train_diverged"] is True
+    flags = ["--eval_judge_truth", "similarity", "--eval_judge_info", "none", "--eval_corpus", "none"]
+    assert eval_cli([str(out), *flags, "--eval_max_new_tokens", "4", "--eval_max_questions", "3"]) == 0
+    evaluation = json.loads((out / "eval" / "metrics.json").read_text())
+    assert evaluation["broken"] is True and evaluation["broken_reasons"][-1].startswith("training diverged")
+    assert "is broken: " in capsys.readouterr().out
+
+
 def test_run_directory_holds_everything_a_finished_run_needs(trained_run, tiny_model_dir):
     out, metrics = trained_run
     for name in [

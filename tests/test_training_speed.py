@@ -14,14 +14,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from locedit import AttentionLayout, HeadEditConfig, resolve_heads
 from locedit.config import LocEditConfig, parse_recipe
 from locedit.data import load_preference_splits
-from locedit.training import LocEditTrainer, preference_datasets
+from locedit.training import LocEditTrainer, training_inputs
 from locedit.training.reference import ReferenceLogpCache, base_weights_digest, reference_model_key
 
 FAST = ["--dataset", "synthetic:40", "--report_to", "none", "--save_strategy", "no"]
 
 
 class Plan:
-    """What preference_datasets reads of a RunPlan: the splits."""
+    """What training_inputs reads of a RunPlan: the splits."""
 
     def __init__(self, splits):
         self.splits = splits
@@ -46,23 +46,53 @@ def training_args(tmp_path, **overrides) -> LocEditConfig:
     return LocEditConfig(**{**settings, **overrides})
 
 
+def test_the_question_draw_covers_every_question_once_per_epoch_with_a_fresh_pair(splits, tmp_path):
+    questions = splits["train"]["question_id"]
+    pairs_of = {q: questions.count(q) for q in set(questions)}
+    assert max(pairs_of.values()) > 1 and len(pairs_of) < len(questions)  # many pairs per question
+    args = training_args(tmp_path, num_train_epochs=3, eval_strategy="no")
+    inputs = training_inputs(Plan(splits), args)
+    drawn = inputs["train_dataset"]
+    assert len(drawn) == 3 * len(pairs_of) and inputs["args"].max_steps == -(-len(drawn) // 4)
+    assert args.max_steps == -1  # the recipe's own arguments are left as they were
+    key = {
+        (p, c, r): q
+        for p, c, r, q in zip(
+            *(splits["train"][k] for k in ("prompt", "chosen", "rejected", "question_id")), strict=True
+        )
+    }
+    rows = [key[row] for row in zip(drawn["prompt"], drawn["chosen"], drawn["rejected"], strict=True)]
+    pairs = list(zip(drawn["prompt"], drawn["chosen"], drawn["rejected"], strict=True))
+    for epoch in range(3):
+        assert sorted(rows[epoch * len(pairs_of) : (epoch + 1) * len(pairs_of)]) == sorted(pairs_of)
+    for q, count in pairs_of.items():  # a fresh pair each epoch while the question has one
+        used = [pair for pair, question in zip(pairs, rows, strict=True) if question == q]
+        assert len(set(used)) == min(3, count)
+    # max_steps: the first max_steps x batch rows of the same order, each a different question.
+    short = training_inputs(Plan(splits), training_args(tmp_path, max_steps=3, eval_strategy="no"))["train_dataset"]
+    assert short["chosen"] == drawn["chosen"][:12] and len(set(rows[:12])) == 12
+    # Seeded: data_seed changes the draw.
+    other = training_inputs(Plan(splits), training_args(tmp_path, max_steps=3, data_seed=7, eval_strategy="no"))
+    assert other["train_dataset"]["chosen"] != short["chosen"]
+
+
 def test_max_steps_bounds_the_training_pairs_to_a_seeded_draw(splits, tmp_path):
-    args = training_args(tmp_path, max_steps=3, eval_strategy="no")
-    first = preference_datasets(Plan(splits), args)
-    again = preference_datasets(Plan(splits), args)
+    args = training_args(tmp_path, max_steps=3, eval_strategy="no", pair_draw="pair")
+    first = training_inputs(Plan(splits), args)
+    again = training_inputs(Plan(splits), args)
     assert len(first["train_dataset"]) == 12 < len(splits["train"])  # 3 steps x 4 pairs
     assert first["train_dataset"]["chosen"] == again["train_dataset"]["chosen"]
     assert set(first["train_dataset"]["prompt"]) <= set(splits["train"]["prompt"])
     # An epoch-long run keeps every pair.
-    whole = preference_datasets(Plan(splits), training_args(tmp_path, eval_strategy="no"))
+    whole = training_inputs(Plan(splits), training_args(tmp_path, eval_strategy="no", pair_draw="pair"))
     assert len(whole["train_dataset"]) == len(splits["train"])
 
 
 def test_validation_pairs_follow_eval_strategy_and_the_cap(splits, tmp_path):
-    assert preference_datasets(Plan(splits), training_args(tmp_path, eval_strategy="no"))["eval_dataset"] is None
-    capped = preference_datasets(Plan(splits), training_args(tmp_path, eval_strategy="epoch", max_eval_pairs=5))
+    assert training_inputs(Plan(splits), training_args(tmp_path, eval_strategy="no"))["eval_dataset"] is None
+    capped = training_inputs(Plan(splits), training_args(tmp_path, eval_strategy="epoch", max_eval_pairs=5))
     assert len(capped["eval_dataset"]) == 5 < len(splits["validation"])
-    every = preference_datasets(Plan(splits), training_args(tmp_path, eval_strategy="epoch", max_eval_pairs=None))
+    every = training_inputs(Plan(splits), training_args(tmp_path, eval_strategy="epoch", max_eval_pairs=None))
     assert len(every["eval_dataset"]) == len(splits["validation"])
 
 
@@ -81,7 +111,7 @@ def _trainer(model_dir, splits, tmp_path, cache: bool, steps: int = 2):
     return LocEditTrainer(
         model=model,
         args=args,
-        **preference_datasets(Plan(splits), args),
+        **training_inputs(Plan(splits), args),
         processing_class=tokenizer,
         peft_config=HeadEditConfig.for_heads(layout, resolve_heads("random:2", layout)),
     )

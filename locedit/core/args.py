@@ -27,9 +27,14 @@ def result_settings(*classes) -> tuple[str, ...]:
     return tuple(names)
 
 
+# The degenerate share above which an edit is broken by default (locedit.evaluation.breakage).
+DEFAULT_MAX_DEGENERATE = 0.25
+
 # What the edit strength reads, and what it is (locedit.edit): choices of the recipe fields below.
 EDIT_READS = ("all", "heads")
 EDIT_STRENGTHS = ("adaptive", "constant")
+# How a training run draws its pairs (LocEditConfig.pair_draw): question by question, or uniformly over pairs.
+PAIR_DRAWS = ("question", "pair")
 
 
 @dataclass
@@ -166,9 +171,12 @@ class StudyArguments:
     study_lr_single: float | None = field(
         default=None, metadata={"help": "Learning rate of single-head edits; default the recipe's x 4 (paper)."}
     )
-    study_max_kl: float | None = field(
+    study_metric: str | None = field(
         default=None,
-        metadata={"help": "Edits whose KL is above this are broken: flagged, and left out of the verdict."},
+        metadata={
+            "help": "The verdict's score (a metric `locedit report --metric` takes, e.g. mc2, mc2_sc); default "
+            "true_info with both judges, true with a truth judge alone, else mc2."
+        },
     )
     study_heuristics: str = field(
         default="none",
@@ -182,7 +190,7 @@ class StudyArguments:
         for name in ("study_random", "study_single"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} {getattr(self, name)} is not valid: it must be 0 or more")
-        for name in ("study_lr_all", "study_lr_single", "study_max_kl"):
+        for name in ("study_lr_all", "study_lr_single"):
             if getattr(self, name) is not None:
                 check_positive(name, getattr(self, name))
 
@@ -307,6 +315,20 @@ class EvalArguments:
     eval_corpus_max_tokens: int = field(
         default=128, metadata={RESULT_KEY: True, "help": "Each document is cut at this many tokens."}
     )
+    eval_max_kl: float | None = field(
+        default=None,
+        metadata={
+            "help": "The break detector: an edit whose KL from the base model is above this is broken (flagged, and "
+            "left out of every best and verdict); null: KL alone breaks nothing."
+        },
+    )
+    eval_max_degenerate: float | None = field(
+        default=DEFAULT_MAX_DEGENERATE,
+        metadata={
+            "help": "The break detector: an edit with more than this share of degenerate answers (empty, "
+            "repetitive, the prompt's format, cut off) is broken; a diverged training always is; null: off."
+        },
+    )
     eval_merge: bool = field(
         default=True,
         metadata={"help": "Merge the edit into the weights for generation (not for quantised weights)."},
@@ -314,6 +336,18 @@ class EvalArguments:
     eval_output_dir: str | None = field(
         default=None, metadata={"help": "Where the base model's evaluation goes; default <runs' parent>/base."}
     )
+
+    def __post_init__(self):
+        if self.eval_max_kl is not None and not (
+            isinstance(self.eval_max_kl, int | float) and math.isfinite(self.eval_max_kl) and self.eval_max_kl >= 0
+        ):
+            raise ValueError(f"eval_max_kl {self.eval_max_kl} is not valid: it must be a KL, 0 or more, or null")
+        if self.eval_max_degenerate is not None and not (
+            isinstance(self.eval_max_degenerate, int | float) and 0 <= self.eval_max_degenerate <= 1
+        ):
+            raise ValueError(
+                f"eval_max_degenerate {self.eval_max_degenerate} is not valid: it must be a share from 0 to 1, or null"
+            )
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from ..core.errors import DataError, DataFileNotFoundError
 from .pairs import (
     DataWarning,
+    draw_by_question,
     load_preference_splits,
     load_question_details,
     load_questions,
@@ -16,6 +17,7 @@ __all__ = [
     "DataError",
     "DataFileNotFoundError",
     "DataWarning",
+    "draw_by_question",
     "hold_out",
     "load_preference_splits",
     "load_question_details",

@@ -192,6 +192,30 @@ def _cap_pairs(pairs: list[dict], max_pairs_per_question: int, seed: int) -> lis
     return [pairs[index] for index in sorted(kept)]
 
 
+def draw_by_question(question_ids, rows: int, seed: int) -> list[int]:
+    """Indices of `rows` pairs drawn question by question, for training: each round (an epoch over the questions)
+    visits every question once, in a seeded order, and takes the next of its pairs in a seeded order of them, so
+    every question is seen once per round, with a fresh pair each round until its pairs are used up (then they come
+    round again). The first len(set(question_ids)) rows cover every question once, however many pairs each has."""
+    rng = random.Random(f"question-draw-{seed}")
+    by_unit: dict = {}
+    for index, unit in enumerate(question_ids):
+        by_unit.setdefault(unit, []).append(index)
+    if not by_unit or rows < 1:
+        return []
+    for indices in by_unit.values():
+        rng.shuffle(indices)
+    units = list(by_unit)
+    drawn: list[int] = []
+    round_ = 0
+    while len(drawn) < rows:
+        order = units[:]
+        rng.shuffle(order)
+        drawn.extend(by_unit[unit][round_ % len(by_unit[unit])] for unit in order[: rows - len(drawn)])
+        round_ += 1
+    return drawn
+
+
 def load_preference_splits(
     dataset: str = "truthfulqa/truthful_qa",
     dataset_config: str | None = "generation",

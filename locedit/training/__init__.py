@@ -2,14 +2,14 @@
 
 from .multi import EditBank, MultiEditTrainer, plan_edits, replicate_batch, train_multi_edit
 from .run import train_edits
-from .trainer import LocEditTrainer, preference_datasets, require_ipo, train_and_validate
+from .trainer import LocEditTrainer, require_ipo, train_and_validate, training_inputs
 
 __all__ = [
     "EditBank",
     "LocEditTrainer",
     "MultiEditTrainer",
     "plan_edits",
-    "preference_datasets",
+    "training_inputs",
     "replicate_batch",
     "require_ipo",
     "train_and_validate",

@@ -44,7 +44,7 @@ from ..models.layout import AttentionLayout
 from ..rundir import default_output_dir, split_question_ids, write_metrics, write_run_description
 from .pair_logps import PairScoringMixin
 from .reference import CachedReferenceMixin
-from .trainer import preference_datasets, require_ipo, train_and_validate
+from .trainer import require_ipo, train_and_validate, training_inputs
 
 BANK_FILE = "locedit_bank.safetensors"
 
@@ -287,9 +287,7 @@ def train_multi_edit(recipe, plan, model, tokenizer) -> dict:
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
 
-    trainer = MultiEditTrainer(
-        model=model, args=args, **preference_datasets(plan, args), processing_class=tokenizer, bank=bank
-    )
+    trainer = MultiEditTrainer(model=model, **training_inputs(plan, args), processing_class=tokenizer, bank=bank)
     metrics = train_and_validate(trainer, plan.output_dir)
     trainer.save_state()
     if PartialState().is_main_process:

@@ -6,7 +6,7 @@ from ..core.recipe import Recipe
 from ..plan import RunPlan
 from ..rundir import write_metrics
 from .multi import train_multi_edit
-from .trainer import LocEditTrainer, preference_datasets, train_and_validate
+from .trainer import LocEditTrainer, train_and_validate, training_inputs
 
 
 def train_edits(recipe: Recipe, plan: RunPlan, model, tokenizer) -> dict:
@@ -15,8 +15,7 @@ def train_edits(recipe: Recipe, plan: RunPlan, model, tokenizer) -> dict:
         return train_multi_edit(recipe, plan, model, tokenizer)
     trainer = LocEditTrainer(
         model=model,
-        args=recipe.training,
-        **preference_datasets(plan, recipe.training),
+        **training_inputs(plan, recipe.training),
         processing_class=tokenizer,
         peft_config=plan.edit_config,
     )
