@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .core.args import DEFAULT_MAX_DEGENERATE
 from .core.errors import run_cli
 from .core.recipe import OneLineParser
 
@@ -35,15 +36,24 @@ def make_parser() -> OneLineParser:
     parser.add_argument(
         "--max_kl", type=float, default=None, help="edits with KL above this are broken, left out of the verdict"
     )
+    parser.add_argument(
+        "--max_degenerate",
+        type=float,
+        default=DEFAULT_MAX_DEGENERATE,
+        help="edits with a larger share of degenerate answers are broken (as are edits whose training diverged); "
+        f"default {DEFAULT_MAX_DEGENERATE}",
+    )
     return parser
 
 
 def report(args: argparse.Namespace) -> dict:
     """Read the evaluated runs below args.run_dirs, write the report and print its table and verdict."""
+    from .evaluation.breakage import Breakage
     from .reporting import find_runs, write_report
 
     runs = find_runs(args.run_dirs)
-    result = write_report(runs, args.output_dir, args.report_to, args.wandb_project, args.metric, args.max_kl)
+    breakage = Breakage(args.max_kl, args.max_degenerate)
+    result = write_report(runs, args.output_dir, args.report_to, args.wandb_project, args.metric, breakage)
     print(Path(args.output_dir, "results.md").read_text())
     print(Path(args.output_dir, "verdict.md").read_text())
     print(f"locedit report: {len(runs)} runs; table, figures and verdict in {args.output_dir}")

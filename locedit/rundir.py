@@ -222,6 +222,15 @@ def read_training_loss(output_dir: str) -> tuple[float, float] | None:
     return float(losses[0]), float(losses[-1] if reached is None else reached)
 
 
+def training_divergence(output_dir: str) -> str | None:
+    """Why the run's training diverged (`train_divergence` in its metrics.json), or None: it did not, or it was
+    trained before locedit measured it."""
+    if not os.path.isfile(os.path.join(output_dir, METRICS)):
+        return None
+    metrics = read_metrics(output_dir)
+    return (metrics.get("train_divergence") or "it diverged") if metrics.get("train_diverged") else None
+
+
 def read_heads(output_dir: str) -> dict:
     return read_json(os.path.join(output_dir, HEADS), RETRAIN)
 

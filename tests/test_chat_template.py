@@ -201,3 +201,14 @@ def test_generation_stops_at_the_end_of_turn_token(tokenizer):
     expected = real.apply_chat_template(_user("Why?"), add_generation_prompt=True, tokenize=True)
     expected = expected["input_ids"] if hasattr(expected, "keys") else expected
     assert real(prompt)["input_ids"] == expected and prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_chat_template_refuses_template_fields_set_in_the_recipe_even_at_their_defaults(capsys):
+    from locedit.train import cli
+
+    # recipes/smollm2.yaml sets both templates to their default values.
+    assert cli(["recipes/smollm2.yaml", "--chat_template", "true", "--dry_run", "true"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "prompt_template and completion_template would not be used" in err[0]
+    assert cli(["recipes/tiny.yaml", "--chat_template", "true", "--prompt_template", "Q: {question}\nA:"]) == 2
+    assert "prompt_template would not be used: remove it" in capsys.readouterr().err

@@ -22,6 +22,7 @@ import locedit.rundir as rundir_module
 from locedit import add_edit, edit_layers, load_edit
 from locedit.config import parse_recipe
 from locedit.eval import cli
+from locedit.evaluation.breakage import is_degenerate
 from locedit.evaluation.judges import JUDGE_KINDS, HFJudge, Judge
 from locedit.evaluation.plan import Target, _load_source
 from locedit.evaluation.prompts import INSTRUCTION, QA_PRIMER, build_prompt, close_answer, cut_answer
@@ -178,7 +179,18 @@ def test_three_edits_and_the_base_in_one_call_load_the_base_once(runs, corpus, y
         assert metrics["mc1"] == pytest.approx(sum(r["mc1"] for r in records) / len(records))
         assert metrics["mc2"] == pytest.approx(sum(r["mc2"] for r in records) / len(records))
         assert sum(c["questions"] for c in metrics["per_category"].values()) == len(records)
-        assert {"question", "category", "answer", "truth", "info"} <= set(records[0])
+        assert {"question", "category", "answer", "truth", "info", "cut_off", "degenerate"} <= set(records[0])
+        # The break detector's degenerate share and the style-controlled MC2, from the records.
+        assert [r["degenerate"] for r in records] == [is_degenerate(r) for r in records]
+        assert metrics["degenerate"] == pytest.approx(sum(r["degenerate"] for r in records) / len(records))
+        controlled = [r["mc2"] for r in records if r["mc2_sc"] is not None]
+        assert all(r["mc2_sc"] in (None, r["mc2"]) for r in records)
+        assert metrics.get("mc2_sc") == (pytest.approx(sum(controlled) / len(controlled)) if controlled else None)
+        # A generation cut off ran to eval_max_new_tokens (16) without ending.
+        assert all(not r["cut_off"] or len(r["answer"]) > 0 for r in records)
+        if out != base_dir:
+            assert metrics["broken"] == bool(metrics["broken_reasons"])
+            assert metrics["broken"] == (metrics["degenerate"] > 0.25)  # no KL threshold, no diverged training
     assert any(0 < metrics["true"] < 1 for metrics, _ in results.values())  # the judge's verdicts vary
 
     base_metrics = results["base"][0]
@@ -472,3 +484,14 @@ def test_mc_answers_are_closed_with_a_period_as_truthfulqa_formats_them():
     assert close_answer(" Nothing happens ") == "Nothing happens."
     assert close_answer("I have no comment.") == "I have no comment."
     assert close_answer("") == ""
+
+
+def test_the_dry_run_lists_the_runs_questions_judges_mc_corpus_and_break_detector(runs, corpus, capsys):
+    argv = [*map(str, runs[:2]), "--base", *eval_flags(corpus), "--eval_judge_truth", "similarity"]
+    assert cli([*argv, "--eval_judge_info", "none", "--eval_max_kl", "0.1", "--dry_run", "true"]) == 0
+    out = capsys.readouterr().out
+    assert "3 model(s)" in out and out.count("test questions ->") == 3
+    assert "judges: truth similarity, info none (checked)" in out and "MC1:" in out
+    assert f"corpus: {corpus}, 12 documents cut at 32 tokens" in out
+    assert "broken: KL above 0.1, more than 25% degenerate answers or a diverged training" in out
+    assert not (runs[0] / "eval").exists() or (runs[0] / "eval" / "metrics.json").exists()  # nothing written

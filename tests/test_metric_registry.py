@@ -118,9 +118,8 @@ def test_the_registry_holds_every_metric_once_with_its_definition():
     keys = [metric.key for metric in all_metrics()]
     assert len(keys) == len(set(keys))
     # What a report can rank head sets by: the metrics made of per-question values, not KL and CE.
-    assert {metric.key for metric in per_question_metrics()} == {"true", "info", "true_info", "mc1", "mc2"} | set(
-        SIMILARITY_FIELDS
-    )
+    scores = {"true", "info", "true_info", "mc1", "mc2", "mc2_sc", "degenerate"}
+    assert {metric.key for metric in per_question_metrics()} == scores | set(SIMILARITY_FIELDS)
     assert (
         get_metric("true_info").fields == ("truthful", "informative") and get_metric("true_info").label == "True*Info"
     )

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..core.plugins import load_plugins
+from .breakage import is_degenerate
 from .similarity import FIELDS as SIMILARITY_FIELDS
 
 MAIN = "true_info"  # the paper's metric: a head set's score unless another is named (`--metric`)
@@ -135,6 +136,8 @@ register_metric(Metric("info", "Info", fields=("informative",), needs="an info j
 register_metric(Metric("true_info", "True*Info", fields=("truthful", "informative"), needs=JUDGES, study_bar=True))
 for name in ("mc1", "mc2"):
     register_metric(Metric(name, name.upper(), fields=(name,), needs="eval_mc", against_kl="fig1c_5_mc_vs_kl"))
+# MC2 on the questions where a "no" style cannot win (`locedit.evaluation.style`): a gain only in MC2 is a style.
+register_metric(Metric("mc2_sc", "MC2-SC", fields=("mc2_sc",), needs="eval_mc", against_kl="fig1c_5_mc_vs_kl"))
 # TruthfulQA's similarity numbers (`similarity` truth judge): scores a report can rank by, not table columns.
 SIMILARITY_NAMES = {"bleu": "BLEU", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}
 for name in SIMILARITY_FIELDS:
@@ -143,6 +146,17 @@ for name in SIMILARITY_FIELDS:
     register_metric(Metric(name, label, fields=(name,), table=False, needs="the similarity truth judge"))
 register_metric(Metric(KL, "KL", higher_is_better=False, needs="an edit and an eval_corpus"))
 register_metric(Metric("ce", "CE", higher_is_better=False, needs="an eval_corpus"))
+# The share of answers that are no answer (`locedit.evaluation.breakage`): one of the break detector's signs.
+register_metric(
+    Metric(
+        "degenerate",
+        "Degenerate",
+        fields=("degenerate",),
+        higher_is_better=False,
+        study_bar=True,
+        per_question=is_degenerate,
+    )
+)
 
 
 __all__ = [

@@ -35,13 +35,15 @@ from ..core.recipe import Recipe
 from ..core.tracking import offline_without_credentials, reports_to_wandb
 from ..edit import load_edit
 from ..models.loading import batches, load_model_and_tokenizer
-from ..rundir import run_lock, write_evaluation
+from ..rundir import run_lock, training_divergence, write_evaluation
+from .breakage import Breakage
 from .judges import Judge, verdicts
 from .metric_registry import add_per_question_values, all_metrics, per_question_fields
 from .metrics import mc1, mc2, per_category, summarise
 from .plan import EvalPlan, EvalResources, Target, plan_evaluation
 from .prompts import build_prompt, close_answer
 from .scoring import answer_logprobs, can_merge, corpus_scores, generate_answers, merged
+from .style import style_controlled
 
 
 def _target_questions(plan: EvalPlan, target: Target) -> list[dict]:
@@ -62,9 +64,16 @@ def evaluate_model(model, tokenizer, questions: list[dict], target: Target, args
     timings = kw["timings"] if kw.get("timings") is not None else {}  # seconds per phase, filled in here
     print(f"locedit eval: {target.name}: generating {len(prompts)} answers", flush=True)
     started = time.perf_counter()
+    cut_off: list[bool] = []  # whether each answer ran to eval_max_new_tokens without ending
     with merged(model) if merge else contextlib.nullcontext():
         answers = generate_answers(
-            model, tokenizer, prompts, args.eval_max_new_tokens, args.eval_batch_size, chat=target.chat_template
+            model,
+            tokenizer,
+            prompts,
+            args.eval_max_new_tokens,
+            args.eval_batch_size,
+            chat=target.chat_template,
+            cut_off=cut_off,
         )
     timings["generation"] = time.perf_counter() - started
     records = [
@@ -73,8 +82,9 @@ def evaluate_model(model, tokenizer, questions: list[dict], target: Target, args
             "question": q["question"],
             "category": q["category"],
             "answer": answer,
+            "cut_off": cut,
         }
-        for q, answer in zip(questions, answers, strict=True)
+        for q, answer, cut in zip(questions, answers, cut_off, strict=True)
     ]
     if args.eval_mc:
         # Each distinct choice of a question is scored once, as the completion after the question's prompt.
@@ -92,6 +102,7 @@ def evaluate_model(model, tokenizer, questions: list[dict], target: Target, args
             score = {choice: next(logprobs) for choice in distinct}
             record["mc1"] = mc1(score[best], [score[c] for c in wrong1])
             record["mc2"] = mc2([score[c] for c in right], [score[c] for c in wrong2])
+            record["mc2_sc"] = record["mc2"] if style_controlled(right, wrong2) else None
         timings["mc"] = time.perf_counter() - started
     scores = {}
     if corpus is not None:
@@ -322,6 +333,12 @@ def _finish(plan: EvalPlan, recipe: Recipe, args: EvalArguments, result: tuple, 
     target, records, scores = result
     add_per_question_values(records)  # the registered metrics computed from the judged answers
     metrics = metrics_of(plan, target, records, scores, args, timings)
+    if target.run_dir is not None:
+        # The break detector's verdict by this recipe's thresholds (the report and the study apply their own).
+        reasons = Breakage.of(args).reasons(metrics, training_divergence(target.run_dir))
+        metrics.update(broken=bool(reasons), broken_reasons=reasons)
+        if reasons:
+            print(f"locedit eval: warning: {target.name} is broken: {'; '.join(reasons)}", flush=True)
     os.makedirs(target.eval_dir, exist_ok=True)
     write_json_atomic(os.path.join(target.eval_dir, TIMINGS), metrics["timings"])
     write_evaluation(target.output_dir, records, {key: value for key, value in metrics.items() if key != "timings"})
@@ -362,11 +379,30 @@ def evaluate(recipe: Recipe, run_dirs: list[str] | tuple = (), base: bool = Fals
     """Check everything, then evaluate the base model and/or the edits in `run_dirs`. Returns their metrics."""
     plan = plan_evaluation(recipe, list(run_dirs), base=base)
     if recipe.edit.dry_run:  # everything is checked (judges and corpus included); nothing is loaded or written
-        print(f"locedit eval: dry run: {plan.model_name}, {len(plan.targets)} model(s)", flush=True)
-        for target in plan.targets:
-            print(f"  {target.name}: {len(target.question_ids)} test questions -> {target.eval_dir}", flush=True)
+        print("\n".join(describe_plan(plan, recipe.eval)), flush=True)
         return []
     return run_evaluation(plan, recipe)
+
+
+def describe_plan(plan: EvalPlan, args: EvalArguments) -> list[str]:
+    """The dry run's lines: the models (runs) and their test questions, the judges, MC, the corpus and the break
+    detector, all checked."""
+    lines = [f"locedit eval: dry run: {plan.model_name}, {len(plan.targets)} model(s)"]
+    for target in plan.targets:
+        lines.append(f"  {target.name}: {len(target.question_ids)} test questions -> {target.eval_dir}")
+    judges = {aspect: judge.spec if judge else "none" for aspect, judge in plan.resources.judges.items()}
+    lines.append(f"  judges: truth {judges.get('truth', 'none')}, info {judges.get('info', 'none')} (checked)")
+    if args.eval_mc:
+        for source in dict.fromkeys(target.source for target in plan.targets):
+            lines.append(f"  {describe_mc_source(source[0], plan.mc_sources.get(source, 'answers'))}")
+    corpus = plan.resources.corpus
+    lines.append(
+        f"  corpus: {args.eval_corpus}, {len(corpus)} documents cut at {args.eval_corpus_max_tokens} tokens (read)"
+        if corpus is not None
+        else "  corpus: none (no KL or CE)"
+    )
+    lines.append(f"  broken: {Breakage.of(args).describe()}")
+    return lines
 
 
 def evaluate_after_training(recipe: Recipe, run_dirs: list[str], resources: EvalResources) -> list[dict]:

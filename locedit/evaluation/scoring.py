@@ -17,10 +17,17 @@ from .prompts import STOP, cut_answer, stop_token_ids
 
 
 def generate_answers(
-    model, tokenizer, prompts: list[str], max_new_tokens: int = 50, batch_size: int = 16, chat: bool = False
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 50,
+    batch_size: int = 16,
+    chat: bool = False,
+    cut_off: list | None = None,
 ):
     """Greedy answers to `prompts`, batched with left padding, stopped at the end of the model's turn (and, for the
-    Q/A prompt, at the next `Q:`) and cut where it goes on past its answer (`cut_answer`)."""
+    Q/A prompt, at the next `Q:`) and cut where it goes on past its answer (`cut_answer`). With a `cut_off` list,
+    whether each generation ran to max_new_tokens without ending is appended to it."""
     import torch
 
     config = copy.deepcopy(model.generation_config)
@@ -49,6 +56,13 @@ def generate_answers(
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             answers += [cut_answer(text, chat, stops=(tokenizer.eos_token or "",)) for text in texts]
+            if cut_off is not None:
+                # A row that ended (end of turn, or the stop string) is padded after it; one that ran on is not.
+                ends = torch.tensor(list({*(config.eos_token_id or []), config.pad_token_id} - {None}))
+                ran_on = ~torch.isin(new_tokens, ends).any(-1) & (new_tokens.shape[1] == max_new_tokens)
+                cut_off += [
+                    bool(r) and (chat or STOP not in text) for r, text in zip(ran_on.tolist(), texts, strict=True)
+                ]
     finally:
         tokenizer.padding_side = side
     return answers

@@ -23,6 +23,8 @@ from ..core.plugins import load_plugins
 from ..core.recipe import Recipe
 from ..core.tracking import reports_to_wandb
 from ..evaluation import check_settings, evaluate
+from ..evaluation.breakage import Breakage
+from ..evaluation.metric_registry import per_question_metrics
 from ..heads import HeadSpec
 from ..locate import LOCATORS, probe_recipe
 from ..models.sources import resolve_model_path
@@ -117,6 +119,12 @@ def check_study_recipe(recipe: Recipe) -> None:
             f"study_heuristics names {', '.join(unknown)}: not a heuristic besides the probes ({others})"
         )
     load_plugins()  # their checks register when they are imported
+    if recipe.study.study_metric is not None:
+        scores = [metric.key for metric in per_question_metrics()]
+        if recipe.study.study_metric not in scores:
+            raise RecipeError(
+                f"study_metric '{recipe.study.study_metric}' is not valid; choose one of {', '.join(scores)}"
+            )
     for check in STUDY_CHECKS:
         check(recipe)
 
@@ -238,7 +246,10 @@ def random_heads_flags(recipe: Recipe, options: StudyOptions) -> list[str]:
 
 
 def verdict_metric(recipe: Recipe) -> str:
-    """True*Info needs both judges; with a truth judge alone the verdict runs on True, with none on MC2."""
+    """The recipe's study_metric; else True*Info, which needs both judges; with a truth judge alone the verdict runs
+    on True, with none on MC2."""
+    if recipe.study.study_metric:
+        return recipe.study.study_metric
     judged = {aspect: getattr(recipe.eval, f"eval_judge_{aspect}") not in ("", "none") for aspect in ("truth", "info")}
     return "true_info" if all(judged.values()) else ("true" if judged["truth"] else "mc2")
 
@@ -252,5 +263,5 @@ def write_paper_report(runs: list[Run], recipe: Recipe, study_dir: str, metric: 
         report_to,
         recipe.edit.wandb_project,
         metric,
-        max_kl=recipe.study.study_max_kl,
+        breakage=Breakage.of(recipe.eval),
     )

@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 
 from ..core.files import atomic_path
+from ..evaluation.breakage import Breakage
 from ..evaluation.metric_registry import KL, MAIN, all_metrics, factors, get_metric
 from .runs import Run
 from .stats import best_per_head_set
 
 
-def write_figures(runs: list[Run], output_dir: str, metric: str = MAIN, max_kl: float | None = None):
-    """The figures; head sets are scored by their best `metric`, broken edits (KL above `max_kl`) left out of that
+def write_figures(runs: list[Run], output_dir: str, metric: str = MAIN, breakage: Breakage | None = None):
+    """The figures; head sets are scored by their best `metric`, broken edits (`breakage`) left out of that
     (they still appear where KL is drawn)."""
     import matplotlib
 
@@ -21,7 +22,8 @@ def write_figures(runs: list[Run], output_dir: str, metric: str = MAIN, max_kl: 
 
     name = get_metric(metric).label
     true, info = factors(MAIN)  # the truth-info trade-off: the two factors of True*Info
-    best = best_per_head_set([run for run in runs if run.method != "base" and not run.is_broken(max_kl)], metric)
+    best = best_per_head_set([run for run in runs if run.method != "base" and not run.is_broken(breakage)], metric)
+    max_kl = breakage.max_kl if breakage is not None else None
     base = next((run for run in runs if run.method == "base"), None)
     written = []
 

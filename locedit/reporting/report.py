@@ -33,6 +33,7 @@ from pathlib import Path
 from ..core.errors import RecipeError
 from ..core.files import write_text_atomic
 from ..core.tracking import offline_without_credentials
+from ..evaluation.breakage import Breakage
 from ..evaluation.metric_registry import MAIN, all_metrics, get_metric, per_question_metrics
 from .figures import write_figures
 from .runs import SETTINGS, Run
@@ -60,48 +61,49 @@ def check_metric(runs: list[Run], metric: str) -> None:
     raise RecipeError(f"no evaluated run has {metric}{why}: {has}")
 
 
-def table(runs: list[Run], metric: str = MAIN, max_kl: float | None = None) -> tuple[list[str], list[dict]]:
+def table(runs: list[Run], metric: str = MAIN, breakage: Breakage | None = None) -> tuple[list[str], list[dict]]:
     """The columns and rows of the results table: the metrics of the tables that some run has and the chosen one, in
     the registry's order (so the chosen one beside KL and CE), `best` marking each head set's best run by it (broken
-    runs left out), `broken` (with max_kl) the edits whose KL is above max_kl."""
+    runs left out), `broken` (with `breakage`) the edits the break detector calls broken, and why."""
     metrics = [
         scored.key
         for scored in all_metrics()
         if scored.key == metric or (scored.table and any(run.metrics.get(scored.key) is not None for run in runs))
     ]
     columns = [*SETTINGS, *metrics, "best"]
-    columns += ["broken"] if max_kl is not None else []
+    columns += ["broken", "broken_reasons"] if breakage is not None else []
     columns += ["run_dir"]
-    best = best_per_head_set([run for run in runs if run.method != "base" and not run.is_broken(max_kl)], metric)
+    best = best_per_head_set([run for run in runs if run.method != "base" and not run.is_broken(breakage)], metric)
     rows = []
     for run in sorted(runs, key=lambda r: (r.method, r.family, r.heads, r.heads_seed or 0)):
         row = run.row(columns)
         row["best"] = None if run.method == "base" else best.get(run.head_set) is run
-        if max_kl is not None:
-            row["broken"] = None if run.method == "base" else run.is_broken(max_kl)
+        if breakage is not None:
+            row["broken"] = None if run.method == "base" else run.is_broken(breakage)
+            row["broken_reasons"] = "; ".join(run.broken_reasons(breakage)) or None
         rows.append(row)
     return columns, rows
 
 
-def write_table(runs: list[Run], output_dir: str, metric: str = MAIN, max_kl: float | None = None) -> None:
-    columns, rows = table(runs, metric, max_kl)
+def write_table(runs: list[Run], output_dir: str, metric: str = MAIN, breakage: Breakage | None = None) -> None:
+    columns, rows = table(runs, metric, breakage)
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(os.path.join(output_dir, "results.csv"), text.getvalue())
     shown = [c for c in columns if c != "run_dir"]
-    lines = [_score_line(metric, max_kl), ""]
+    lines = [_score_line(metric, breakage.describe() if breakage else None), ""]
     lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row[c]) for c in shown) + " |")
     write_text_atomic(Path(output_dir, "results.md"), "\n".join(lines) + "\n")
 
 
-def _score_line(metric: str, max_kl: float | None) -> str:
+def _score_line(metric: str, broken: str | None) -> str:
     line = f"Score: {get_metric(metric).label} (`{metric}`); `best` marks each head set's best run by it"
-    if max_kl is not None:
-        line += f"; `broken`: KL above {max_kl:g}, left out of `best` and of the verdict"
+    if broken is not None:
+        line += f"; `broken`: {broken}, left out of `best` and of the verdict"
     return line + "."
 
 
@@ -113,9 +115,9 @@ def _cell(value) -> str:
 
 def write_verdict(result: dict, output_dir: str) -> None:
     write_text_atomic(Path(output_dir, "verdict.json"), json.dumps(result, indent=2, default=str))
-    lines = ["# Verdict", "", _score_line(result["metric"], result.get("max_kl")), ""]
+    lines = ["# Verdict", "", _score_line(result["metric"], result.get("breakage")), ""]
     lines += [f"- {sentence}" for sentence in result["sentences"]]
-    compared = result["sentences"][1:] if result.get("max_kl") is not None else result["sentences"]  # after max_kl's
+    compared = result["sentences"][1:] if result.get("breakage") is not None else result["sentences"]  # after its
     if not compared:
         lines.append(
             "- Not enough families were evaluated for a comparison (needs probe and random head sets, "
@@ -144,18 +146,20 @@ def write_report(
     report_to: str = "none",
     project: str = "locedit",
     metric: str = MAIN,
-    max_kl: float | None = None,
+    breakage: Breakage | None = None,
 ) -> dict:
     """The table, the figures and the verdict of `runs` in `output_dir` (and on W&B), head sets scored by their best
-    `metric`, edits with KL above `max_kl` broken and left out; returns the verdict."""
+    `metric`, edits the break detector (`breakage`) calls broken left out; returns the verdict."""
     check_metric(runs, metric)
-    if max_kl is not None and not max_kl >= 0:
-        raise RecipeError(f"max_kl must be a KL, 0 or more, got {max_kl}")
+    if breakage is not None and breakage.max_kl is not None and not breakage.max_kl >= 0:
+        raise RecipeError(f"max_kl must be a KL, 0 or more, got {breakage.max_kl}")
+    if breakage is not None and breakage.max_degenerate is not None and not 0 <= breakage.max_degenerate <= 1:
+        raise RecipeError(f"max_degenerate must be a share from 0 to 1, got {breakage.max_degenerate}")
     os.makedirs(output_dir, exist_ok=True)
-    write_table(runs, output_dir, metric, max_kl)
-    figures = write_figures(runs, output_dir, metric, max_kl)
-    result = verdict(runs, metric=metric, max_kl=max_kl)
+    write_table(runs, output_dir, metric, breakage)
+    figures = write_figures(runs, output_dir, metric, breakage)
+    result = verdict(runs, metric=metric, breakage=breakage)
     write_verdict(result, output_dir)
     if report_to == "wandb":
-        log_to_wandb(output_dir, table(runs, metric, max_kl), result, figures, project)
+        log_to_wandb(output_dir, table(runs, metric, breakage), result, figures, project)
     return result

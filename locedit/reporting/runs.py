@@ -8,7 +8,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..core.errors import HeadSpecError, RecipeError
-from ..evaluation.metric_registry import KL, all_metrics, per_question_fields
+from ..evaluation.breakage import Breakage
+from ..evaluation.metric_registry import all_metrics, per_question_fields
 from ..heads import HeadSpec, format_heads
 from ..rundir import find_evaluated, read_evaluation, read_heads, read_metrics, read_recipe
 
@@ -33,6 +34,7 @@ class Run:
     values: dict[int, dict[str, float]] = field(default_factory=dict, repr=False)  # question_id -> field -> value
     explicit_heads: str = ""  # its heads as heads.json lists them, e.g. L0H1,L2H3 ("" for the base model)
     study_family: str | None = None  # for a run a study made, its family there (`locedit.reporting.study`)
+    divergence: str | None = None  # why its training diverged (its metrics.json), None if it did not
 
     @property
     def head_set(self) -> tuple[str, str, int | None]:
@@ -43,10 +45,14 @@ class Run:
         settings = {f.name for f in fields(self)} - {"metrics", "values"}
         return {key: getattr(self, key) if key in settings else self.metrics.get(key) for key in columns}
 
-    def is_broken(self, max_kl: float | None) -> bool:
-        """An edit whose KL from the base model is above `max_kl` (one without a KL cannot be told broken)."""
-        kl = self.metrics.get(KL)
-        return max_kl is not None and self.method != "base" and kl is not None and kl > max_kl
+    def broken_reasons(self, breakage: Breakage | None) -> list[str]:
+        """Why this edit is broken by the break detector's thresholds (`breakage`; None: nothing is), [] if not."""
+        if breakage is None or self.method == "base":
+            return []
+        return breakage.reasons(self.metrics, self.divergence)
+
+    def is_broken(self, breakage: Breakage | None) -> bool:
+        return bool(self.broken_reasons(breakage))
 
 
 def find_runs(paths: list[str]) -> list[Run]:
@@ -92,6 +98,7 @@ def read_run(run_dir: Path, study_family: str | None = None) -> Run:
         values=values,
         explicit_heads=format_heads([tuple(head) for head in heads.get("heads", [])]),
         study_family=study_family,
+        divergence=(finished.get("train_divergence") or "it diverged") if finished.get("train_diverged") else None,
     )
 
 

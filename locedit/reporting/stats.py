@@ -8,6 +8,7 @@ import random
 import numpy as np
 from scipy import stats
 
+from ..evaluation.breakage import Breakage
 from ..evaluation.metric_registry import KL, MAIN, Metric, get_metric
 from ..heads import SELECTORS
 from .runs import Run
@@ -79,6 +80,26 @@ def paired_bootstrap(
     return observed, float(interval.low), float(interval.high)
 
 
+def sign_test(run: Run, reference: Run, metric: str) -> tuple[int, int, float] | None:
+    """(better, worse, p): on the shared test questions, how many a one-field `metric` has better and worse in
+    `run` than in `reference` (ties left out), and the exact two-sided sign test's p-value of that split."""
+    scored = get_metric(metric)
+    if len(scored.fields) != 1:
+        return None
+    name = scored.fields[0]
+    shared = [
+        q
+        for q in sorted(set(run.values) & set(reference.values))
+        if name in run.values[q] and name in reference.values[q]
+    ]
+    sign = 1 if scored.higher_is_better else -1
+    differences = [sign * (run.values[q][name] - reference.values[q][name]) for q in shared]
+    better, worse = sum(d > 0 for d in differences), sum(d < 0 for d in differences)
+    if better + worse == 0:
+        return better, worse, 1.0
+    return better, worse, float(stats.binomtest(better, better + worse, 0.5).pvalue)
+
+
 def _metric_difference(metric: Metric, *columns, axis):
     """The metric of the first run's columns (one per field) minus that of the other's, each from its columns' means
     as the evaluation combines them (True*Info the product of the two means)."""
@@ -90,13 +111,13 @@ def _metric_difference(metric: Metric, *columns, axis):
     return score(columns[:fields]) - score(columns[fields:])
 
 
-def verdict(runs: list[Run], level: float = 0.95, metric: str = MAIN, max_kl: float | None = None) -> dict:
+def verdict(runs: list[Run], level: float = 0.95, metric: str = MAIN, breakage: Breakage | None = None) -> dict:
     """The statistics behind the paper's question, as numbers and as sentences: each head set scored by its best
-    `metric`; edits with KL above `max_kl` are broken and left out."""
+    `metric`; edits the break detector (`breakage`) calls broken are left out."""
     scored = get_metric(metric)
     name = scored.label
     sign = 1 if scored.higher_is_better else -1  # the tests ask whether a family scores better
-    broken = [run for run in runs if run.is_broken(max_kl)]
+    broken = [run for run in runs if run.is_broken(breakage)]
     result: dict = {
         "metric": metric,
         "probe_vs_random": {},
@@ -104,15 +125,23 @@ def verdict(runs: list[Run], level: float = 0.95, metric: str = MAIN, max_kl: fl
         "reaches_all_heads": {},
         "sentences": [],
     }
-    if max_kl is not None:
-        unchecked = [r for r in runs if r.method != "base" and r.metrics.get(KL) is None]
-        result.update(max_kl=max_kl, broken=[run.run_dir for run in broken], unchecked=[r.run_dir for r in unchecked])
+    if breakage is not None:
+        unchecked = []
+        if breakage.max_kl is not None:
+            unchecked = [r for r in runs if r.method != "base" and r.metrics.get(KL) is None]
+        result.update(
+            breakage=breakage.describe(),
+            max_kl=breakage.max_kl,
+            max_degenerate=breakage.max_degenerate,
+            broken={run.run_dir: run.broken_reasons(breakage) for run in broken},
+            unchecked=[r.run_dir for r in unchecked],
+        )
         edits = sum(run.method != "base" for run in runs)
-        sentence = f"{len(broken)} of {edits} edits have KL above {max_kl:g} (broken) and are left out of the verdict"
+        sentence = f"{len(broken)} of {edits} edits are broken ({breakage.describe()}) and are left out of the verdict"
         if unchecked:
-            sentence += f"; {len(unchecked)} have no KL (evaluated without a corpus) and could not be checked"
+            sentence += f"; {len(unchecked)} have no KL (evaluated without a corpus) and could not be checked by it"
         result["sentences"].append(sentence + ".")
-    best = best_per_head_set([run for run in runs if run.method != "base" and not run.is_broken(max_kl)], metric)
+    best = best_per_head_set([run for run in runs if run.method != "base" and not run.is_broken(breakage)], metric)
     # The heuristics whose heads a spec can rank (the score-driven selectors' locators: probe, importance, ...).
     heuristics = list(dict.fromkeys(selector.locator for selector in SELECTORS.values() if selector.locator))
     for heuristic in heuristics:

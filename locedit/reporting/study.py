@@ -14,9 +14,11 @@ from collections.abc import Callable
 
 from ..core.files import atomic_path, write_text_atomic
 from ..core.recipe import Recipe
-from ..evaluation.metric_registry import KL, MAIN, METRICS, Metric, all_metrics, get_metric, register_metric
+from ..evaluation.breakage import Breakage
+from ..evaluation.metric_registry import MAIN, METRICS, Metric, all_metrics, get_metric, register_metric
 from ..rundir import read_evaluation, read_training_loss
 from .runs import Run
+from .stats import paired_bootstrap, sign_test
 
 FAMILY_ORDER = ("base", "iti", "iti_random", "probe", "random", "single", "all")
 FAMILY_NAMES = {
@@ -97,13 +99,12 @@ def summary_columns(metric: str = MAIN) -> tuple[tuple[str, str, str], ...]:
     return (*columns, ("ipo_loss", "IPO loss", NUMBER), ("broken", "broken", NUMBER))
 
 
-def table_rows(runs: list[Run], max_kl: float | None = None) -> list[dict]:
+def table_rows(runs: list[Run], breakage: Breakage | None = None) -> list[dict]:
     """One row per evaluated model: its metrics, the IPO loss its training reached (on its training pairs, where
-    measured; it starts at 1 / (4 tau^2)) and, with `max_kl`, whether its KL makes it broken."""
+    measured; it starts at 1 / (4 tau^2)) and, with `breakage`, whether the break detector calls it broken, and why."""
     table = []
     for run in runs:
         loss = None if run.study_family in ("base", "iti", "iti_random") else read_training_loss(run.run_dir)
-        kl = run.metrics.get(KL)
         table.append(
             {
                 "model": family_name(run.study_family),
@@ -112,7 +113,10 @@ def table_rows(runs: list[Run], max_kl: float | None = None) -> list[dict]:
                 "learning_rate": run.learning_rate,
                 **{key: run.metrics.get(key) for key in metric_keys()},
                 "ipo_loss": None if loss is None else loss[1],
-                "broken": None if max_kl is None or kl is None else ("yes" if kl > max_kl else "no"),
+                "broken": None
+                if breakage is None or run.method == "base"
+                else ("yes" if run.is_broken(breakage) else "no"),
+                "broken_reasons": run.broken_reasons(breakage),
                 "output_dir": run.run_dir,
             }
         )
@@ -138,6 +142,65 @@ def summary_rows(rows: list[dict], metric: str = MAIN) -> list[dict]:
         row["broken"] = f"{sum(m['broken'] == 'yes' for m in flagged)} of {len(flagged)}" if flagged else None
         summary.append(row)
     return summary
+
+
+def pooled_run(members: list[Run], name: str) -> Run:
+    """A family as one run: on each test question, the mean of each per-question value over its edits."""
+    values: dict[int, dict[str, float]] = {}
+    for question in sorted({q for run in members for q in run.values}):
+        present = [run.values[question] for run in members if question in run.values]
+        fields = {key for value in present for key in value}
+        values[question] = {
+            key: sum(value[key] for value in present if key in value) / sum(key in value for value in present)
+            for key in fields
+        }
+    return Run(name, "ipo", name, name, None, None, None, None, {}, values)
+
+
+def family_intervals(runs: list[Run], breakage: Breakage | None, level: float = 0.95) -> list[dict]:
+    """Each family's edits (the unbroken ones, pooled per question) against the base model and against the all-heads
+    edit, on every metric made of per-question values that the runs have: the difference, its paired bootstrap
+    interval over test questions, and for the base model the exact sign test over questions."""
+    base = next((run for run in runs if run.study_family == "base"), None)
+    if base is None:
+        return []
+    all_heads = [run for run in runs if run.study_family == "all" and not run.is_broken(breakage)]
+    keys = [m.key for m in table_metrics() if m.fields and any(run.metrics.get(m.key) is not None for run in runs)]
+    rows = []
+    for family in family_order(run.study_family for run in runs):
+        members = [run for run in runs if run.study_family == family and not run.is_broken(breakage)]
+        if family == "base" or not members:
+            continue
+        pooled = pooled_run(members, family)
+        for key in keys:
+            row = {"family": family, "edits": len(members), "metric": key}
+            row["vs_base"] = paired_bootstrap(pooled, base, level=level, metric=key)
+            row["sign_test"] = sign_test(pooled, base, key)
+            if all_heads and family != "all":
+                row["vs_all_heads"] = paired_bootstrap(pooled, all_heads[0], level=level, metric=key)
+            rows.append(row)
+    return rows
+
+
+def format_intervals(rows: list[dict], level: float = 0.95) -> str:
+    """The intervals as a markdown table."""
+
+    def interval(value) -> str:
+        return "-" if value is None else f"{value[0]:+.3f} [{value[1]:+.3f}, {value[2]:+.3f}]"
+
+    lines = [
+        f"| family | unbroken edits | metric | vs base: difference [{level:.0%} CI] | sign test (better / worse, p) "
+        f"| vs all heads: difference [{level:.0%} CI] |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        sign = row.get("sign_test")
+        tested = "-" if sign is None else f"{sign[0]} / {sign[1]}, p = {sign[2]:.2g}"
+        lines.append(
+            f"| {family_name(row['family'])} | {row['edits']} | {get_metric(row['metric']).label} "
+            f"| {interval(row['vs_base'])} | {tested} | {interval(row.get('vs_all_heads'))} |"
+        )
+    return "\n".join(lines)
 
 
 def sample_answers(runs: list[Run], count: int = 6) -> str:
@@ -246,8 +309,8 @@ def write_study_report(runs: list[Run], recipe: Recipe, study_dir: str, metric: 
     """study.png (the plot) in `study_dir`; returns the tables and their rows (`write_study_files` writes them).
     `metric` is the score of the verdict, whose best per family the summary gives."""
     os.makedirs(study_dir, exist_ok=True)
-    max_kl = recipe.study.study_max_kl
-    table = table_rows(runs, max_kl)
+    breakage = Breakage.of(recipe.eval)
+    table = table_rows(runs, breakage)
     summary = summary_rows(table, metric)
     questions = runs[0].metrics.get("questions", "?")
     title = f"{recipe.name}: {recipe.model.model_name_or_path}, {questions} test questions of {recipe.edit.dataset}"
@@ -259,24 +322,31 @@ def write_study_report(runs: list[Run], recipe: Recipe, study_dir: str, metric: 
         "rows": table,
         "summary": summary,
         "metric": metric,
-        "max_kl": max_kl,
+        "breakage": breakage.describe(),
         "table": format_table(table),
         "summary_table": format_table(summary, summary_columns(metric)),
         "samples": sample_answers(runs),
+        "intervals": family_intervals(runs, breakage),
     }
     return report
 
 
 def write_study_files(report: dict, recipe: Recipe, study_dir: str) -> None:
     """study.md (the tables, the verdict and the timings) and study.json (rows, summary, verdict, timings)."""
-    keys = ("recipe", "title", "judges", "metric", "max_kl", "rows", "summary", "verdict", "timings")
+    keys = ("recipe", "title", "judges", "metric", "breakage", "rows", "summary", "intervals", "verdict", "timings")
     write_text_atomic(os.path.join(study_dir, "study.json"), json.dumps({key: report[key] for key in keys}, indent=2))
     judges = f"{recipe.eval.eval_judge_truth} / {recipe.eval.eval_judge_info}"
     text = f"# locedit study: {report['title']}\n\nJudges (truth / info): {judges}. "
     text += f'The verdict\'s score ("best"): {report["metric"]}.'
-    if report["max_kl"] is not None:
-        text += f' Edits with KL above {report["max_kl"]:g} are broken: out of "best" and of the verdict.'
+    text += f' Edits are broken with {report["breakage"]}: out of "best" and of the verdict.'
     text += f"\n\n{report['summary_table']}\n\n{report['table']}\n"
+    if report.get("intervals"):
+        text += (
+            "\n## Each family against the base model and the all-heads edit\n\nThe unbroken edits of a family pooled "
+            "(each question's values averaged over them); 95% paired bootstrap intervals over test questions, and the "
+            "exact sign test over the questions where the family and the base model differ.\n\n"
+        )
+        text += format_intervals(report["intervals"]) + "\n"
     text += "\n## Verdict\n\n" + "\n".join(f"- {sentence}" for sentence in report["verdict"]["sentences"]) + "\n"
     text += "\n## Wall time per stage\n\n" + format_timings(report["timings"]) + "\n"
     if report.get("samples"):
