@@ -135,8 +135,11 @@ class RunPlan:
 
 
 def _length(args: LocEditConfig) -> str:
-    """How long the run trains: max_steps, when set, overrides the epochs."""
-    return f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
+    """How long the run trains (max_steps, when set, overrides the epochs) and how its pairs are drawn."""
+    length = f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epoch(s)"
+    if args.pair_draw == "question":
+        return f"{length} over the training questions, a fresh pair of each per epoch (pair_draw question)"
+    return f"{length} over the training pairs (pair_draw pair)"
 
 
 def _plain(value) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from locedit.evaluation.breakage import Breakage
 from locedit.report import main
 from locedit.reporting import find_runs, paired_bootstrap, permutation_p_value, verdict
 
@@ -195,3 +196,61 @@ def test_every_heuristic_is_tested_against_random_heads():
         "p_value": pytest.approx(3 / 8),  # 0.45, 0.45 and 0.46 of the 8 values are >= 0.45: exact over all labelings,
     }
     assert any(s.startswith("Under optimal edits, importance heads (best MC2 0.900)") for s in result["sentences"])
+
+
+def test_broken_edits_by_the_break_detector_leave_best_and_the_verdict_with_their_reasons(tmp_path, capsys):
+    root = study(tmp_path / "runs", probe_truth=0.8, random_truth=0.5)
+    # One probe-head edit's training diverged, one is full of degenerate answers: both out, whatever they score.
+    diverged = next(
+        p
+        for p in sorted(root.iterdir())
+        if json.loads((p / "metrics.json").read_text() if (p / "metrics.json").exists() else "{}").get("train_loss")
+    )
+    (diverged / "metrics.json").write_text(
+        json.dumps({"train_diverged": True, "train_divergence": "its IPO loss ended at 1.9, above its start 1"})
+    )
+    out = tmp_path / "report"
+    assert main([str(root), "--output_dir", str(out), "--max_degenerate", "0.5"]) == 0
+    result = json.loads((out / "verdict.json").read_text())
+    assert list(result["broken"]) == [str(diverged)]
+    assert result["broken"][str(diverged)] == ["training diverged (its IPO loss ended at 1.9, above its start 1)"]
+    with open(out / "results.csv") as f:
+        rows = {row["run_dir"]: row for row in csv.DictReader(f)}
+    assert rows[str(diverged)]["broken"] == "True" and rows[str(diverged)]["best"] == "False"
+    assert "1 of " in capsys.readouterr().out
+
+
+def test_family_intervals_pool_a_family_and_test_it_against_the_base_model():
+    from locedit.reporting import Run
+    from locedit.reporting.stats import sign_test
+    from locedit.reporting.study import family_intervals, pooled_run
+
+    def run(name, family, values, kl=0.01):
+        values = {q: {"mc2": v} for q, v in enumerate(values)}
+        return Run(
+            name,
+            "base" if family == "base" else "ipo",
+            family,
+            name,
+            None,
+            None,
+            None,
+            None,
+            {"mc2": 0.5, "kl": kl},
+            values,
+            study_family=family,
+        )
+
+    base = run("base", "base", [0.4] * 40)
+    better = [run(f"r{i}", "random", [0.4 + 0.1 * (q % 2) + 0.01 * i for q in range(40)]) for i in range(2)]
+    broken = run("rb", "random", [1.0] * 40, kl=5.0)
+    pooled = pooled_run(better, "random")
+    assert pooled.values[1]["mc2"] == pytest.approx((0.5 + 0.51) / 2) and pooled.values[0]["mc2"] == pytest.approx(
+        0.405
+    )
+    assert sign_test(pooled, base, "mc2") == (40, 0, pytest.approx(2 * 0.5**40))
+    rows = family_intervals([base, *better, broken], Breakage(max_kl=1.0))
+    (row,) = [r for r in rows if r["metric"] == "mc2"]
+    assert row["edits"] == 2  # the broken edit is left out of the pool
+    difference, low, high = row["vs_base"]
+    assert difference == pytest.approx(0.055) and 0 < low <= difference <= high
