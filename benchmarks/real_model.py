@@ -24,7 +24,7 @@ from locedit import AttentionLayout, HeadEditConfig, resolve_heads
 from locedit.data import load_preference_splits, load_questions
 from locedit.locate import build_probe_examples, collect_head_activations
 from locedit.models.loading import pad_id, pad_right
-from locedit.training import LocEditTrainer, preference_datasets
+from locedit.training import LocEditTrainer, training_inputs
 
 TRUTHFULQA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "truthfulqa", "TruthfulQA.csv")
 
@@ -69,8 +69,7 @@ def precompute_seconds(model, tokenizer, splits, args, heads: str) -> float:
     def build():
         trainer = LocEditTrainer(
             model=model,
-            args=args,
-            **preference_datasets(Plan(splits), args),
+            **training_inputs(Plan(splits), args),
             processing_class=tokenizer,
             peft_config=config,
         )
@@ -85,8 +84,7 @@ def train_speed(model, tokenizer, splits, args, heads: str) -> tuple[float, floa
     layout = AttentionLayout.from_model(model)
     trainer = LocEditTrainer(
         model=model,
-        args=args,
-        **preference_datasets(Plan(splits), args),
+        **training_inputs(Plan(splits), args),
         processing_class=tokenizer,
         peft_config=HeadEditConfig.for_heads(layout, resolve_heads(heads, layout)),
     )
@@ -135,9 +133,11 @@ def main() -> None:
     )
 
     out = tempfile.mkdtemp()
-    every = training_args(out, -1, num_train_epochs=1, cache_ref_log_probs=False, eval_strategy="no")
+    every = training_args(
+        out, -1, num_train_epochs=1, cache_ref_log_probs=False, eval_strategy="no", pair_draw="pair"
+    )  # every training pair
     bounded_args = training_args(out, steps, eval_strategy="no")
-    used = len(preference_datasets(Plan(splits), bounded_args)["train_dataset"])
+    used = len(training_inputs(Plan(splits), bounded_args)["train_dataset"])
     start = time.perf_counter()
     all_pairs = precompute_seconds(model, tokenizer, splits, every, heads)
     cold = precompute_seconds(model, tokenizer, splits, bounded_args, heads)

@@ -487,10 +487,10 @@ def test_mc_answers_are_closed_with_a_period_as_truthfulqa_formats_them():
 
 
 def test_the_dry_run_lists_the_runs_questions_judges_mc_corpus_and_break_detector(runs, corpus, capsys):
-    argv = [*map(str, runs[:2]), "--base", *eval_flags(corpus), "--eval_judge_truth", "similarity"]
+    argv = [*map(str, runs[:2]), *eval_flags(corpus), "--eval_judge_truth", "similarity"]
     assert cli([*argv, "--eval_judge_info", "none", "--eval_max_kl", "0.1", "--dry_run", "true"]) == 0
     out = capsys.readouterr().out
-    assert "3 model(s)" in out and out.count("test questions ->") == 3
+    assert "2 model(s)" in out and out.count("test questions ->") == 2
     assert "judges: truth similarity, info none (checked)" in out and "MC1:" in out
     assert f"corpus: {corpus}, 12 documents cut at 32 tokens" in out
     assert "broken: KL above 0.1, more than 25% degenerate answers or a diverged training" in out

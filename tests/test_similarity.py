@@ -14,6 +14,7 @@ import yaml
 
 from locedit.core.errors import JudgeError, RecipeError
 from locedit.eval import cli as eval_cli
+from locedit.evaluation.breakage import Breakage
 from locedit.evaluation.judges import SimilarityJudge, make_judge
 from locedit.evaluation.plan import _load_source
 from locedit.evaluation.similarity import FIELDS, bleu, rouge, similarity_scores, truthfulqa_references
@@ -188,11 +189,11 @@ def test_report_by_mc2_with_max_kl_leaves_broken_runs_out(tmp_path):
     fake_run(root, "random-broken", "random-16", "random:16", 9, 0.95, 3.0)  # a broken model's high MC2
     runs = find_runs([str(root)])
     out = tmp_path / "report"
-    result = write_report(runs, str(out), metric="mc2", max_kl=1.0)
+    result = write_report(runs, str(out), metric="mc2", breakage=Breakage(max_kl=1.0))
 
     assert result["metric"] == "mc2" and result["max_kl"] == 1.0
-    assert result["broken"] == [str(root / "random-broken")]
-    assert result["sentences"][0].startswith("1 of 7 edits have KL above 1 (broken) and are left out")
+    assert result["broken"] == {str(root / "random-broken"): ["KL 3 > 1"]}
+    assert result["sentences"][0].startswith("1 of 7 edits are broken (KL above 1, more than 25% degenerate")
     random_mc2 = result["probe_vs_random"]["ipo"]["random"]
     assert len(random_mc2) == 4 and max(random_mc2) < 0.95 - 0.1  # the broken set is not among them
     assert result["probe_vs_random"]["ipo"]["p_value"] == pytest.approx(1 / 5)  # above all 4: the smallest p

@@ -55,6 +55,8 @@ def test_the_question_draw_covers_every_question_once_per_epoch_with_a_fresh_pai
     drawn = inputs["train_dataset"]
     assert len(drawn) == 3 * len(pairs_of) and inputs["args"].max_steps == -(-len(drawn) // 4)
     assert args.max_steps == -1  # the recipe's own arguments are left as they were
+    # One pass in the laid-out order (transformers' sequential sampler); the recipe's args keep the shuffle.
+    assert inputs["args"].train_sampling_strategy == "sequential" and args.train_sampling_strategy == "random"
     key = {
         (p, c, r): q
         for p, c, r, q in zip(
@@ -110,7 +112,6 @@ def _trainer(model_dir, splits, tmp_path, cache: bool, steps: int = 2):
     args = training_args(tmp_path, max_steps=steps, eval_strategy="epoch", cache_ref_log_probs=cache)
     return LocEditTrainer(
         model=model,
-        args=args,
         **training_inputs(Plan(splits), args),
         processing_class=tokenizer,
         peft_config=HeadEditConfig.for_heads(layout, resolve_heads("random:2", layout)),

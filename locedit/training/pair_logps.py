@@ -38,7 +38,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import SequentialSampler
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from transformers.utils import ModelOutput
 
@@ -550,11 +549,7 @@ class PairScoringMixin:
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        grouped = self.args.train_sampling_strategy == "group_by_length" and "prompt_ids" in dataset.column_names
-        if getattr(self.args, "pair_draw", "pair") == "question" and not grouped:
-            # The pairs are laid out already, epoch by epoch over the questions (`trainer.training_inputs`).
-            return SequentialSampler(dataset)
-        if not grouped:
+        if self.args.train_sampling_strategy != "group_by_length" or "prompt_ids" not in dataset.column_names:
             return super()._get_train_sampler(train_dataset)
         batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed

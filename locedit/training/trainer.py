@@ -58,7 +58,8 @@ def training_inputs(plan, args) -> dict:
       questions, each question once per epoch with a fresh pair of it (`locedit.data.draw_by_question`, seeded by
       data_seed or seed), and the run makes exactly one pass over them in that order: `num_train_epochs` epochs of
       questions, or the first max_steps x pairs-per-step of them with `max_steps`. The returned args are a copy with
-      max_steps set to that pass.
+      max_steps set to that pass and train_sampling_strategy 'sequential' (a trainer given its own dataset keeps the
+      Trainer's shuffle).
     - `pair_draw: pair`: with `max_steps` shorter than an epoch, the run trains on a seeded draw of max_steps x
       pairs-per-step pairs (what a shuffled epoch would give it), else on epochs of all pairs.
     - The validation pairs are used only when `eval_strategy` is not 'no' (the pass at the end of training follows
@@ -83,7 +84,9 @@ def training_inputs(plan, args) -> dict:
         seed = args.data_seed if args.data_seed is not None else args.seed
         train = train.select(draw_by_question(question_ids, rows, seed))
         args = copy.copy(args)  # the recipe's own args stay as the user wrote them
-        args.max_steps = math.ceil(rows / per_step)  # one pass over the laid-out epochs
+        args.max_steps = math.ceil(rows / per_step)  # one pass over the laid-out epochs, in their order
+        if args.train_sampling_strategy == "random":
+            args.train_sampling_strategy = "sequential"  # transformers' own SequentialSampler
         say(
             f"locedit: training on {rows} pairs, {rows / questions:.3g} epoch(s) of the {questions} training "
             f"questions ({len(every)} pairs): every question once per epoch, a fresh pair of it each epoch (seed "
