@@ -175,11 +175,20 @@ def family_intervals(runs: list[Run], breakage: Breakage | None, level: float = 
         for key in keys:
             row = {"family": family, "edits": len(members), "metric": key}
             row["vs_base"] = paired_bootstrap(pooled, base, level=level, metric=key)
-            row["sign_test"] = sign_test(pooled, base, key)
+            # A pooled family's mean of 0/1 values (True, MC1, degenerate) is no longer 0/1 where the base's is: their
+            # differences are not symmetric under no effect, so the sign test is left to continuous scores there.
+            if len(members) == 1 or not _binary(base, get_metric(key)):
+                row["sign_test"] = sign_test(pooled, base, key)
             if all_heads and family != "all":
                 row["vs_all_heads"] = paired_bootstrap(pooled, all_heads[0], level=level, metric=key)
             rows.append(row)
     return rows
+
+
+def _binary(run: Run, metric: Metric) -> bool:
+    """Whether the run's per-question values of a one-field metric are all 0 or 1."""
+    values = [v.get(metric.fields[0]) for v in run.values.values()] if len(metric.fields) == 1 else [0.5]
+    return all(value in (0.0, 1.0) for value in values if value is not None)
 
 
 def format_intervals(rows: list[dict], level: float = 0.95) -> str:
@@ -194,7 +203,7 @@ def format_intervals(rows: list[dict], level: float = 0.95) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
-        sign = row.get("sign_test")
+        sign = row.get("sign_test")  # absent: not a valid test for this family and metric
         tested = "-" if sign is None else f"{sign[0]} / {sign[1]}, p = {sign[2]:.2g}"
         lines.append(
             f"| {family_name(row['family'])} | {row['edits']} | {get_metric(row['metric']).label} "
@@ -344,7 +353,8 @@ def write_study_files(report: dict, recipe: Recipe, study_dir: str) -> None:
         text += (
             "\n## Each family against the base model and the all-heads edit\n\nThe unbroken edits of a family pooled "
             "(each question's values averaged over them); 95% paired bootstrap intervals over test questions, and the "
-            "exact sign test over the questions where the family and the base model differ.\n\n"
+            "exact sign test over the questions where the family and the base model differ (for a family of several "
+            "edits only on continuous scores such as MC2: its mean of 0/1 values has no symmetric null).\n\n"
         )
         text += format_intervals(report["intervals"]) + "\n"
     text += "\n## Verdict\n\n" + "\n".join(f"- {sentence}" for sentence in report["verdict"]["sentences"]) + "\n"
