@@ -366,7 +366,8 @@ PHASES = {"generation": "generation", "mc": "MC", "corpus": "corpus", "judging":
 
 def describe_timings(timings: dict) -> str:
     """e.g. "generation 12.3 s, MC 40.1 s, corpus 20.0 s": the wall time of each phase that ran."""
-    return ", ".join(f"{label} {timings[key]:.1f} s" for key, label in PHASES.items() if key in timings)
+    # The seconds as eval/timings.json holds them (to the millisecond), so the line and the file agree.
+    return ", ".join(f"{label} {round(timings[key], 3):.1f} s" for key, label in PHASES.items() if key in timings)
 
 
 def describe(metrics: dict) -> str:
