@@ -227,7 +227,11 @@ def training_divergence(output_dir: str) -> str | None:
     trained before locedit measured it."""
     if not os.path.isfile(os.path.join(output_dir, METRICS)):
         return None
-    metrics = read_metrics(output_dir)
+    return divergence_of(read_metrics(output_dir))
+
+
+def divergence_of(metrics: dict) -> str | None:
+    """Why a run with this metrics.json diverged, or None."""
     return (metrics.get("train_divergence") or "it diverged") if metrics.get("train_diverged") else None
 
 

@@ -11,7 +11,7 @@ from ..core.errors import HeadSpecError, RecipeError
 from ..evaluation.breakage import Breakage
 from ..evaluation.metric_registry import all_metrics, per_question_fields
 from ..heads import HeadSpec, format_heads
-from ..rundir import find_evaluated, read_evaluation, read_heads, read_metrics, read_recipe
+from ..rundir import divergence_of, find_evaluated, read_evaluation, read_heads, read_metrics, read_recipe
 
 # The report's columns before the metrics: what a run is.
 SETTINGS = ["method", "family", "heads", "heads_seed", "tau", "learning_rate", "alpha"]
@@ -98,7 +98,7 @@ def read_run(run_dir: Path, study_family: str | None = None) -> Run:
         values=values,
         explicit_heads=format_heads([tuple(head) for head in heads.get("heads", [])]),
         study_family=study_family,
-        divergence=(finished.get("train_divergence") or "it diverged") if finished.get("train_diverged") else None,
+        divergence=divergence_of(finished),
     )
 
 
