@@ -46,6 +46,7 @@ class RunPlan:
     located: dict[str, object] = field(default_factory=dict)  # locator name -> its result, once there is one
     located_dirs: dict[str, str] = field(default_factory=dict)  # locator name -> where its result is or will be
     finished: bool = False  # output_dir holds this very run, finished
+    data_rows_skipped: int = 0  # bad data rows left out under `bad_rows: skip`, recorded in metrics.json
 
     @property
     def probe_result(self):
@@ -105,7 +106,8 @@ class RunPlan:
         pairs = {name: len(split) for name, split in self.splits.items()}
         questions = question_counts(self.splits)
         data = ", ".join(f"{name} {pairs[name]} pairs ({questions[name]} questions)" for name in pairs)
-        return f"{edit_args.dataset}: {data}"
+        skipped = f"; {self.data_rows_skipped} bad row(s) left out (bad_rows: skip)" if self.data_rows_skipped else ""
+        return f"{edit_args.dataset}: {data}{skipped}"
 
     def describe(self, model_args: ModelArguments, edit_args: EditArguments, args: LocEditConfig) -> str:
         if self.edit_config is None:
@@ -260,6 +262,7 @@ def make_plan(recipe: Recipe, need_probe: bool = False, output_dir: str | None =
         output_dir=output_dir,
         recipe_name=recipe.name,
         finished=finished,
+        data_rows_skipped=splits.skipped_rows,
     )
     # The locators the run needs: the spec's own (probe:K, importance:K), and ITI's probes (`need_probe`).
     for locator in dict.fromkeys([*([spec.locator] if spec.locator else []), *(["probe"] if need_probe else [])]):

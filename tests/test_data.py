@@ -19,6 +19,7 @@ from locedit.data import (  # noqa: E402
     DataError,
     DataWarning,
     load_preference_splits,
+    load_questions,
     pair_counts,
     question_counts,
     validate_dataset_arg,
@@ -230,14 +231,79 @@ def test_preference_jsonl_is_used_as_is_and_grouped(tmp_path):
     assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
 
 
-def test_preference_rows_with_empty_fields_are_dropped_with_a_count(tmp_path):
-    rows = [{"prompt": f"P{i}", "chosen": " yes", "rejected": " no"} for i in range(10)]
-    rows[3]["chosen"] = "  "
-    rows[7]["rejected"] = None
+def _preference_rows(count: int = 10) -> list[dict]:
+    return [{"prompt": f"P{i}", "chosen": " yes", "rejected": " no"} for i in range(count)]
+
+
+BAD_PREFERENCE_ROWS = {
+    "empty": ({"chosen": "  "}, "field 'chosen' is empty"),
+    "missing": ({"rejected": None}, "field 'rejected' is missing"),
+    "number": ({"chosen": 42}, "field 'chosen' holds a number (42), not text"),
+    "object": ({"prompt": {"text": "P"}}, "field 'prompt' holds an object ({'text': 'P'}), not text"),
+    "same": ({"chosen": " no "}, "chosen and rejected are the same, so the pair carries no preference"),
+}
+
+
+@pytest.mark.parametrize("change, needle", BAD_PREFERENCE_ROWS.values(), ids=BAD_PREFERENCE_ROWS.keys())
+def test_a_bad_preference_row_is_refused_naming_its_file_line_and_field(tmp_path, change, needle):
+    rows = _preference_rows()
+    rows[3].update(change)
     path = _write_jsonl(tmp_path / "prefs.jsonl", rows)
-    with pytest.warns(DataWarning, match="dropped 2 of 10 row"):
-        splits = load_preference_splits(str(path))
-    assert sum(pair_counts(splits).values()) == 8
+    with pytest.raises(DataError) as error:
+        load_preference_splits(str(path))
+    assert str(error.value) == (
+        f"{path}:4: {needle}; fix the data, or set bad_rows: skip to leave such rows out (counted)"
+    )
+
+
+def test_bad_rows_are_located_in_csv_json_and_parquet_files_and_counted(tmp_path):
+    rows = _preference_rows()
+    rows[2]["chosen"] = ""
+    rows[6]["rejected"] = " yes"
+    table = datasets.Dataset.from_list(rows)
+    table.to_csv(tmp_path / "prefs.csv", index=False)
+    (tmp_path / "prefs.json").write_text(json.dumps(rows), encoding="utf-8")
+    table.to_parquet(tmp_path / "prefs.parquet")
+    # The CSV's header is its line 1; JSON and parquet records are counted from 1.
+    places = {"prefs.csv": ":4", "prefs.json": ": record 3", "prefs.parquet": ": record 3"}
+    for name, place in places.items():
+        with pytest.raises(DataError, match=r"\(2 bad rows in all\)") as error:
+            load_preference_splits(str(tmp_path / name))
+        assert str(error.value).startswith(f"{tmp_path / name}{place}: field 'chosen' is empty"), name
+
+
+def test_bad_rows_skip_leaves_them_out_with_a_count_and_keeps_question_ids(tmp_path):
+    rows = _preference_rows()
+    rows[3]["chosen"] = "  "
+    rows[7]["rejected"] = [1, 2]
+    path = _write_jsonl(tmp_path / "prefs.jsonl", rows)
+    with pytest.warns(
+        DataWarning, match=r"left out 2 of 10 bad row\(s\) \(bad_rows: skip\); the first: .*prefs.jsonl:4"
+    ):
+        splits = load_preference_splits(str(path), split_fractions=(1.0, 0.0, 0.0), bad_rows="skip")
+    assert splits.skipped_rows == 2 and pair_counts(splits)["train"] == 8
+    assert sorted(splits["train"]["question_id"]) == [0, 1, 2, 4, 5, 6, 8, 9]  # ids are places in the source
+    questions = load_questions(str(path), split_fractions=(1.0, 0.0, 0.0), bad_rows="skip")
+    assert sorted(questions["train"]["question_id"]) == [0, 1, 2, 4, 5, 6, 8, 9]
+    assert load_preference_splits(str(_write_jsonl(tmp_path / "ok.jsonl", _preference_rows()))).skipped_rows == 0
+    with pytest.raises(DataError, match="bad_rows 'drop' is not valid; valid: refuse, skip"):
+        load_preference_splits(str(path), bad_rows="drop")
+
+
+def test_chat_messages_are_text_and_question_rows_need_text_answers(tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": f"Q{i}?"}], "chosen": " yes", "rejected": " no"} for i in range(5)]
+    path = _write_jsonl(tmp_path / "chat.jsonl", rows)
+    assert sum(pair_counts(load_preference_splits(str(path))).values()) == 5
+    questions = [
+        {"question": "Q1?", "correct_answers": ["a"], "incorrect_answers": ["b"]},
+        {"question": "Q2?", "correct_answers": ["c", 3], "incorrect_answers": ["d"]},
+    ]
+    path = _write_jsonl(tmp_path / "q.jsonl", questions)
+    for load in (load_preference_splits, load_questions):
+        with pytest.raises(
+            DataError, match=r"q.jsonl:2: field 'correct_answers' holds a list \(\['c', 3\]\), not text"
+        ):
+            load(str(path))
 
 
 # --- Bad data and bad arguments -------------------------------------------------------------------------------------

@@ -292,7 +292,7 @@ def test_prompts_and_answers_follow_iti():
 
 
 def test_truthfulqa_test_questions_carry_category_best_answer_and_mc_choices(shared_data_dir):
-    source = (str(shared_data_dir / "truthfulqa" / "TruthfulQA.csv"), None, (0.6, 0.2, 0.2), 0, None)
+    source = (str(shared_data_dir / "truthfulqa" / "TruthfulQA.csv"), None, (0.6, 0.2, 0.2), 0, None, "refuse")
     by_id, test_ids = _load_source(source)
     assert len(by_id) == 817 and len(test_ids) == 163
     record = by_id[0][0]

@@ -516,3 +516,29 @@ def test_a_cache_directory_that_cannot_be_written_is_one_line(where, tmp_path, c
         cache = Path("/sys/locedit-cache")  # refuses new entries even to root, as a read-only file system does
     monkeypatch.setenv("LOCEDIT_CACHE", str(cache))
     one_error_line(capsys, locedit(["train", TINY, "--dry_run", "true"]), str(cache), "LOCEDIT_CACHE")
+
+
+def write_preference_file(path: Path, bad: dict[int, dict]) -> Path:
+    """A preference file of 40 prompts, with the rows in `bad` (0-based) changed."""
+    rows = [
+        {"prompt": f"Q: What is {i} + 1?\nA:", "chosen": f" {i + 1}.", "rejected": f" {i + 2}."} for i in range(40)
+    ]
+    for index, change in bad.items():
+        rows[index].update(change)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def test_a_bad_row_in_a_preference_file_is_one_line_and_skip_trains_on_the_rest(
+    tmp_path, capsys, own_working_directory
+):
+    prefs = write_preference_file(tmp_path / "prefs.jsonl", {4: {"chosen": 7}, 11: {"rejected": " 12."}})
+    run = tmp_path / "run"
+    flags = ["--dataset", str(prefs), "--output_dir", str(run), "--max_steps", "2", "--report_to", "none"]
+    code = locedit(["train", TINY, *flags])
+    one_error_line(capsys, code, f"{prefs}:5: field 'chosen' holds a number (7), not text", "(2 bad rows in all)")
+    assert not run.exists() and result_files(own_working_directory) == []
+
+    with pytest.warns(UserWarning, match=r"left out 2 of 40 bad row\(s\) \(bad_rows: skip\)"):
+        assert locedit(["train", TINY, *flags, "--bad_rows", "skip"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["data_rows_skipped"] == 2

@@ -133,7 +133,7 @@ def test_eval_with_the_similarity_judge_records_every_number_per_question(tiny_m
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     records = [json.loads(line) for line in (out / "eval" / "generations.jsonl").read_text().splitlines()]
     assert len(records) == 3 and metrics["judges"] == {"truth": "similarity", "info": None}
-    by_id, _ = _load_source(("synthetic", None, (0.6, 0.2, 0.2), 0, None))
+    by_id, _ = _load_source(("synthetic", None, (0.6, 0.2, 0.2), 0, None, "refuse"))
     for record in records:
         (question,) = by_id[record["question_id"]]
         expected = similarity_scores(

@@ -35,6 +35,9 @@ EDIT_READS = ("all", "heads")
 EDIT_STRENGTHS = ("adaptive", "constant")
 # How a training run draws its pairs (LocEditConfig.pair_draw): question by question, or uniformly over pairs.
 PAIR_DRAWS = ("question", "pair")
+# What a recipe's `bad_rows` does with a data row that cannot make a pair (locedit.data.sources.bad_row_problem):
+# refuse the data set with one line naming the row, or leave the row out and count it.
+BAD_ROW_POLICIES = ("refuse", "skip")
 
 
 @dataclass
@@ -114,6 +117,16 @@ class EditArguments:
     max_pairs_per_question: int | None = field(
         default=None, metadata={RESULT_KEY: True, "help": "Keep at most this many (seeded) pairs per question."}
     )
+    # Not result-determining: a data set with bad rows either fails ("refuse") or trains on its good rows ("skip").
+    bad_rows: str = field(
+        default="refuse",
+        metadata={
+            "help": "A data row that cannot make a pair (a value that is not text, an empty field, chosen equal to "
+            "rejected): 'refuse' (one line naming the file, line and field) or 'skip' (left out, counted as "
+            "data_rows_skipped in metrics.json).",
+            "choices": list(BAD_ROW_POLICIES),
+        },
+    )
     wandb_project: str = field(default="locedit", metadata={"help": "W&B project when report_to includes wandb."})
     dry_run: bool = field(
         default=False,
@@ -128,6 +141,7 @@ class EditArguments:
             "split_fractions": tuple(self.split_fractions),
             "seed": self.split_seed,
             "group_by": self.group_by,
+            "bad_rows": self.bad_rows,
         }
 
     def split_settings(self) -> dict:
@@ -154,6 +168,7 @@ class EditArguments:
         # argparse checks `choices` on the command line only, not on values that come from a recipe.
         check_choice("edit_read", self.edit_read, EDIT_READS)
         check_choice("edit_strength", self.edit_strength, EDIT_STRENGTHS)
+        check_choice("bad_rows", self.bad_rows, BAD_ROW_POLICIES)
         if len(self.split_fractions) != 3:
             raise ValueError(f"split_fractions {self.split_fractions} must be three numbers: train, validation, test")
         check_at_least("heads_draws", self.heads_draws, 1)

@@ -89,19 +89,26 @@ def _as_chat(pair: dict) -> dict:
 
 
 def _question_pairs(
-    rows: list[dict], dataset: str, group_by: str | None, prompt_template: str, completion_template: str
+    rows: list[dict],
+    dataset: str,
+    group_by: str | None,
+    prompt_template: str,
+    completion_template: str,
+    bad: dict[int, str],
 ) -> list[dict]:
-    """Pairs every unique correct answer with every unique incorrect answer of each question."""
+    """Pairs every unique correct answer with every unique incorrect answer of each question (but the `bad` rows)."""
     keep_category = "category" in column_names(rows)
     unit_ids: dict = {}
     pairs = []
     empty_answers = questions_with_empty = duplicate_answers = 0
     skipped = no_question = no_correct = no_incorrect = 0
     identical_pairs = questions_with_identical = 0
-    for row in rows:
+    for index, row in enumerate(rows):
         question = str(row.get("question") or "").strip()
         # Ids are given before any question is skipped, so a question's id is its place in the source.
         unit_id = unit_ids.setdefault(_group_key(row.get(group_by) if group_by else question), len(unit_ids))
+        if index in bad:
+            continue
         correct = _answer_list(row.get("correct_answers"))
         incorrect = _answer_list(row.get("incorrect_answers"))
         empty = correct.count("") + incorrect.count("")
@@ -150,33 +157,28 @@ def _question_pairs(
     return pairs
 
 
-def _is_blank(value) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip())
-
-
-def _preference_pairs(rows: list[dict], dataset: str, group_by: str | None) -> list[dict]:
-    """Takes prompt/chosen/rejected rows as they are; rows sharing a prompt (or `group_by` value) form one unit."""
+def _preference_pairs(rows: list[dict], group_by: str | None, bad: dict[int, str]) -> list[dict]:
+    """Takes prompt/chosen/rejected rows as they are (but the `bad` rows); rows sharing a prompt (or `group_by`
+    value) form one unit."""
     keep_category = "category" in column_names(rows)
     unit_ids: dict = {}
     pairs = []
-    blank_rows = identical_pairs = 0
-    for row in rows:
+    for index, row in enumerate(rows):
         unit_id = unit_ids.setdefault(_group_key(row.get(group_by or "prompt")), len(unit_ids))
-        if any(_is_blank(row.get(column)) for column in PREFERENCE_COLUMNS):
-            blank_rows += 1
+        if index in bad:
             continue
-        identical_pairs += row["chosen"] == row["rejected"]
         pair = {column: row[column] for column in PREFERENCE_COLUMNS}
         pair["question_id"] = unit_id
         if keep_category:
             pair["category"] = row.get("category")
         pairs.append(pair)
-
-    if blank_rows:
-        _warn(f"{dataset}: dropped {blank_rows} of {len(rows)} row(s) with an empty prompt, chosen or rejected")
-    if identical_pairs:
-        _warn(f"{dataset}: kept {identical_pairs} row(s) whose chosen and rejected are identical")
     return pairs
+
+
+class PreferenceSplits(datasets.DatasetDict):
+    """The train, validation and test pairs of `load_preference_splits`, and how many bad rows it left out."""
+
+    skipped_rows: int = 0
 
 
 def _cap_pairs(pairs: list[dict], max_pairs_per_question: int, seed: int) -> list[dict]:
@@ -226,7 +228,8 @@ def load_preference_splits(
     group_by: str | None = None,
     max_pairs_per_question: int | None = None,
     chat_template: bool = False,
-) -> datasets.DatasetDict:
+    bad_rows: str = "refuse",
+) -> PreferenceSplits:
     """Loads a question set or preference set and splits its pairs by question into train/validation/test.
 
     Every question (or group) lands in exactly one split: its ids are shuffled with `seed` and cut by
@@ -248,11 +251,14 @@ def load_preference_splits(
         chat_template: Give TRL's conversational pairs (for a tokenizer's chat template): the prompt a user turn
             holding the question (or the text prompt), chosen and rejected an assistant turn each holding the
             answer (stripped). The templates must then be left at their defaults.
+        bad_rows: A row that cannot make a pair (`locedit.data.sources.bad_row_problem`: a value that is not text,
+            an empty field, chosen equal to rejected): "refuse" raises a DataError naming its file, line and
+            field; "skip" leaves it out with a `DataWarning` and counts it in `skipped_rows`.
 
     Returns:
-        A DatasetDict with splits train, validation and test and columns prompt, chosen, rejected and
-        question_id (the unit's index in order of first appearance in the source), plus category when the
-        source has one. Rows keep the source order.
+        A DatasetDict (`PreferenceSplits`) with splits train, validation and test and columns prompt, chosen,
+        rejected and question_id (the unit's index in order of first appearance in the source), plus category when
+        the source has one. Rows keep the source order. `skipped_rows` counts the bad rows left out.
 
     Raises:
         DataFileNotFoundError: If a local data file does not exist.
@@ -274,13 +280,16 @@ def load_preference_splits(
     ):
         raise DataError(f"max_pairs_per_question must be a positive integer or None, got {max_pairs_per_question!r}")
 
-    rows, layout, group_by = load_source(dataset, dataset_config, seed, group_by)
+    rows, layout, group_by, bad = load_source(dataset, dataset_config, seed, group_by, bad_rows)
+    if bad:
+        first = next(iter(bad.values()))
+        _warn(f"{dataset}: left out {len(bad)} of {len(rows)} bad row(s) (bad_rows: skip); the first: {first}")
     if layout == "question":
         # With the chat template a user turn holds the question itself and an assistant turn the answer itself.
         templates = ("{question}", "{answer}") if chat_template else (prompt_template, completion_template)
-        pairs = _question_pairs(rows, dataset, group_by, *templates)
+        pairs = _question_pairs(rows, dataset, group_by, *templates, bad)
     else:
-        pairs = _preference_pairs(rows, dataset, group_by)
+        pairs = _preference_pairs(rows, group_by, bad)
     if not pairs:
         raise DataError(f"dataset {dataset!r} gives no usable preference pair")
     if max_pairs_per_question is not None:
@@ -299,7 +308,8 @@ def load_preference_splits(
     for index, pair in enumerate(pairs):
         indices[split_of[pair["question_id"]]].append(index)
     table = datasets.Dataset.from_list(pairs)
-    splits = datasets.DatasetDict({name: table.select(indices[name]) for name in SPLIT_NAMES})
+    splits = PreferenceSplits({name: table.select(indices[name]) for name in SPLIT_NAMES})
+    splits.skipped_rows = len(bad)
     logger.info(
         "%s: %d pairs from %d questions; %s",
         dataset,
@@ -310,7 +320,9 @@ def load_preference_splits(
     return splits
 
 
-def _question_records(rows: list[dict], layout: str, dataset: str, group_by: str | None) -> list[dict]:
+def _question_records(
+    rows: list[dict], layout: str, dataset: str, group_by: str | None, bad: dict[int, str]
+) -> list[dict]:
     """One record per question with its unique answers, keeping only questions that form at least one pair.
 
     Unit ids are given exactly as `_question_pairs` and `_preference_pairs` give them, so the records split the
@@ -318,17 +330,17 @@ def _question_records(rows: list[dict], layout: str, dataset: str, group_by: str
     """
     unit_ids: dict = {}
     records: dict[tuple, dict] = {}
-    for row in rows:
+    for index, row in enumerate(rows):
         if layout == "question":
             question = str(row.get("question") or "").strip()
             unit_id = unit_ids.setdefault(_group_key(row.get(group_by) if group_by else question), len(unit_ids))
             correct = [answer for answer in _answer_list(row.get("correct_answers")) if answer]
             incorrect = [answer for answer in _answer_list(row.get("incorrect_answers")) if answer]
-            if not question or not correct or not incorrect:
+            if index in bad or not question or not correct or not incorrect:
                 continue
         else:
             unit_id = unit_ids.setdefault(_group_key(row.get(group_by or "prompt")), len(unit_ids))
-            if any(_is_blank(row.get(column)) for column in PREFERENCE_COLUMNS):
+            if index in bad:
                 continue
             if not all(isinstance(row[column], str) for column in PREFERENCE_COLUMNS):
                 raise DataError(f"dataset {dataset!r}: questions need text prompts and answers, not chat messages")
@@ -348,13 +360,14 @@ def load_questions(
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
     seed: int = 0,
     group_by: str | None = None,
+    bad_rows: str = "refuse",
 ) -> datasets.DatasetDict:
     """Loads the questions themselves with their answers, split exactly as `load_preference_splits` splits the pairs.
 
     With the same `dataset`, `dataset_config`, `split_fractions`, `seed` and `group_by`, every question lands in the
     split that holds its pairs, so a stage that needs whole questions (probing) uses the training questions only.
     Preference-style data gives one record per prompt: its chosen completions as correct answers, its rejected ones
-    as incorrect. Cleaning is the same as for pairs (and is reported there); here it is silent.
+    as incorrect. Cleaning and `bad_rows` are as for pairs (and reported there); here cleaning is silent.
 
     Returns:
         A DatasetDict with splits train, validation and test and columns question_id (as in the pairs), question,
@@ -365,8 +378,8 @@ def load_questions(
         DataError: For bad arguments, unreadable files, missing columns or data with no usable question.
     """
     fractions = validate_split_fractions(split_fractions)
-    rows, layout, group_by = load_source(dataset, dataset_config, seed, group_by)
-    records = _question_records(rows, layout, dataset, group_by)
+    rows, layout, group_by, bad = load_source(dataset, dataset_config, seed, group_by, bad_rows)
+    records = _question_records(rows, layout, dataset, group_by, bad)
     if not records:
         raise DataError(f"dataset {dataset!r} gives no question with both a correct and an incorrect answer")
     units = split_units(list({record["question_id"] for record in records}), fractions, seed)
@@ -415,7 +428,7 @@ def load_question_details(dataset: str, dataset_config: str | None = "generation
         DataError: For preference-style data (it has no questions to generate answers for), or a source that
             cannot be read.
     """
-    rows = load_rows(dataset, dataset_config, seed)
+    rows, _ = load_rows(dataset, dataset_config, seed)
     if detect_layout(column_names(rows), dataset) != "question":
         raise DataError(
             f"dataset {dataset!r} is preference-style (prompt/chosen/rejected); evaluating generations needs "

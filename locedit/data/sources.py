@@ -18,6 +18,7 @@ from pathlib import Path
 
 import datasets
 
+from ..core.args import BAD_ROW_POLICIES
 from ..core.errors import DataError, DataFileNotFoundError
 from ..core.plugins import load_plugins
 from .synthetic import synthetic_questions
@@ -113,14 +114,23 @@ def validate_dataset_arg(dataset: str) -> None:
         raise DataError(f"dataset file {path} has an unsupported type; use one of {', '.join(SUPPORTED_EXTENSIONS)}")
 
 
-def _read_csv(path: Path) -> list[dict]:
+# Each reader gives the rows and where each row is, for messages about one row: "FILE:LINE" for text files whose
+# records are lines (CSV records end on their line), "FILE: record N" otherwise.
+
+
+def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
     # utf-8-sig: spreadsheet exports often start with a byte-order mark, which would rename the first column.
     with path.open(newline="", encoding="utf-8-sig") as file:
-        return list(csv.DictReader(file))
+        reader = csv.DictReader(file)
+        rows, places = [], []
+        for row in reader:
+            rows.append(row)
+            places.append(f"{path}:{reader.line_num}")
+        return rows, places
 
 
-def _read_json_lines(text: str, path: Path) -> list[dict]:
-    rows = []
+def _read_json_lines(text: str, path: Path) -> tuple[list[dict], list[str]]:
+    rows, places = [], []
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -128,10 +138,15 @@ def _read_json_lines(text: str, path: Path) -> list[dict]:
             rows.append(json.loads(line))
         except json.JSONDecodeError as error:
             raise DataError(f"{path}:{line_number}: invalid JSON ({error.msg})") from None
-    return rows
+        places.append(f"{path}:{line_number}")
+    return rows, places
 
 
-def _read_json(path: Path) -> list[dict]:
+def _records(rows: list, path: Path) -> tuple[list, list[str]]:
+    return rows, [f"{path}: record {number}" for number in range(1, len(rows) + 1)]
+
+
+def _read_json(path: Path) -> tuple[list[dict], list[str]]:
     text = path.read_text(encoding="utf-8")
     try:
         data = json.loads(text)
@@ -141,37 +156,38 @@ def _read_json(path: Path) -> list[dict]:
             return _read_json_lines(text, path)
         raise DataError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
     if isinstance(data, list):
-        return data
+        return _records(data, path)
     if isinstance(data, dict) and data and all(isinstance(value, list) for value in data.values()):
         lengths = {len(value) for value in data.values()}
         if len(lengths) == 1:  # a dict of columns, as pandas' to_json(orient="list") writes
-            return [dict(zip(data, values, strict=True)) for values in zip(*data.values(), strict=True)]
+            rows = [dict(zip(data, values, strict=True)) for values in zip(*data.values(), strict=True)]
+            return _records(rows, path)
     if isinstance(data, dict):
-        return [data]
+        return _records([data], path)
     raise DataError(f"{path}: expected a list of records, a dict of equal-length columns, or JSON Lines")
 
 
-def _read_local(path: Path) -> list[dict]:
-    """Reads the rows of a local data file as dicts."""
+def _read_local(path: Path) -> tuple[list[dict], list[str]]:
+    """Reads the rows of a local data file as dicts, and where each row is in the file."""
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
-            rows = _read_csv(path)
+            rows, places = _read_csv(path)
         elif suffix == ".json":
-            rows = _read_json(path)
+            rows, places = _read_json(path)
         elif suffix == ".jsonl":
-            rows = _read_json_lines(path.read_text(encoding="utf-8"), path)
+            rows, places = _read_json_lines(path.read_text(encoding="utf-8"), path)
         else:
             import pyarrow.parquet  # installed with datasets; imported here as only parquet files need it
 
-            rows = pyarrow.parquet.read_table(path).to_pylist()
+            rows, places = _records(pyarrow.parquet.read_table(path).to_pylist(), path)
     except DataError:
         raise
     except (OSError, ValueError) as error:  # undecodable text, corrupt parquet, ...
         raise DataError(f"could not read {path}: {error}") from None
     if not all(isinstance(row, dict) for row in rows):
         raise DataError(f"{path}: every record must be an object with named fields")
-    return rows
+    return rows, places
 
 
 def _load_hub(dataset: str, dataset_config: str | None) -> list[dict]:
@@ -195,20 +211,25 @@ def _load_hub(dataset: str, dataset_config: str | None) -> list[dict]:
     return loaded.to_list()
 
 
-def load_rows(dataset: str, dataset_config: str | None, seed: int) -> list[dict]:
-    """Loads the raw rows of any supported source, with normalised column names."""
+def load_rows(dataset: str, dataset_config: str | None, seed: int) -> tuple[list[dict], list[str]]:
+    """Loads the raw rows of any supported source, with normalised column names, and where each row is (for a file,
+    "FILE:LINE" or "FILE: record N"; otherwise "dataset 'NAME' row N")."""
     validate_dataset_arg(dataset)
     source = named_source(dataset)
+    places = None
     if source is not None:
         rows = source.rows(dataset, seed)
     elif _looks_local(dataset) and Path(dataset).expanduser().is_file():
-        rows = _read_local(Path(dataset).expanduser())
+        rows, places = _read_local(Path(dataset).expanduser())
     else:
         rows = _load_hub(dataset, dataset_config)
     if not rows:
         raise DataError(f"dataset {dataset!r} has no rows")
+    if places is None:
+        places = [f"dataset {dataset!r} row {number}" for number in range(1, len(rows) + 1)]
     # DictReader stores surplus cells of a ragged CSV row under the key None; they belong to no column.
-    return [{column_name(key): value for key, value in row.items() if isinstance(key, str)} for row in rows]
+    rows = [{column_name(key): value for key, value in row.items() if isinstance(key, str)} for row in rows]
+    return rows, places
 
 
 def column_names(rows: list[dict]) -> list[str]:
@@ -236,9 +257,71 @@ def detect_layout(columns: list[str], dataset: str) -> str:
     raise DataError(f"dataset {dataset!r} is {missing}; found columns: {', '.join(columns) or 'none'}")
 
 
-def load_source(dataset: str, dataset_config: str | None, seed: int, group_by: str | None):
-    """The rows of a data set, its layout (question- or preference-style) and the checked group_by column."""
-    rows = load_rows(dataset, dataset_config, seed)
+def _describe(value) -> str:
+    kind = {bool: "true/false", int: "a number", float: "a number", list: "a list", dict: "an object"}
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    return f"{kind.get(type(value), type(value).__name__)} ({shown})"
+
+
+def _is_messages(value) -> bool:
+    """Conversational data as TRL takes it: a non-empty list of {"role": ..., "content": ...} messages."""
+    if not isinstance(value, list) or not value:
+        return False
+    return all(isinstance(m, dict) and all(isinstance(m.get(key), str) for key in ("role", "content")) for m in value)
+
+
+def _text_problem(row: dict, field: str, messages_allowed: bool = False) -> str | None:
+    value = row.get(field)
+    if value is None:
+        return f"field '{field}' is missing"
+    if isinstance(value, str):
+        return f"field '{field}' is empty" if not value.strip() else None
+    if messages_allowed and _is_messages(value):
+        return None
+    return f"field '{field}' holds {_describe(value)}, not text"
+
+
+def _answers_problem(row: dict, field: str) -> str | None:
+    value = row.get(field)
+    if value is None or isinstance(value, str):
+        return None  # no answers, or answers separated by ';' (empty ones are the TruthfulQA CSV's own, counted)
+    if isinstance(value, list | tuple) and all(item is None or isinstance(item, str) for item in value):
+        return None
+    return f"field '{field}' holds {_describe(value)}, not text or a list of texts"
+
+
+def bad_row_problem(row: dict, layout: str) -> str | None:
+    """Why a row cannot make a pair, or None. A preference row needs text (or chat messages) in prompt, chosen and
+    rejected, none empty, and chosen unlike rejected. A question row needs its question as text and its answers as
+    text or lists of texts; empty answers and questions without a correct or an incorrect answer are the published
+    TruthfulQA's own quirks, left out with counts where pairs are made."""
+    if layout == "preference":
+        for field in PREFERENCE_COLUMNS:
+            problem = _text_problem(row, field, messages_allowed=True)
+            if problem:
+                return problem
+        chosen, rejected = row["chosen"], row["rejected"]
+        if isinstance(chosen, str) and isinstance(rejected, str):
+            chosen, rejected = chosen.strip(), rejected.strip()
+        if chosen == rejected:
+            return "chosen and rejected are the same, so the pair carries no preference"
+        return None
+    question = row.get("question")
+    if question is not None and not isinstance(question, str):
+        return f"field 'question' holds {_describe(question)}, not text"
+    return _answers_problem(row, "correct_answers") or _answers_problem(row, "incorrect_answers")
+
+
+def load_source(dataset: str, dataset_config: str | None, seed: int, group_by: str | None, bad_rows: str = "refuse"):
+    """The rows of a data set, its layout (question- or preference-style), the checked group_by column and the bad
+    rows (`bad_row_problem`) as {row index: "PLACE: PROBLEM"}.
+
+    With `bad_rows` "refuse" a bad row is a DataError naming its file, line and field; with "skip" the bad rows are
+    returned for the caller to leave out (their ids still count, so every question keeps its place in the source).
+    """
+    if bad_rows not in BAD_ROW_POLICIES:
+        raise DataError(f"bad_rows {bad_rows!r} is not valid; valid: {', '.join(BAD_ROW_POLICIES)}")
+    rows, places = load_rows(dataset, dataset_config, seed)
     columns = column_names(rows)
     layout = detect_layout(columns, dataset)
     if group_by is not None:
@@ -247,7 +330,16 @@ def load_source(dataset: str, dataset_config: str | None, seed: int, group_by: s
             raise DataError(
                 f"group_by column {group_by!r} is not in dataset {dataset!r}; found columns: {', '.join(columns)}"
             )
-    return rows, layout, group_by
+    bad = {}
+    for index, row in enumerate(rows):
+        problem = bad_row_problem(row, layout)
+        if problem:
+            bad[index] = f"{places[index]}: {problem}"
+    if bad and bad_rows == "refuse":
+        first = next(iter(bad.values()))
+        more = f" ({len(bad)} bad rows in all)" if len(bad) > 1 else ""
+        raise DataError(f"{first}{more}; fix the data, or set bad_rows: skip to leave such rows out (counted)")
+    return rows, layout, group_by, bad
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -307,7 +399,7 @@ def load_mc_targets(spec: str) -> dict[str, dict]:
                 f"eval_mc_targets file {path} has an unsupported type; use one of {', '.join(MC_FILE_EXTENSIONS)} "
                 "(mc1_targets and mc2_targets are nested)"
             )
-        rows, where = _read_local(path), str(path)
+        rows, where = _read_local(path)[0], str(path)
     else:
         name = spec.strip().partition(":")[0]
         try:

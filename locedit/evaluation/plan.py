@@ -135,6 +135,7 @@ def _edit_target(run_dir: str, settings: dict, split: dict, heads: dict) -> Targ
         tuple(split.get("split_fractions", settings.get("split_fractions"))),
         int(split.get("split_seed", settings.get("split_seed", 0))),
         settings.get("group_by"),
+        settings.get("bad_rows", "refuse"),
     )
     return Target(
         name=os.path.basename(os.path.normpath(run_dir)),
@@ -237,16 +238,17 @@ def plan_evaluation(
 
 
 def _recipe_source(recipe: Recipe) -> tuple:
-    """The recipe's question split as a hashable source: (dataset, dataset_config, split_fractions, seed, group_by)."""
+    """The recipe's question split as a hashable source: (dataset, dataset_config, split_fractions, seed, group_by,
+    bad_rows)."""
     return tuple(recipe.edit.split_source().values())
 
 
 def _load_source(source: tuple) -> tuple[dict[int, list[dict]], set[int]]:
     """Question records (with category and best answer) by question id, and the ids of the test split."""
-    dataset, dataset_config, fractions, seed, group_by = source
+    dataset, dataset_config, fractions, seed, group_by, bad_rows = source
     validate_dataset_arg(dataset)
     details = load_question_details(dataset, dataset_config, seed)
-    splits = load_questions(dataset, dataset_config, split_fractions=fractions, seed=seed, group_by=group_by)
+    splits = load_questions(dataset, dataset_config, fractions, seed, group_by, bad_rows)
     by_id: dict[int, list[dict]] = {}
     for split in splits.values():
         for record in split:

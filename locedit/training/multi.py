@@ -288,7 +288,7 @@ def train_multi_edit(recipe, plan, model, tokenizer) -> dict:
         model.enable_input_require_grads()
 
     trainer = MultiEditTrainer(model=model, **training_inputs(plan, args), processing_class=tokenizer, bank=bank)
-    metrics = train_and_validate(trainer, plan.output_dir)
+    metrics = {**train_and_validate(trainer, plan.output_dir), "data_rows_skipped": plan.data_rows_skipped}
     trainer.save_state()
     if PartialState().is_main_process:
         question_ids = split_question_ids(plan.splits)

@@ -19,7 +19,7 @@ def train_edits(recipe: Recipe, plan: RunPlan, model, tokenizer) -> dict:
         processing_class=tokenizer,
         peft_config=plan.edit_config,
     )
-    metrics = train_and_validate(trainer, plan.output_dir)
+    metrics = {**train_and_validate(trainer, plan.output_dir), "data_rows_skipped": plan.data_rows_skipped}
     trainer.save_model(plan.output_dir)
     trainer.save_state()
     if trainer.is_world_process_zero():
