@@ -120,6 +120,30 @@ def test_a_file_that_is_not_gguf_is_one_line(tmp_path, capsys):
     one_error_line(capsys, locedit(["train", TINY, "--model_name_or_path", str(bad), "--dry_run", "true"]), "GGUF")
 
 
+def write_gguf(path: Path) -> Path:
+    """A small file in GGUF's format (metadata and two tensors; not a model transformers can read)."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.ones((64, 32), dtype=np.float32))
+    writer.add_tensor("output.weight", np.ones((64, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.5, 0.01])
+def test_a_gguf_file_cut_short_is_one_line(tmp_path, capsys, keep):
+    model = write_gguf(tmp_path / "model.gguf")
+    cut_short(model, keep)
+    code = locedit(["train", TINY, "--model_name_or_path", str(model), "--dry_run", "true"])
+    one_error_line(capsys, code, f"'{model}' is cut short", "download the model file again")
+
+
 def test_a_probe_result_made_on_another_split_is_refused(tmp_path, capsys):
     probe_dir = tmp_path / "probe"
     assert locedit(["probe", "recipes/tiny_probe.yaml", "--probe_output_dir", str(probe_dir)]) == 0

