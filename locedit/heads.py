@@ -22,10 +22,13 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from .core.errors import HeadSpecError
 from .core.plugins import load_plugins
-from .models.layout import AttentionLayout
+
+if TYPE_CHECKING:  # a head spec parses without torch; a layout is only handed in
+    from .models.layout import AttentionLayout
 
 _HEAD_ITEM = re.compile(r"^L(\d+)H(\d+)$", re.IGNORECASE)
 Heads = list[tuple[int, int]]

@@ -11,6 +11,7 @@ then `metrics.json` (written last, so its presence marks a finished evaluation).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -22,7 +23,6 @@ from pathlib import Path
 
 import yaml
 
-from .config import LocEditConfig
 from .core.args import EditArguments, ModelArguments, ProbeArguments, result_settings
 from .core.errors import DamagedFileError, RecipeError
 from .core.files import read_json, write_json_atomic, write_text_atomic
@@ -336,14 +336,22 @@ def read_adapter_config(run_dir: str) -> dict:
 # refused (it would resume, or overwrite, another run's results). How long it trains is not among them: a run
 # started again with more steps or epochs goes on from its last checkpoint.
 LENGTH_SETTINGS = ("num_train_epochs", "max_steps")
-# The settings that determine a run's result, as the recipe's fields mark them (core.args.result_settings): a run
-# directory holding a run made with other values is refused, not overwritten.
-RESULT_SETTINGS = result_settings(ModelArguments, EditArguments, ProbeArguments, LocEditConfig)
 
 
-def settings_difference(old: dict, new: dict, keys=RESULT_SETTINGS) -> str | None:
-    """The first setting whose value differs between two resolved recipes, described, else None."""
-    for key in keys:
+@functools.cache
+def run_result_settings() -> tuple[str, ...]:
+    """The settings that determine a run's result, as the recipe's fields mark them (core.args.result_settings): a
+    run directory holding a run made with other values is refused, not overwritten. (Read on first use: the recipe
+    schema is TRL's, which the commands that only read results, such as `locedit report`, never import.)"""
+    from .config import LocEditConfig
+
+    return result_settings(ModelArguments, EditArguments, ProbeArguments, LocEditConfig)
+
+
+def settings_difference(old: dict, new: dict, keys=None) -> str | None:
+    """The first setting whose value differs between two resolved recipes (of `keys`, by default the run's result
+    settings), described, else None."""
+    for key in run_result_settings() if keys is None else keys:
         if key in old and key in new and old[key] != new[key]:
             return f"{key} {old[key]!r} there, {new[key]!r} now"
     return None
@@ -354,8 +362,8 @@ def check_output_dir(output_dir: str, recipe) -> bool:
     (a finished run asked to train longer is not: it goes on).
 
     The directory must be creatable and writable (checked by creating a directory where it would go), and, when it
-    holds a run already, that run must have the same result-determining settings (RESULT_SETTINGS), unless it stopped
-    before it saved anything (no metrics.json, no checkpoint): then the corrected command starts over in its place.
+    holds a run already, that run must have the same result-determining settings (`run_result_settings`), unless it
+    stopped before it saved anything (no metrics.json, no checkpoint): then the corrected command starts over there.
     """
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise RecipeError(f"output_dir '{output_dir}' is a file, not a directory; give another output_dir")

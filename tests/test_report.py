@@ -158,6 +158,31 @@ def test_report_writes_table_figures_and_verdict(tmp_path, capsys):
     assert "p = " in printed and "reach the all-heads optimum" in printed
 
 
+REPORT_IN_A_FRESH_PROCESS = """
+import sys
+from locedit.cli import main
+
+code = main(["report", *sys.argv[1:]])
+heavy = {"torch", "transformers", "trl", "peft", "datasets", "accelerate"} & set(sys.modules)
+print(code, sorted(heavy))
+"""
+
+
+def test_report_and_its_errors_import_no_model_library(tmp_path):
+    """`locedit report` reads results and draws figures: it (and its one-line errors) import none of torch,
+    transformers, TRL, PEFT, datasets or accelerate, so it answers in about a second, not after their imports."""
+    import subprocess
+    import sys
+
+    root = study(tmp_path / "runs", probe_truth=0.8, random_truth=0.5)
+    for args, code in [([str(root), "--output_dir", str(tmp_path / "report")], 0), ([str(tmp_path / "none")], 2)]:
+        result = subprocess.run(
+            [sys.executable, "-c", REPORT_IN_A_FRESH_PROCESS, *args], capture_output=True, text=True, timeout=300
+        )
+        assert result.stdout.strip().splitlines()[-1] == f"{code} []", result.stdout[-2000:] + result.stderr[-2000:]
+    assert (tmp_path / "report" / "verdict.md").is_file()
+
+
 def test_report_errors_are_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "missing")]) == 2
     assert main([str(tmp_path)]) == 2  # exists, but holds no evaluated run

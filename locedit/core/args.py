@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 logger = logging.getLogger(__name__)
 
 # The marker of a field whose value determines a run's result (in its metadata): a run directory holding a run made
-# with another value is refused, not overwritten (locedit.rundir.RESULT_SETTINGS, locedit.evaluation.plan).
+# with another value is refused, not overwritten (locedit.rundir.run_result_settings, locedit.evaluation.plan).
 RESULT_KEY = "result"
 
 

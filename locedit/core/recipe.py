@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .args import EditArguments, EvalArguments, ModelArguments, ProbeArguments, StudyArguments
@@ -27,3 +28,12 @@ class Recipe:
     training: object  # locedit.config.LocEditConfig (TRL's DPOConfig with locedit's defaults)
     study: StudyArguments = field(default_factory=StudyArguments)
     name: str = "cli"
+
+
+# Checks of a study recipe that plugins add (the toy world: model, data and judges name one world); `locedit study`
+# runs them before any stage. Kept here, with the recipe, so that registering one imports no pipeline.
+STUDY_CHECKS: list[Callable[[Recipe], None]] = []
+
+
+def register_study_check(check: Callable[[Recipe], None]) -> None:
+    STUDY_CHECKS.append(check)

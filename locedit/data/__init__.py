@@ -1,30 +1,25 @@
-"""Data: preference pairs and questions from any source, split by question."""
+"""Data: preference pairs and questions from any source, split by question.
 
-from ..core.errors import DataError, DataFileNotFoundError
-from .pairs import (
-    DataWarning,
-    draw_by_question,
-    load_preference_splits,
-    load_question_details,
-    load_questions,
-    pair_counts,
-    question_counts,
-)
-from .sources import register_data_source, validate_dataset_arg
-from .splits import hold_out, validate_split_fractions
+Its names load on first use (`locedit.core.lazy`): importing one module of the package loads no other.
+"""
 
-__all__ = [
-    "DataError",
-    "DataFileNotFoundError",
-    "DataWarning",
-    "draw_by_question",
-    "hold_out",
-    "load_preference_splits",
-    "load_question_details",
-    "load_questions",
-    "pair_counts",
-    "question_counts",
-    "register_data_source",
-    "validate_dataset_arg",
-    "validate_split_fractions",
-]
+from ..core.lazy import lazy_exports
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "DataError": "..core.errors",
+    "DataFileNotFoundError": "..core.errors",
+    "DataWarning": ".pairs",
+    "draw_by_question": ".pairs",
+    "hold_out": ".splits",
+    "load_preference_splits": ".pairs",
+    "load_question_details": ".pairs",
+    "load_questions": ".pairs",
+    "pair_counts": ".pairs",
+    "question_counts": ".pairs",
+    "register_data_source": ".sources",
+    "validate_dataset_arg": ".sources",
+    "validate_split_fractions": ".splits",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

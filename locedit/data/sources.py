@@ -16,8 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
-
 from ..core.args import BAD_ROW_POLICIES
 from ..core.errors import DataError, DataFileNotFoundError
 from ..core.plugins import load_plugins
@@ -192,6 +190,8 @@ def _read_local(path: Path) -> tuple[list[dict], list[str]]:
 
 def _load_hub(dataset: str, dataset_config: str | None) -> list[dict]:
     """Loads rows with `datasets.load_dataset`; "name:split" picks a split."""
+    import datasets
+
     name, _, split = dataset.partition(":")
     try:
         loaded = datasets.load_dataset(name, name=dataset_config, split=split or None)
@@ -401,6 +401,8 @@ def load_mc_targets(spec: str) -> dict[str, dict]:
             )
         rows, where = _read_local(path)[0], str(path)
     else:
+        import datasets
+
         name = spec.strip().partition(":")[0]
         try:
             rows = datasets.load_dataset(name, MC_CONFIG, split=MC_SPLIT).to_list()

@@ -1,22 +1,26 @@
-"""Evaluation: generations judged for truth and informativeness, MC1/MC2, KL and cross-entropy on held-out text."""
+"""Evaluation: generations judged for truth and informativeness, MC1/MC2, KL and cross-entropy on held-out text.
 
-from .metric_registry import MAIN, Metric, all_metrics, get_metric, register_metric
-from .plan import EvalPlan, EvalResources, Target, check_settings, plan_evaluation
-from .run import evaluate, evaluate_after_training, evaluate_model, run_evaluation
+Its names load on first use (`locedit.core.lazy`): importing one module of the package loads no other.
+"""
 
-__all__ = [
-    "EvalPlan",
-    "EvalResources",
-    "MAIN",
-    "Metric",
-    "Target",
-    "all_metrics",
-    "check_settings",
-    "evaluate",
-    "evaluate_after_training",
-    "evaluate_model",
-    "get_metric",
-    "plan_evaluation",
-    "register_metric",
-    "run_evaluation",
-]
+from ..core.lazy import lazy_exports
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "EvalPlan": ".plan",
+    "EvalResources": ".plan",
+    "MAIN": ".metric_registry",
+    "Metric": ".metric_registry",
+    "Target": ".plan",
+    "all_metrics": ".metric_registry",
+    "check_settings": ".plan",
+    "evaluate": ".run",
+    "evaluate_after_training": ".run",
+    "evaluate_model": ".run",
+    "get_metric": ".metric_registry",
+    "plan_evaluation": ".plan",
+    "register_metric": ".metric_registry",
+    "run_evaluation": ".run",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

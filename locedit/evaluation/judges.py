@@ -36,10 +36,8 @@ from collections.abc import Callable, Sequence
 
 from ..core.errors import JudgeError
 from ..core.plugins import load_plugins
-from ..models.loading import batches, pad_id, pad_right
 from ..models.sources import resolve_model_path
 from . import similarity
-from .metrics import sequence_logprobs
 
 ASPECTS = {"truth": "True", "info": "Helpful"}
 DEFAULT_JUDGES = {
@@ -199,6 +197,9 @@ class HFJudge(Judge):
     def score_prompts(self, prompts: Sequence[str]) -> list[float]:
         import torch
 
+        from ..models.loading import batches, pad_id, pad_right
+        from .metrics import sequence_logprobs
+
         self.load()
         scores: list[float] = []
         device = next(self.model.parameters()).device
@@ -283,6 +284,8 @@ class OpenAIJudge(Judge):
     def score_prompts(
         self, prompts: Sequence[str], retries: int | None = None, timeout: float | None = None, progress: bool = True
     ):
+        from ..models.loading import batches
+
         scores: list[float] = []
         for start in batches(len(prompts), self.batch_size, f"judging {self.aspect}", progress):
             batch = list(prompts[start : start + self.batch_size])

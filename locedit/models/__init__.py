@@ -1,17 +1,21 @@
-"""Models: where a model's heads are (AttentionLayout), where its weights come from (sources) and loading them."""
+"""Models: where a model's heads are (AttentionLayout), where its weights come from (sources) and loading them.
 
-from .layout import OUTPUT_PROJECTIONS, AttentionLayout, projection_in_features, unwrap_model
-from .loading import config_head_dim, load_model_and_tokenizer, read_model_config
-from .sources import register_model_source, resolve_model_path
+Its names load on first use (`locedit.core.lazy`): importing one module of the package loads no other.
+"""
 
-__all__ = [
-    "OUTPUT_PROJECTIONS",
-    "AttentionLayout",
-    "config_head_dim",
-    "load_model_and_tokenizer",
-    "projection_in_features",
-    "read_model_config",
-    "register_model_source",
-    "resolve_model_path",
-    "unwrap_model",
-]
+from ..core.lazy import lazy_exports
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "OUTPUT_PROJECTIONS": ".layout",
+    "AttentionLayout": ".layout",
+    "config_head_dim": ".loading",
+    "load_model_and_tokenizer": ".loading",
+    "projection_in_features": ".layout",
+    "read_model_config": ".loading",
+    "register_model_source": ".sources",
+    "resolve_model_path": ".sources",
+    "unwrap_model": ".layout",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -12,7 +12,6 @@ import io
 import os
 import shlex
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 from ..config import parse_recipe
 from ..core.errors import RecipeError
 from ..core.plugins import load_plugins
-from ..core.recipe import Recipe
+from ..core.recipe import STUDY_CHECKS, Recipe
 from ..core.tracking import reports_to_wandb
 from ..evaluation import check_settings, evaluate
 from ..evaluation.breakage import Breakage
@@ -38,13 +37,6 @@ from .train import train_recipe
 LR_SCALE = {"all": 0.2, "single": 4.0}
 STUDY_DIR = "study"
 REPORT_DIR = "report"
-
-# Checks of a study recipe that plugins add (the toy world: model, data and judges name one world).
-STUDY_CHECKS: list[Callable[[Recipe], None]] = []
-
-
-def register_study_check(check: Callable[[Recipe], None]) -> None:
-    STUDY_CHECKS.append(check)
 
 
 @dataclass

@@ -9,40 +9,29 @@ The toy world is a plugin (the `locedit.plugins` entry point): importing this pa
 judge, corpus and study hooks with locedit's registries (`locedit.toy.plugin`); the core never imports it.
 """
 
-from .judge import ToyJudge
-from .model import build_toy_model, read_toy_info, resolve_toy_model, toy_model_dir
+from ..core.lazy import lazy_exports
 from .plugin import register
-from .world import (
-    ATTRIBUTES,
-    NO_COMMENT,
-    Attribute,
-    ToySettings,
-    ToySpecError,
-    ToyWorld,
-    is_toy_spec,
-    judge_answer,
-    make_world,
-    parse_toy_spec,
-    toy_questions,
-)
+
+# Public name -> the module that defines it (loaded on first use: registering the plugin imports no model code).
+_EXPORTS = {
+    "ATTRIBUTES": ".world",
+    "NO_COMMENT": ".world",
+    "Attribute": ".world",
+    "ToyJudge": ".judge",
+    "ToySettings": ".world",
+    "ToySpecError": ".world",
+    "ToyWorld": ".world",
+    "build_toy_model": ".model",
+    "is_toy_spec": ".world",
+    "judge_answer": ".world",
+    "make_world": ".world",
+    "parse_toy_spec": ".world",
+    "read_toy_info": ".model",
+    "resolve_toy_model": ".model",
+    "toy_model_dir": ".model",
+    "toy_questions": ".world",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 register()
-
-__all__ = [
-    "ATTRIBUTES",
-    "NO_COMMENT",
-    "Attribute",
-    "ToyJudge",
-    "ToySettings",
-    "ToySpecError",
-    "ToyWorld",
-    "build_toy_model",
-    "is_toy_spec",
-    "judge_answer",
-    "make_world",
-    "parse_toy_spec",
-    "read_toy_info",
-    "resolve_toy_model",
-    "toy_model_dir",
-    "toy_questions",
-]

@@ -6,14 +6,13 @@ Imported through the `locedit.plugins` entry point (pyproject.toml), never by th
 from __future__ import annotations
 
 from ..core.errors import RecipeError
-from ..data import register_data_source
+from ..core.recipe import register_study_check
+from ..data.sources import register_data_source
 from ..evaluation.corpus import register_corpus
 from ..models.sources import register_model_source
-from ..pipelines.study import register_study_check
 from ..reporting.study import register_study_metric
 from ..rundir import read_evaluation
 from .judge import ToyJudge  # noqa: F401 - importing it registers the `toy` judge kind
-from .model import resolve_toy_model
 from .world import TOY_PREFIX, ToySpecError, is_toy_spec, make_world, parse_toy_spec, toy_questions
 
 
@@ -46,6 +45,13 @@ def misconception_truth(output_dir: str, dataset: str) -> float | None:
     _, records = read_evaluation(output_dir)
     judged = [r["truthful"] for r in records if r["question"] in planted and "truthful" in r]
     return sum(judged) / len(judged) if judged else None
+
+
+def resolve_toy_model(spec: str) -> str:
+    """The toy model's folder (pre-trained on first use): torch and transformers load when a model is asked for."""
+    from .model import resolve_toy_model as resolve
+
+    return resolve(spec)
 
 
 def register() -> None:
