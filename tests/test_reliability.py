@@ -409,9 +409,9 @@ def test_the_7b_benchmark_without_a_gpu_says_so_at_once():
     benchmarks = REPO / "benchmarks"
     result = subprocess.run([sys.executable, "gpu_7b.py"], cwd=benchmarks, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [
-        "gpu_7b.py: error: needs a CUDA GPU (a 7B-shaped model); use --small on a CPU"
-    ]
+    # Exactly one error line; other libraries' notices on stderr (bitsandbytes' kernels, say) are theirs, not ours.
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert errors == ["gpu_7b.py: error: needs a CUDA GPU (a 7B-shaped model); use --small on a CPU"], result.stderr
 
 
 def test_eval_and_study_dry_runs_check_everything_and_write_nothing(own_working_directory, capsys):
