@@ -21,6 +21,7 @@ import torch
 import yaml
 from trl import DPOConfig, TrlParser
 
+from . import processes
 from .core.args import (
     PAIR_DRAWS,
     RESULT_KEY,
@@ -240,6 +241,10 @@ def parse_recipe(argv: list[str] | None = None, prog: str = "locedit") -> Recipe
             raise RecipeError(f"recipe file '{config_path}' does not exist")
         name = Path(config_path).stem
         keys = _check_recipe_keys(config_path, prog)
+    if processes.count() > 1:
+        # The launch's process group first: the training arguments' own device setup would otherwise take every CPU
+        # process of a launch for a lone one (locedit.processes.state).
+        processes.state()
     edit, model, probe, evaluation, training, study = parse_dataclasses(make_parser(prog), argv)
     if edit.chat_template:
         # Set at all, even to its default, a template says the user expects it to shape the prompts: it does not.

@@ -3,6 +3,7 @@
     locedit sweep recipes/sweeps/lr_single_head.yaml                 # one run at a time (or one per GPU)
     locedit sweep recipes/sweeps/random_heads_16_draws.yaml --gpus 0,1,2,3
     locedit sweep recipes/sweeps/tau_all_heads.yaml --dry_run        # list the runs and what is already done
+    accelerate launch --num_processes 8 -m locedit.sweep SWEEP.yaml  # the runs shared among 8 processes (GPUs)
 
 Every run's arguments are parsed by the train entry point before anything runs; finished runs are skipped; a failed
 run is recorded in `outputs/sweeps/<sweep>/runs.jsonl` and the sweep goes on (`locedit.pipelines.sweep`).
@@ -15,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from .core.errors import run_cli
+from .core.errors import RecipeError, run_cli
 from .core.recipe import OneLineParser
 
 __all__ = ["cli", "main", "make_parser"]
@@ -41,6 +42,7 @@ def make_parser() -> OneLineParser:
 
 def sweep(args: argparse.Namespace) -> int:
     """List (dry run) or run the sweep; 1 when a run failed."""
+    from . import processes
     from .pipelines.sweep import default_devices, plan_sweep, run_sweep
 
     if args.dry_run:
@@ -50,10 +52,14 @@ def sweep(args: argparse.Namespace) -> int:
             print(f"{run.index:3d}  {state:8s}  {run.output_dir}  {run.params}")
         print(f"{len(runs)} runs, {sum(run.finished for run in runs)} finished")
         return 0
+    if args.gpus and processes.count() > 1:
+        raise RecipeError("--gpus does not go with accelerate launch: each process runs its share on its own device")
     devices = [d.strip() for d in args.gpus.split(",")] if args.gpus else default_devices()
     log_dir = args.log_dir or os.path.join("outputs", "sweeps", Path(args.sweep).stem)
     records = run_sweep(args.sweep, devices, log_dir)
     counts = {status: sum(r["status"] == status for r in records) for status in ("finished", "skipped", "failed")}
+    if not processes.is_main():
+        return 1 if counts["failed"] else 0
     print(
         f"sweep {args.sweep}: {counts['finished']} finished, {counts['skipped']} skipped (done before), "
         f"{counts['failed']} failed; logs in {log_dir}"

@@ -140,7 +140,8 @@ def judge_accuracy(judge: HFJudge, rows: list[dict]) -> dict[str, float]:
 def train_judge(data_args: JudgeDataArguments, model_args: ModelArguments, args: JudgeTrainConfig) -> dict:
     """Train the judge, save it, score the held-out questions and write judge_metrics.json. Returns the metrics."""
     import datasets
-    from accelerate import PartialState
+
+    from .. import processes
 
     if not 0 <= data_args.judge_eval_fraction < 1:
         raise RecipeError(f"judge_eval_fraction must be in [0, 1), got {data_args.judge_eval_fraction}")
@@ -158,7 +159,7 @@ def train_judge(data_args: JudgeDataArguments, model_args: ModelArguments, args:
         model_name = os.path.basename(os.path.normpath(model_args.model_name_or_path.replace("tiny:", "tiny-")))
         args.output_dir = os.path.join("outputs", "judges", f"{aspect}-{model_name}")
     model_path = resolve_model_path(model_args.model_name_or_path)
-    state = PartialState()
+    state = processes.state()
     if state.is_main_process:
         print(
             f"locedit judge-train: {aspect} judge from {model_args.model_name_or_path} on {len(train_rows)} examples, "

@@ -172,7 +172,9 @@ class HFJudge(Judge):
         path = resolve_model_path(self.name)
         dtype = self.dtype if self.dtype in (None, "auto") else getattr(torch, self.dtype)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        from .. import processes
+
+        device = self.device or processes.state().device  # this process's device under `accelerate launch`
         self.model.to(device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
 

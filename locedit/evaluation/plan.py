@@ -20,6 +20,7 @@ from ..models.layout import AttentionLayout
 from ..models.loading import read_config
 from ..rundir import (
     ADAPTER_WEIGHTS,
+    METRICS,
     RETRAIN,
     eval_dir,
     expand_run_dirs,
@@ -47,6 +48,7 @@ class Target:
     completion_template: str
     heads: dict = field(default_factory=dict)
     chat_template: bool = False  # prompts in the tokenizer's chat template (the run's `chat_template`)
+    done: bool = False  # its eval/ holds this very evaluation, finished after the edit: left as it is
 
     def __post_init__(self):
         if self.chat_template:  # an MC choice is the answer itself, right after the assistant header
@@ -224,7 +226,7 @@ def plan_evaluation(
     resources = resources if resources is not None else check_settings(recipe.eval)
     mc_sources = _attach_mc_targets(recipe.eval, targets, questions) if recipe.eval.eval_mc else {}
     for target in targets:
-        _check_earlier_evaluation(target, recipe.eval)
+        target.done = _check_earlier_evaluation(target, recipe.eval, model_args.model_name_or_path)
     return EvalPlan(
         model_name=model_args.model_name_or_path,
         model_path=model_path,
@@ -325,10 +327,13 @@ def _check_edit_fits(run_dir: str, layout) -> None:
 EVAL_RESULT_SETTINGS = result_settings(EvalArguments)
 
 
-def _check_earlier_evaluation(target: Target, args: EvalArguments) -> None:
+def _check_earlier_evaluation(target: Target, args: EvalArguments, model_name: str) -> bool:
+    """Whether the target's eval/ holds this very evaluation, finished (same settings, model, data and questions,
+    and, for an edit, made after the run last finished training): it is then left as it is, as a finished training
+    run is. One made with other settings is refused, never overwritten."""
     if not is_evaluated(target.output_dir):
-        return
-    earlier, _ = read_evaluation(target.output_dir)
+        return False
+    earlier, records = read_evaluation(target.output_dir)
     now = {f.name: getattr(args, f.name) for f in fields(EvalArguments)}
     difference = settings_difference(earlier.get("settings") or {}, now, EVAL_RESULT_SETTINGS)
     if difference:
@@ -337,3 +342,14 @@ def _check_earlier_evaluation(target: Target, args: EvalArguments) -> None:
             f"'{target.eval_dir}' holds an evaluation made with other settings ({difference}); give {where} or "
             "remove that evaluation"
         )
+    same = (
+        earlier.get("model") == model_name
+        and earlier.get("dataset") == target.source[0]
+        and earlier.get("split_seed") == target.source[3]
+        and sorted(int(record["question_id"]) for record in records) == sorted(target.question_ids)
+    )
+    if target.run_dir is not None and same:  # a run trained on after its evaluation has another edit now
+        trained = os.path.join(target.run_dir, METRICS)
+        evaluated = os.path.join(target.eval_dir, METRICS)
+        same = not os.path.exists(trained) or os.path.getmtime(evaluated) >= os.path.getmtime(trained)
+    return same

@@ -29,13 +29,14 @@ import os
 import time
 from dataclasses import fields
 
+from .. import processes
 from ..core.args import EvalArguments
 from ..core.files import write_json_atomic
 from ..core.recipe import Recipe
 from ..core.tracking import offline_without_credentials, reports_to_wandb
 from ..edit import load_edit
-from ..models.loading import batches, load_model_and_tokenizer
-from ..rundir import run_lock, training_divergence, write_evaluation
+from ..models.loading import batches, load_model_and_tokenizer, place_for_inference
+from ..rundir import read_evaluation, run_lock, training_divergence, write_evaluation
 from .breakage import Breakage
 from .judges import Judge, verdicts
 from .metric_registry import add_per_question_values, all_metrics, per_question_fields
@@ -258,32 +259,49 @@ def report_to_wandb(recipe: Recipe, target: Target, records: list[dict], metrics
 def run_evaluation(plan: EvalPlan, recipe: Recipe) -> list[dict]:
     """Load the base model once and evaluate every target on it; each model's files are written as soon as it is
     judged: right after its generations by judges that run no model, or after the model-based judges, which run once
-    for all models at the end."""
+    for all models at the end. Returns every target's metrics, in the plan's order.
 
+    A target whose evaluation is there already (`Target.done`) is left as it is. Under `accelerate launch` the
+    models are shared among the processes (`locedit.processes.share`): each process loads the base model and its
+    judges once, evaluates its share and writes those models' files; the metrics come back to every process."""
     args = recipe.eval
+    for target in plan.targets:
+        if target.done and processes.is_main():
+            print(
+                f"locedit eval: {target.name}: evaluated already with these settings ({target.eval_dir}); left as it "
+                "is (remove it to evaluate again)",
+                flush=True,
+            )
+    todo = [target for target in plan.targets if not target.done]
+    mine = processes.share(todo)
     with contextlib.ExitStack() as held:
         # Each evaluation directory is this process's until its files are written: a second eval into it refuses.
-        for target in plan.targets:
+        for _, target in mine:
             held.enter_context(run_lock(target.eval_dir))
-        return _run_evaluation(plan, recipe, args)
+        made = iter(processes.gather(_run_evaluation(plan, recipe, args, mine)))
+    return [read_evaluation(target.output_dir)[0] if target.done else next(made) for target in plan.targets]
 
 
-def _run_evaluation(plan: EvalPlan, recipe: Recipe, args: EvalArguments) -> list[dict]:
+def _run_evaluation(
+    plan: EvalPlan, recipe: Recipe, args: EvalArguments, mine: list[tuple[int, Target]]
+) -> list[tuple[int, dict]]:
+    """This process's share of the targets, evaluated: (position, metrics) of each."""
     import torch
 
-    if args.eval_mc:
+    if not mine:
+        return []
+    if args.eval_mc and processes.is_main():
         for source in dict.fromkeys(target.source for target in plan.targets):
             print(f"locedit eval: {describe_mc_source(source[0], plan.mc_sources.get(source, 'answers'))}", flush=True)
     model, tokenizer = load_model_and_tokenizer(plan.model_path, plan.model_args, plan.trust_remote_code)
-    if not getattr(model, "hf_device_map", None):
-        model.to("cuda" if torch.cuda.is_available() else "cpu")
+    place_for_inference(model)
     model.eval()
     merge = args.eval_merge and can_merge(plan.model_args)
     judges = {aspect: judge for aspect, judge in plan.resources.judges.items() if judge is not None}
     at_once = {aspect: judge for aspect, judge in judges.items() if not is_model_based(judge)}
     at_end = {aspect: judge for aspect, judge in judges.items() if is_model_based(judge)}
-    pending, all_metrics = [], []  # pending: (result, questions, timings) of the models that wait for at_end
-    for target in plan.targets:
+    pending, all_metrics = [], []  # pending: (position, result, questions, timings) of models waiting for at_end
+    for position, target in mine:
         questions = _target_questions(plan, target)
         timings: dict[str, float] = {}
         if target.run_dir is None:
@@ -306,10 +324,10 @@ def _run_evaluation(plan: EvalPlan, recipe: Recipe, args: EvalArguments) -> list
             timings["judging"] = time.perf_counter() - started
         print(f"locedit eval: {target.name}: {describe_timings(timings)}", flush=True)
         if at_end:
-            pending.append((result, questions, timings))
+            pending.append((position, result, questions, timings))
         else:
             record_verdicts([result])
-            all_metrics.append(_finish(plan, recipe, args, result, timings))
+            all_metrics.append((position, _finish(plan, recipe, args, result, timings)))
     del model
     gc.collect()
     if torch.cuda.is_available():
@@ -317,12 +335,12 @@ def _run_evaluation(plan: EvalPlan, recipe: Recipe, args: EvalArguments) -> list
 
     if pending:
         started = time.perf_counter()
-        judge_all(at_end, [result for result, _, _ in pending], [questions for _, questions, _ in pending])
+        judge_all(at_end, [result for _, result, _, _ in pending], [questions for _, _, questions, _ in pending])
         elapsed = time.perf_counter() - started
         print(f"locedit eval: judging {len(pending)} model(s) took {elapsed:.1f} s", flush=True)
-        for result, _, timings in pending:
+        for position, result, _, timings in pending:
             timings["judging_all_models"] = elapsed  # the model-based judges' time for all models together
-            all_metrics.append(_finish(plan, recipe, args, result, timings))
+            all_metrics.append((position, _finish(plan, recipe, args, result, timings)))
     return all_metrics
 
 
@@ -390,7 +408,8 @@ def describe_plan(plan: EvalPlan, args: EvalArguments) -> list[str]:
     detector, all checked."""
     lines = [f"locedit eval: dry run: {plan.model_name}, {len(plan.targets)} model(s)"]
     for target in plan.targets:
-        lines.append(f"  {target.name}: {len(target.question_ids)} test questions -> {target.eval_dir}")
+        done = " (evaluated already with these settings: left as it is)" if target.done else ""
+        lines.append(f"  {target.name}: {len(target.question_ids)} test questions -> {target.eval_dir}{done}")
     judges = {aspect: judge.spec if judge else "none" for aspect, judge in plan.resources.judges.items()}
     lines.append(f"  judges: truth {judges.get('truth', 'none')}, info {judges.get('info', 'none')} (checked)")
     if args.eval_mc:

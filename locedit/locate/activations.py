@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import processes
 from ..core.errors import DataError
 from ..core.files import atomic_path
 from ..models.layout import AttentionLayout
@@ -135,13 +136,16 @@ class _Collected(Exception):
 
 @torch.inference_mode()
 def collect_head_activations(
-    model: nn.Module, tokenizer, texts: list[str], batch_size: int = 16, progress: bool = True
+    model: nn.Module, tokenizer, texts: list[str], batch_size: int = 16, progress: bool = True, spread: bool = False
 ) -> torch.Tensor:
     """Each head's output at the last token of every text, as a (texts, layers, heads, head_dim) CPU tensor.
 
     The values are the input of each layer's attention output projection at the last token, split per head, in the
     dtype the model computes in. Texts run in batches of similar length on the device the model is on, and each
     forward pass stops at the last layer's projection (its output, the last MLP and the LM head are never run).
+
+    With `spread`, every process of an `accelerate launch` runs its share of the batches (`locedit.processes`) and
+    all of them get the whole tensor: the batches are the ones one process would run, so the values are too.
     """
     from tqdm.auto import tqdm
 
@@ -156,7 +160,10 @@ def collect_head_activations(
     # Longest first: similar lengths share a batch (little padding), and running out of memory happens at once.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
 
+    starts = list(range(0, len(order), batch_size))
+    mine = processes.share(starts) if spread else list(enumerate(starts))
     out: torch.Tensor | None = None
+    parts: list[tuple[int, tuple[list[int], torch.Tensor]]] = []  # (batch, (its text indices, its values))
     captured: dict[int, torch.Tensor] = {}
     gather: dict[str, torch.Tensor] = {}
 
@@ -176,8 +183,9 @@ def collect_head_activations(
     was_training = model.training
     model.eval()
     try:
-        with tqdm(total=len(order), desc="head activations", unit="ex", disable=not progress) as bar:
-            for start in range(0, len(order), batch_size):
+        total = sum(len(order[start : start + batch_size]) for _, start in mine)
+        with tqdm(total=total, desc="head activations", unit="ex", disable=not progress) as bar:
+            for batch, start in mine:
                 indices = order[start : start + batch_size]
                 lengths = torch.tensor([len(encoded[i]) for i in indices])
                 input_ids, mask = pad_right([encoded[i] for i in indices], pad_id(tokenizer))
@@ -189,14 +197,18 @@ def collect_head_activations(
                 except _Collected:
                     pass
                 stacked = torch.stack([captured[layer].cpu() for layer in range(layout.num_layers)], dim=1)
-                if out is None:
-                    out = torch.empty(len(order), layout.num_layers, num_heads, head_dim, dtype=stacked.dtype)
-                out[torch.tensor(indices)] = stacked.view(len(indices), layout.num_layers, num_heads, head_dim)
+                parts.append((batch, (indices, stacked.view(len(indices), layout.num_layers, num_heads, head_dim))))
                 bar.update(len(indices))
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    if spread:
+        parts = list(enumerate(processes.gather(parts)))
+    for _, (indices, values) in parts:
+        if out is None:
+            out = torch.empty(len(order), layout.num_layers, num_heads, head_dim, dtype=values.dtype)
+        out[torch.tensor(indices)] = values
     if out is None:
         raise DataError("there are no probe examples")
     return out

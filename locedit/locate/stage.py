@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import processes
 from ..core.errors import DataError, RecipeError
 from ..core.recipe import Recipe
 from ..data import hold_out, load_questions
@@ -161,12 +162,20 @@ def find_probe_result(recipe: Recipe, model_path: str, layout: AttentionLayout) 
     return stage.existing_result(), stage.output_dir
 
 
-def run_probe_stage(stage: ProbeStage, recipe: Recipe, model=None, tokenizer=None, progress: bool = True):
+def run_probe_stage(
+    stage: ProbeStage, recipe: Recipe, model=None, tokenizer=None, progress: bool = True, together: bool = False
+):
     """The probe result for the stage: the saved one if up to date, else collected (or read from the activation
-    cache) and fitted, then saved. Loads the model only when activations must be collected."""
+    cache) and fitted, then saved. Loads the model only when activations must be collected.
+
+    `together`: every process of an `accelerate launch` calls this at once (`locedit probe`, the study): each
+    collects its share of the examples, the main process fits the probes on all of them and saves the result, and
+    the others read it. Otherwise one process works alone (the others wait for it or find its result)."""
     existing = stage.existing_result()
     if existing is not None:
         return existing
+    if together and processes.count() > 1:
+        return _run_probe_stage_together(stage, recipe, progress)
     with run_lock(stage.output_dir):  # a second probe writing the same result and cache refuses meanwhile
         activations = load_activations(stage.activations_file, stage.examples)
         if activations is None:
@@ -179,16 +188,45 @@ def run_probe_stage(stage: ProbeStage, recipe: Recipe, model=None, tokenizer=Non
                 model, tokenizer, stage.examples.texts, batch_size=recipe.probe.probe_batch_size, progress=progress
             )
             save_activations(stage.activations_file, activations, stage.examples, {"key": stage.activations_key})
-        result = compute_probe_result(
-            activations,
-            torch.tensor(stage.examples.labels),
-            torch.tensor(stage.is_val),
-            info={**stage.info, "activations_file": os.path.basename(stage.activations_file)},
-            standardize=recipe.probe.probe_standardize,
+        return fit_and_save(stage, recipe, activations)
+
+
+def fit_and_save(stage: ProbeStage, recipe: Recipe, activations: torch.Tensor) -> ProbeResult:
+    """The probes fitted on the stage's activations, saved to its output directory."""
+    result = compute_probe_result(
+        activations,
+        torch.tensor(stage.examples.labels),
+        torch.tensor(stage.is_val),
+        info={**stage.info, "activations_file": os.path.basename(stage.activations_file)},
+        standardize=recipe.probe.probe_standardize,
+    )
+    result.check_fits(stage.layout)
+    result.save(stage.output_dir)
+    return result
+
+
+def _run_probe_stage_together(stage: ProbeStage, recipe: Recipe, progress: bool) -> ProbeResult:
+    activations = load_activations(stage.activations_file, stage.examples)
+    collected = activations is None
+    if collected:
+        model, tokenizer = load_model_and_tokenizer(stage.model_path, recipe.model, recipe.training.trust_remote_code)
+        place_for_inference(model)
+        activations = collect_head_activations(
+            model,
+            tokenizer,
+            stage.examples.texts,
+            batch_size=recipe.probe.probe_batch_size,
+            progress=progress and processes.is_main(),
+            spread=True,
         )
-        result.check_fits(stage.layout)
-        result.save(stage.output_dir)
-        return result
+        del model
+    if processes.is_main():
+        with run_lock(stage.output_dir):
+            if collected:
+                save_activations(stage.activations_file, activations, stage.examples, {"key": stage.activations_key})
+            fit_and_save(stage, recipe, activations)
+    processes.wait_for_everyone()
+    return stage.existing_result()
 
 
 def describe_stage(stage: ProbeStage, recipe: Recipe) -> str:
@@ -225,12 +263,15 @@ def probe_recipe(recipe: Recipe) -> ProbeResult | ProbeStage:
     """Probe every head of the recipe's model on its training questions and save the result."""
     model_path, _, layout = read_model_config(recipe.model, recipe.training.trust_remote_code)
     stage = make_probe_stage(recipe, model_path, layout)
-    print(describe_stage(stage, recipe), flush=True)
+    main = processes.is_main()  # under `accelerate launch`, every process takes part and the main one speaks
+    if main:
+        print(describe_stage(stage, recipe), flush=True)
     if recipe.edit.dry_run:
         return stage
-    result = run_probe_stage(stage, recipe)
-    print(describe_result(result), flush=True)
-    print(f"  saved        {os.path.join(stage.output_dir, PROBE_JSON)}", flush=True)
+    result = run_probe_stage(stage, recipe, together=True)
+    if main:
+        print(describe_result(result), flush=True)
+        print(f"  saved        {os.path.join(stage.output_dir, PROBE_JSON)}", flush=True)
     return result
 
 

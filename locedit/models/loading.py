@@ -106,9 +106,10 @@ def config_head_dim(config, layout: AttentionLayout) -> int:
 def load_model_and_tokenizer(model_path: str, model_args: ModelArguments, trust_remote_code: bool = False):
     """The base model and its tokenizer as the recipe asks (dtype, attention, 4/8-bit), with a pad token."""
     import torch
-    from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import get_quantization_config
+
+    from .. import processes
 
     quantization_config = get_quantization_config(model_args)
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
@@ -120,7 +121,7 @@ def load_model_and_tokenizer(model_path: str, model_args: ModelArguments, trust_
         trust_remote_code=trust_remote_code,
         quantization_config=quantization_config,
         # A quantised model is placed at load time, one whole copy per process (the usual k-bit device map).
-        device_map={"": PartialState().local_process_index} if quantization_config is not None else None,
+        device_map={"": processes.state().local_process_index} if quantization_config is not None else None,
     )
     tokenizer = AutoTokenizer.from_pretrained(
         model_path, revision=model_args.model_revision, trust_remote_code=trust_remote_code
@@ -132,10 +133,10 @@ def load_model_and_tokenizer(model_path: str, model_args: ModelArguments, trust_
 
 def place_for_inference(model):
     """Put a model that was loaded on the CPU onto the accelerator, as the trainer would (k-bit models are placed)."""
-    from accelerate import PartialState
+    from .. import processes
 
     if getattr(model, "hf_device_map", None) is None and not getattr(model, "is_quantized", False):
-        model.to(PartialState().device)
+        model.to(processes.state().device)
     return model
 
 

@@ -11,10 +11,10 @@ from ..plan import RunPlan
 def locate_heads(plan: RunPlan, recipe: Recipe, model, tokenizer) -> None:
     """Run each locator the plan still misses on the loaded model (once, on the main process first), then resolve
     the heads from its scores."""
-    from accelerate import PartialState
+    from .. import processes
 
     for locator in plan.missing:
-        with PartialState().main_process_first():
+        with processes.state().main_process_first():
             result = LOCATORS[locator].run(recipe, plan.model_path, plan.layout, model, tokenizer)
         directory = getattr(result, "path", None) or plan.located_dirs[locator]
         plan.use_result(locator, result, directory, recipe)

@@ -1,8 +1,16 @@
-"""The study: every stage of the paper's comparison from one `probe:K` recipe, in one process (`locedit study`).
+"""The study: every stage of the paper's comparison from one `probe:K` recipe (`locedit study`).
 
 Its families: ITI at the probe heads and at random heads; optimal edits at the probe heads, at the heads every other
 localization heuristic ranks first (one family per locator of `locedit.locate.LOCATORS`, e.g. gradient importance:
 `importance:K`, with the same K), at random heads, at single heads and at all heads.
+
+Under `accelerate launch --num_processes N` every stage uses every process (`locedit.processes`): the probes'
+activations are collected by example shares, the training runs are shared among the processes (each trains its runs
+alone on its own device, as `locedit train` would: the edits are those of one process), the evaluation shares its
+models, and the main process makes ITI's edits
+and writes the report. The files are those one process writes. A model too large for one device is trained data
+parallel (or sharded) by `accelerate launch -m locedit.train` with each family's printed command first; the study
+then finds those runs finished.
 """
 
 from __future__ import annotations
@@ -10,12 +18,16 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import resource
 import shlex
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import processes
 from ..config import parse_recipe
 from ..core.errors import RecipeError
 from ..core.plugins import load_plugins
@@ -126,21 +138,49 @@ def check_study_recipe(recipe: Recipe) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process (all threads) and of the child processes it has waited for."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 class Timer:
-    """Wall and CPU seconds (all threads of the process) of each stage."""
+    """Wall and CPU seconds (all threads of the process, and the training runs it started) of each stage."""
 
     def __init__(self):
         self.stages: dict[str, dict[str, float]] = {}
 
     @contextmanager
     def __call__(self, stage: str):
-        wall, cpu = time.perf_counter(), time.process_time()
+        wall, cpu = time.perf_counter(), _cpu_seconds()
         try:
             yield
         finally:
             entry = self.stages.setdefault(stage, {"wall_s": 0.0, "cpu_s": 0.0})
             entry["wall_s"] += time.perf_counter() - wall
-            entry["cpu_s"] += time.process_time() - cpu
+            entry["cpu_s"] += _cpu_seconds() - cpu
+
+    def of_every_process(self) -> dict[str, dict[str, float]]:
+        """The stages of every process of a launch: the longest wall time of each (they ran side by side) and the
+        CPU time of all of them."""
+        merged: dict[str, dict[str, float]] = {}
+        for stages in processes.gather([(processes.index(), self.stages)]):
+            for stage, entry in stages.items():
+                into = merged.setdefault(stage, {"wall_s": 0.0, "cpu_s": 0.0})
+                into["wall_s"] = max(into["wall_s"], entry["wall_s"])
+                into["cpu_s"] += entry["cpu_s"]
+        return merged
+
+
+def train_alone(argv: list[str]) -> None:
+    """`locedit train ARGV` in a child process that runs alone on this process's device (outside the launch's
+    process group), so that the edit is the one a single process makes."""
+    command = [sys.executable, "-m", "locedit.train", *argv]
+    child = subprocess.Popen(command, env=processes.solo_environment(), preexec_fn=processes.die_with_parent())
+    returncode = child.wait()
+    if returncode != 0:
+        shown = shlex.join(["locedit", "train", *argv])
+        raise RecipeError(f"the training run {shown} failed (exit code {returncode}); its output is above")
 
 
 def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
@@ -154,13 +194,19 @@ def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
     def stage_recipe(command: str, flags: list[str]) -> Recipe:
         return parse_recipe(base_argv + flags, prog=f"locedit {command}")
 
+    main = processes.is_main()  # under `accelerate launch`, every process works and the main one narrates
+
     def stage(command: str, flags: list[str], shown: list[str] | None = None) -> Recipe:
-        print(f"\nlocedit study: {shlex.join(['locedit', command, *(shown or []), *base_argv, *flags])}", flush=True)
+        if main:
+            shown_command = shlex.join(["locedit", command, *(shown or []), *base_argv, *flags])
+            print(f"\nlocedit study: {shown_command}", flush=True)
         return stage_recipe(command, flags)
 
-    print(f"locedit study: {recipe.name}: model {recipe.model.model_name_or_path}, data {recipe.edit.dataset}")
+    if main:
+        print(f"locedit study: {recipe.name}: model {recipe.model.model_name_or_path}, data {recipe.edit.dataset}")
     if recipe.edit.dry_run:
-        return _dry_run(recipe, options, stage)
+        with contextlib.nullcontext() if main else contextlib.redirect_stdout(io.StringIO()):
+            return _dry_run(recipe, options, stage)
 
     # Every stage planned and the judges and corpus checked before the first stage runs, exactly as the dry run
     # does (its output kept back): a mistake in a late stage ends the study now, not after the earlier stages.
@@ -170,25 +216,39 @@ def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
     with timer("model"):  # the model resolved and every stage planned
         with contextlib.redirect_stdout(io.StringIO()):
             _dry_run(recipe, options, planned)
-        resolve_model_path(recipe.model.model_name_or_path)  # pre-trains the toy model on first use
+        with processes.main_first():  # one process builds what is built once (the toy model), the others find it
+            resolve_model_path(recipe.model.model_name_or_path)  # pre-trains the toy model on first use
     with timer("probe"):
         probe_recipe(stage("probe", []))
 
     edits: list[tuple[str, str]] = []  # (family, run directory) of every edit, in the table's order
-    with timer("iti"):
-        iti_recipe = stage("iti", [])
-        make_iti_edits(iti_recipe)
-        edits.append(("iti", iti_run_dir(iti_recipe)))
+    with timer("iti"):  # quick: the main process makes ITI's edits, the others wait for them
+        iti_recipes = [stage("iti", [])]
         if options.random:  # the same random sets as the optimal edits' (same heads_seed), for Fig. 1a
-            random_recipe = stage("iti", random_heads_flags(recipe, options))
-            make_iti_edits(random_recipe)
-            edits += [("iti_random", edit_dir) for edit_dir in expand_run_dirs([iti_run_dir(random_recipe)])]
+            iti_recipes.append(stage("iti", random_heads_flags(recipe, options)))
+        if main:
+            for iti_recipe in iti_recipes:
+                make_iti_edits(iti_recipe)
+        processes.wait_for_everyone()
+        edits.append(("iti", iti_run_dir(iti_recipes[0])))
+        if options.random:
+            edits += [("iti_random", edit_dir) for edit_dir in expand_run_dirs([iti_run_dir(iti_recipes[1])])]
 
-    for family, flags in family_flags(recipe, options):
-        with timer(f"train {family}"):
-            run_recipe = stage("train", flags)
-            run_dir = output_dir_of(run_recipe)
-            train_recipe(run_recipe)
+    families = family_flags(recipe, options)
+    if processes.count() > 1:
+        # Each process trains its share of the runs alone, then waits for the others' (a resumed study skips the
+        # finished runs, whatever the number of processes).
+        for _, (family, flags) in processes.share(families):
+            with timer(f"train {family}"):
+                stage("train", flags)
+                train_alone([*base_argv, *flags])
+        processes.wait_for_everyone()
+    else:
+        for family, flags in families:
+            with timer(f"train {family}"):
+                train_recipe(stage("train", flags))
+    for family, flags in families:
+        run_dir = output_dir_of(stage_recipe("train", flags))
         edits += [(family, edit_dir) for edit_dir in expand_run_dirs([run_dir])]  # a multi-edit run: one per edit
 
     base_dir = os.path.join(study_dir, "base")
@@ -196,15 +256,18 @@ def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
         eval_recipe = stage("eval", ["--eval_output_dir", base_dir], shown=["RUN_DIR...", "--base"])
         evaluate(eval_recipe, [run_dir for _, run_dir in edits], base=True)
 
+    timings = timer.of_every_process()
+    if not main:
+        return {}
     with timer("report"):
         # The study's table and the paper's report read the same runs from their directories.
         runs = [read_run(Path(run_dir), family) for family, run_dir in [("base", base_dir), *edits]]
         metric = verdict_metric(recipe)
         report = write_study_report(runs, recipe, study_dir, metric)
         report["verdict"] = write_paper_report(runs, recipe, study_dir, metric)
-    report["timings"] = timer.stages
+    report["timings"] = {**timings, "report": timer.stages["report"]}
     write_study_files(report, recipe, study_dir)
-    print(f"\n{report['table']}\n\n{report['summary_table']}\n\n{format_timings(timer.stages)}", flush=True)
+    print(f"\n{report['table']}\n\n{report['summary_table']}\n\n{format_timings(report['timings'])}", flush=True)
     print("\n" + "\n".join(f"- {sentence}" for sentence in report["verdict"]["sentences"]), flush=True)
     print(
         f"\nlocedit study: wrote {study_dir}/study.md, study.json and study.png; the paper's figures, table and "

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from .. import processes
 from ..config import parse_recipe
 from ..core.errors import USER_ERRORS, RecipeError
 from ..core.files import write_text_atomic
@@ -137,9 +138,13 @@ def run_sweep(path: str, devices: list[str | None], log_dir: str) -> list[dict]:
     """Run every unfinished run of the sweep, one per device at a time. Returns a record per run.
 
     The runs are child processes that die with the sweep (a parent-death signal, on Linux), so a sweep killed even
-    with SIGKILL leaves no run writing on; Ctrl-C stops the running runs and starts no new one.
+    with SIGKILL leaves no run writing on; Ctrl-C stops the running runs and starts no new one. Under `accelerate
+    launch` the runs are shared among the processes (`locedit.processes.share`), each running its runs one at a time
+    on its own device; every process gets every record.
     """
     runs = plan_sweep(path)
+    if processes.count() > 1:
+        runs, devices = [run for _, run in processes.share(runs)], [None]  # None: this process's own device
     os.makedirs(log_dir, exist_ok=True)
     records: list[dict] = []
     lock = threading.Lock()
@@ -159,7 +164,8 @@ def run_sweep(path: str, devices: list[str | None], log_dir: str) -> list[dict]:
                 run = todo.get_nowait()
             except queue.Empty:
                 return
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the run's log file follows it line by line
+            # The run alone, outside any launch's process group; its log file follows it line by line.
+            env = {**processes.solo_environment(), "PYTHONUNBUFFERED": "1"}
             if device is not None:
                 env["CUDA_VISIBLE_DEVICES"] = device
             log_path = os.path.join(log_dir, f"{run.index:03d}-{run.name}.log")
@@ -174,7 +180,7 @@ def run_sweep(path: str, devices: list[str | None], log_dir: str) -> list[dict]:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
-                    preexec_fn=_die_with_parent(),
+                    preexec_fn=processes.die_with_parent(),
                 )
                 with lock:
                     children.add(child)
@@ -214,21 +220,7 @@ def run_sweep(path: str, devices: list[str | None], log_dir: str) -> list[dict]:
         for thread in threads:
             thread.join()
         raise
-    return sorted(records, key=lambda record: record["index"])
-
-
-def _die_with_parent():
-    """A preexec_fn that makes the child receive SIGTERM when the sweep dies (Linux's PR_SET_PDEATHSIG), else None.
-
-    Only the prctl call runs in the child, prepared here, as preexec_fn must not take locks (the sweep has threads).
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    set_parent_death_signal, sigterm = 1, int(signal.SIGTERM)
-    return lambda: prctl(set_parent_death_signal, sigterm)
+    return processes.gather([(record["index"], record) for record in records])
 
 
 def _record(run: SweepRun, status: str, **extra) -> dict:
@@ -255,9 +247,14 @@ def _last_error(log_path: str) -> str:
 
 
 def _append_jsonl(path: str, record: dict) -> None:
-    """Add a record to runs.jsonl; the file is replaced whole, so a killed sweep never leaves a half line."""
-    previous = Path(path).read_text() if os.path.isfile(path) else ""
-    write_text_atomic(path, previous + json.dumps(record) + "\n")
+    """Add a record to runs.jsonl; the file is replaced whole, so a killed sweep never leaves a half line, under a
+    lock, so that the processes of a launch never drop each other's records."""
+    import fcntl
+
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        previous = Path(path).read_text() if os.path.isfile(path) else ""
+        write_text_atomic(path, previous + json.dumps(record) + "\n")
 
 
 def default_devices() -> list[str | None]:

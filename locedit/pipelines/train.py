@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 
+from .. import processes
 from ..core.recipe import Recipe
 from ..core.tracking import wandb_tracking
 from ..evaluation import check_settings, evaluate_after_training
@@ -17,11 +18,10 @@ from .locate import locate_heads
 
 def train_recipe(recipe: Recipe) -> dict | RunPlan:
     """Plan, then (unless dry_run) train the edit and write the run directory. Returns the plan or the metrics."""
-    from accelerate import PartialState
 
     edit_args, model_args, training_args = recipe.edit, recipe.model, recipe.training
     plan = make_plan(recipe)
-    is_main = PartialState().is_main_process
+    is_main = processes.state().is_main_process
     if is_main:
         print(plan.describe(model_args, edit_args, training_args), flush=True)
     # eval_after_train: the judges and the corpus are checked now (in every process, so all stop alike), not after
@@ -40,13 +40,15 @@ def train_recipe(recipe: Recipe) -> dict | RunPlan:
         # The main process holds the run directory: a second run into it refuses while this one lives.
         with run_lock(plan.output_dir) if is_main else contextlib.nullcontext():
             metrics = _train(recipe, plan, is_main)
-    if eval_resources is not None and is_main:
-        # eval_after_train: evaluate the edits just written, in the main process, once the training model is freed.
+    if eval_resources is not None:
+        # eval_after_train: evaluate the edits just written once the training model is freed, the edits shared
+        # among the processes of a launch (one each, for a multi-edit run) once the main one has written them.
         import torch
 
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        processes.wait_for_everyone()
         evaluate_after_training(recipe, [plan.output_dir], eval_resources)
     return metrics
 

@@ -270,7 +270,7 @@ def plan_edits(recipe, plan) -> list[EditRun]:
 
 def train_multi_edit(recipe, plan, model, tokenizer) -> dict:
     """Train every edit of the recipe in one pass per step; write one ordinary run directory per edit."""
-    from accelerate import PartialState
+    from .. import processes
 
     args = recipe.training
     if not args.precompute_ref_log_probs:
@@ -290,7 +290,7 @@ def train_multi_edit(recipe, plan, model, tokenizer) -> dict:
     trainer = MultiEditTrainer(model=model, **training_inputs(plan, args), processing_class=tokenizer, bank=bank)
     metrics = {**train_and_validate(trainer, plan.output_dir), "data_rows_skipped": plan.data_rows_skipped}
     trainer.save_state()
-    if PartialState().is_main_process:
+    if processes.state().is_main_process:
         question_ids = split_question_ids(plan.splits)
         for index, run in enumerate(runs):
             write_run_description(

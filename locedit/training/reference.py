@@ -147,7 +147,7 @@ class CachedReferenceMixin:
             return dataset  # scored already (the training pairs, scored again after training)
         if not getattr(self.args, "cache_ref_log_probs", False) or len(dataset) == 0:
             return super()._precompute_ref_logps(dataset, name, batch_size)
-        from accelerate import PartialState
+        from .. import processes
 
         if getattr(self, "_locedit_reference_cache", None) is None:
             self._locedit_reference_cache = ReferenceLogpCache.for_model(reference_model_key(self.model, self.args))
@@ -156,9 +156,9 @@ class CachedReferenceMixin:
             pair_key(*row)
             for row in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
         ]
-        known = cache.read(notice=PartialState().is_main_process)
+        known = cache.read(notice=processes.state().is_main_process)
         missing = sorted({i for i, key in enumerate(keys) if key not in known})
-        state = PartialState()
+        state = processes.state()
         if state.is_main_process:
             print(
                 f"locedit: reference log-probs of the {name} pairs: {len(keys) - len(missing)} of {len(keys)} "

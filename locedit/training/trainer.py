@@ -44,9 +44,9 @@ def require_ipo(args) -> None:
 
 def pairs_per_step(args) -> int:
     """Training pairs one optimizer step consumes, over all processes."""
-    from accelerate import PartialState
+    from .. import processes
 
-    return args.per_device_train_batch_size * args.gradient_accumulation_steps * PartialState().num_processes
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * processes.state().num_processes
 
 
 def training_inputs(plan, args) -> dict:
@@ -68,15 +68,14 @@ def training_inputs(plan, args) -> dict:
     import copy
     import math
 
-    from accelerate import PartialState
-
+    from .. import processes
     from ..data import draw_by_question
 
     columns = ["prompt", "chosen", "rejected"]
     every = plan.splits["train"]
     train = every.select_columns(columns)
     per_step = pairs_per_step(args)
-    say = print if PartialState().is_main_process else (lambda *a, **k: None)
+    say = print if processes.state().is_main_process else (lambda *a, **k: None)
     if args.pair_draw == "question":
         question_ids = every["question_id"]
         questions = len(set(question_ids))
@@ -127,9 +126,9 @@ def speed_line(metrics: dict) -> str | None:
 
 def train_and_validate(trainer, output_dir: str) -> dict:
     """Train (resuming from the last checkpoint in output_dir, if any), then score the validation pairs."""
-    from accelerate import PartialState
+    from .. import processes
 
-    is_main = PartialState().is_main_process
+    is_main = processes.state().is_main_process
     last_checkpoint = last_complete_checkpoint(output_dir, remove_incomplete=is_main)
     if last_checkpoint and is_main:
         print(f"locedit: resuming from {last_checkpoint}", flush=True)

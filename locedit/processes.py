@@ -1,0 +1,126 @@
+"""The processes of an `accelerate launch`: each stage that spreads its work takes this process's share here, and
+waits for the others here.
+
+    accelerate launch --num_processes 8 -m locedit.study recipes/single_head.yaml
+
+Under the launcher (WORLD_SIZE > 1) the process group is accelerate's `PartialState` (NCCL on GPUs, gloo on CPUs;
+`state()` makes it, and every part of locedit takes it from there); in a plain process every call but `state()` is
+the single-process case and imports nothing. On CPUs, `accelerate launch --multi_gpu --num_processes N` (or `torchrun
+--nproc_per_node N`) starts N processes; `accelerate launch --cpu` starts one. Work is shared round robin by
+position (`share`), so neighbouring items, often alike in cost, go to different processes, and results come back in
+position order on every process (`gather`), exactly as one process would have made them. A file is written by one
+process only: the one whose share made it, or the main process (`is_main`), while the others wait
+(`wait_for_everyone`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+
+# What a launcher sets for each process of a group; a child process started without them runs alone.
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "ACCELERATE_USE_DEEPSPEED",
+    "ACCELERATE_USE_FSDP",
+)
+
+
+def count() -> int:
+    """How many processes the launcher started (1 without one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def state():
+    """accelerate's `PartialState` of this process, made here first: on a machine without a GPU, accelerate joins
+    the processes of a launch into one (gloo) group only when told `cpu` (else each process thinks it is alone)."""
+    import torch
+    from accelerate import PartialState
+
+    cpu = not torch.cuda.is_available()
+    if cpu and count() > 1:
+        # transformers' training arguments make the state again, as CPU processes only when this says so.
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    return PartialState(cpu=cpu)
+
+
+def index() -> int:
+    return state().process_index if count() > 1 else 0
+
+
+def is_main() -> bool:
+    return index() == 0
+
+
+def wait_for_everyone() -> None:
+    if count() > 1:
+        state().wait_for_everyone()
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """The main process runs the block first (say, building a cached model), the others after it (finding it)."""
+    if count() == 1:
+        yield
+        return
+    with state().main_process_first():
+        yield
+
+
+def share(items: Sequence[T]) -> list[tuple[int, T]]:
+    """This process's share of `items` with their positions: every count()-th item from position index()."""
+    processes, mine = count(), index()
+    return [(position, item) for position, item in enumerate(items) if position % processes == mine]
+
+
+def gather(pairs: list[tuple[int, T]]) -> list[T]:
+    """Every process's (position, value) pairs, as one list in position order, on every process."""
+    if count() > 1:
+        from accelerate.utils import gather_object
+
+        pairs = gather_object(list(pairs))
+    return [value for _, value in sorted(pairs, key=lambda pair: pair[0])]
+
+
+def solo_environment() -> dict[str, str]:
+    """The environment for a child process that runs alone, on this process's device: without the launcher's
+    variables, and with CUDA_VISIBLE_DEVICES narrowed to this process's GPU (when there is one)."""
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
+    if count() > 1:
+        device = state().device
+        if device.type == "cuda":
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            ids = visible.split(",") if visible else [str(i) for i in range(device.index + 1)]
+            env["CUDA_VISIBLE_DEVICES"] = ids[device.index]
+    return env
+
+
+def die_with_parent():
+    """A preexec_fn that makes a child process receive SIGTERM when its parent dies (Linux's PR_SET_PDEATHSIG), else
+    None: a sweep's runs, a study's training runs, never left running on when what started them is killed.
+
+    Only the prctl call runs in the child, prepared here, as preexec_fn must not take locks (a sweep has threads).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    set_parent_death_signal, sigterm = 1, int(signal.SIGTERM)
+    return lambda: prctl(set_parent_death_signal, sigterm)

@@ -1,0 +1,161 @@
+"""Every process of an `accelerate launch`: probe, eval and the study run under 2 CPU processes (a gloo group) and
+write exactly the files one process writes; an interrupted 2-process study resumed by 1 process gives the same table.
+
+On a machine without a GPU, `accelerate launch --multi_gpu --num_processes 2` starts 2 processes (torchrun's);
+`--cpu` would start one. The processes share the 2 cores here, so these tests are about results, not speed
+(`benchmarks/processes.py` times them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from locedit.processes import LAUNCHER_VARIABLES
+
+TINY, TINY_PROBE, TOY = "recipes/tiny.yaml", "recipes/tiny_probe.yaml", "recipes/toy.yaml"
+NO_JUDGES = ["--eval_judge_truth", "none", "--eval_judge_info", "none", "--eval_corpus", "none"]
+STUDY = [TOY, "--study_random", "2", "--study_single", "2"]
+
+
+def free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def environment() -> dict[str, str]:
+    # The commands must see no launch of their own (pytest under a launcher would hand its variables down).
+    return {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
+
+
+def command(module: str, args: list[str], processes: int) -> list[str]:
+    if processes == 1:
+        return [sys.executable, "-m", module, *args]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [*launch, "--main_process_port", free_port(), "-m", module, *args]
+
+
+def run(module: str, args: list[str], processes: int, cwd: Path) -> str:
+    result = subprocess.run(
+        command(module, args, processes), cwd=cwd, env=environment(), capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def work_dir(root: Path, name: str) -> Path:
+    directory = root / name
+    directory.mkdir()
+    (directory / "recipes").symlink_to(Path(__file__).resolve().parents[1] / "recipes", target_is_directory=True)
+    return directory
+
+
+def same_files(a: Path, b: Path, pattern: str) -> list[str]:
+    """The files matching `pattern` below a, each equal to its namesake below b; returns their relative paths."""
+    names = sorted(str(p.relative_to(a)) for p in a.rglob(pattern))
+    assert names == sorted(str(p.relative_to(b)) for p in b.rglob(pattern))
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    return names
+
+
+def test_probe_with_two_processes_is_the_probe_of_one(tmp_path):
+    results = {}
+    for processes in (1, 2):
+        cwd = work_dir(tmp_path, f"p{processes}")
+        out = run("locedit.probe", [TINY_PROBE, "--probe_output_dir", "probe"], processes, cwd)
+        assert out.count("locedit probe\n") == 1  # the main process speaks
+        results[processes] = cwd / "probe"
+    assert same_files(results[1], results[2], "*.json") == ["probe.json"]
+    assert len(same_files(results[1], results[2], "*.safetensors")) == 2  # the activations and the probes
+
+
+def test_eval_with_two_processes_shares_the_models_and_writes_what_one_writes(tmp_path):
+    trained = work_dir(tmp_path, "trained")
+    # Three edits in one multi-edit run, and a single edit: four edited models and the base model.
+    fast = ["--max_steps", "4", "--report_to", "none"]
+    multi = ["--heads", "random:2", "--heads_draws", "3", "--output_dir", "multi"]
+    run("locedit.train", [TINY, *fast, *multi], 1, trained)
+    run("locedit.train", [TINY, *fast, "--heads", "L0H1", "--output_dir", "single"], 1, trained)
+    edits = ["multi/" + name for name in sorted(os.listdir(trained / "multi")) if name.startswith("random")]
+    assert len(edits) == 3
+    evaluated = {}
+    for processes in (1, 2):
+        cwd = tmp_path / f"e{processes}"
+        shutil.copytree(trained, cwd, symlinks=True)
+        args = [TINY, *edits, "single", "--base", *NO_JUDGES, "--eval_output_dir", "base"]
+        out = run("locedit.eval", args, processes, cwd)
+        assert out.count("generating 24 answers") == 5
+        evaluated[processes] = cwd
+    assert len(same_files(evaluated[1], evaluated[2], "generations.jsonl")) == 5
+    assert len(same_files(evaluated[1], evaluated[2], "metrics.json")) == 5 + 5  # runs' and their evaluations'
+
+    # Evaluated again with the same settings, every model is left as it is.
+    out = run("locedit.eval", [TINY, *edits, "single", "--base", *NO_JUDGES, "--eval_output_dir", "base"], 2, cwd)
+    assert out.count("left as it is") == 5 and "generating" not in out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux's /proc), children first."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def study_table(cwd: Path) -> dict:
+    report = json.loads((cwd / "outputs/toy/study/study.json").read_text())
+    return {key: value for key, value in report.items() if key != "timings"}
+
+
+def test_study_with_two_processes_is_the_study_of_one_and_resumes_with_one(tmp_path):
+    one = work_dir(tmp_path, "one")
+    run("locedit.study", STUDY, 1, one)
+    reference = study_table(one)
+
+    two = work_dir(tmp_path, "two")
+    out = run("locedit.study", STUDY, 2, two)
+    assert out.count("locedit study: wrote") == 1  # the main process writes the report
+    assert study_table(two) == reference
+    assert len(same_files(one / "outputs", two / "outputs", "adapter_model.safetensors")) >= 8
+    assert len(same_files(one / "outputs", two / "outputs", "generations.jsonl")) >= 9
+
+    # Killed (SIGKILL: the launcher, its processes and their training runs, as when a node goes down) once a first
+    # run directory is finished, then resumed by one process: the same table.
+    resumed = work_dir(tmp_path, "resumed")
+    launched = subprocess.Popen(
+        command("locedit.study", STUDY, 2),
+        cwd=resumed,
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 600
+    while not list((resumed / "outputs/toy").glob("*/metrics.json")) and time.monotonic() < deadline:
+        assert launched.poll() is None, "the study ended before it could be interrupted"
+        time.sleep(0.2)
+    for pid in [launched.pid, *descendants(launched.pid)]:  # the launcher, its processes and their training runs
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    launched.wait()
+    assert not (resumed / "outputs/toy/study/study.json").exists()
+    run("locedit.study", STUDY, 1, resumed)
+    assert study_table(resumed) == reference
