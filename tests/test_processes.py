@@ -159,3 +159,16 @@ def test_study_with_two_processes_is_the_study_of_one_and_resumes_with_one(tmp_p
     assert not (resumed / "outputs/toy/study/study.json").exists()
     run("locedit.study", STUDY, 1, resumed)
     assert study_table(resumed) == reference
+
+
+def test_a_sweep_with_two_processes_shares_its_runs(tmp_path):
+    from test_sweep import write_sweep
+
+    sweep_file = write_sweep(tmp_path / "seeds.yaml")
+    cwd = work_dir(tmp_path, "sweep")
+    out = run("locedit.sweep", [str(sweep_file)], 2, cwd)
+    assert out.count("] start ") == 3 and out.count("] finished ") == 3
+    assert out.count("3 finished, 0 skipped (done before), 0 failed") == 1  # the main process sums up
+    records = [json.loads(line) for line in (cwd / "outputs/sweeps/seeds/runs.jsonl").read_text().splitlines()]
+    assert sorted(record["index"] for record in records) == [0, 1, 2]
+    assert len(list((cwd / "outputs/tiny").glob("*/metrics.json"))) == 3
