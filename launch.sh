@@ -8,6 +8,11 @@
 #   ./launch.sh fsdp all_heads            # FSDP
 #   ./launch.sh cpu_2proc tiny            # two processes on a CPU (how the tests check multi-process runs)
 #
+# The whole study (probe, ITI, every family's training, evaluation, report) on every process of a launch:
+#   ./launch.sh study ddp probe_heads_16                      # one node of 8 GPUs (accelerate_configs/ddp.yaml)
+#   ./launch.sh study multinode probe_heads_16 --machine_rank 1 --main_process_ip HEAD   # on each of several nodes
+#   ./launch.sh study cpu_2proc toy                           # two processes on a CPU
+#
 # Sweeps (recipes/sweeps/*.yaml are W&B grid sweep files):
 #   ./launch.sh wandb-sweep recipes/sweeps/tau_all_heads.yaml    # create the sweep in W&B, then one agent per GPU
 #   ./launch.sh wandb-agents ENTITY/PROJECT/SWEEP_ID             # one more agent per GPU for an existing sweep
@@ -26,9 +31,20 @@ wandb_agents() {
     wait
 }
 
-setup=${1:?usage: ./launch.sh SETUP [RECIPE] [--key value ...] (SETUP: tiny, single_gpu, ddp, zero3, fsdp, cpu_2proc, sweep, wandb-sweep, wandb-agents)}
+setup=${1:?usage: ./launch.sh SETUP [RECIPE] [--key value ...] (SETUP: tiny, single_gpu, ddp, zero3, fsdp, cpu_2proc, study, sweep, wandb-sweep, wandb-agents)}
 shift
 case "$setup" in
+    study)
+        config=accelerate_configs/${1:?usage: ./launch.sh study CONFIG RECIPE [--machine_rank R --main_process_ip IP] [--key value ...]}.yaml
+        recipe=recipes/${2:?usage: ./launch.sh study CONFIG RECIPE [--key value ...]}.yaml
+        shift 2
+        [ -f "$config" ] || { echo "launch.sh: no accelerate config '$config'" >&2; exit 2; }
+        [ -f "$recipe" ] || { echo "launch.sh: no recipe '$recipe'" >&2; exit 2; }
+        launch=()  # the launcher's own flags (multi-node), the rest go to the study
+        while [ $# -gt 0 ] && { [ "$1" = --machine_rank ] || [ "$1" = --main_process_ip ]; }; do
+            launch+=("$1" "${2:?}"); shift 2
+        done
+        exec accelerate launch --config_file "$config" "${launch[@]}" -m locedit.study "$recipe" "$@" ;;
     tiny) exec python -m locedit.train recipes/tiny.yaml "$@" ;;
     sweep) exec python -m locedit.sweep "$@" ;;
     wandb-agents) wandb_agents "${1:?usage: ./launch.sh wandb-agents SWEEP_ID}"; exit ;;

@@ -15,8 +15,10 @@ rest still run, so one crash does not waste the GPU's time.
                (LocEditTrainer): time per step, and how far the bank's edit k is from edit k trained on its own
   generation   greedy generation, edit merged against applied per token (generation_speed.compare)
   probes       1,024 head probes batched on the GPU against scikit-learn's loop on the CPU (probe_speed.compare)
-  nf4          the 16-head edit on a 4-bit nf4 base (transformers' BitsAndBytesConfig): last, as it loads a
-               second copy of the model
+  nf4          the 16-head edit on a 4-bit nf4 base (transformers' BitsAndBytesConfig): it loads a second copy of
+               the model
+  processes    with two GPUs or more: the toy study (--small) in 1 process against 2 processes of `accelerate
+               launch` (processes.py): wall times per stage and whether the tables are identical; skipped on one
 
 --small runs the same code on a 2-layer Llama in fp32 on a CPU (paged_adamw and nf4 are skipped: they need CUDA).
 The exit status is 1 when a section failed (the JSON and the summary are written all the same), else 0.
@@ -47,7 +49,7 @@ from types import SimpleNamespace
 if importlib.util.find_spec("locedit") is None:
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-SECTIONS = ("train", "paged_adamw", "multi_edit", "generation", "probes", "nf4")
+SECTIONS = ("train", "paged_adamw", "multi_edit", "generation", "probes", "nf4", "processes")
 # Expected seconds per section (GPU, --small). The GPU figures are estimates until the first GPU run: 7B at ~40%
 # MFU is ~0.7 s per 8k-token step; each TRL trainer on a 7B model first hashes the whole model in fp32 on the CPU
 # (27 GB through sha256: 30-60 s), and multi_edit builds two.
@@ -58,6 +60,7 @@ BUDGET_S = {
     "generation": (30, 15),
     "probes": (45, 15),
     "nf4": (75, 5),
+    "processes": (180, 5),
 }
 H200_PEAK_TFLOPS = 790.0  # bf16 8192^3 matmul measured on the lent H200 (the data sheet's dense figure is 989)
 WANTED_WHEELS = ("trl", "datasets", "wandb", "bitsandbytes")  # what the GPU machine lacks (wandb: optional)
@@ -426,6 +429,20 @@ def section_probes(check: Check) -> dict:
         f"on {figures['heads_within_one_point']}/{figures['sklearn_heads_timed']} heads"
     )
     return figures
+
+
+def section_processes(check: Check) -> dict:
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        raise Skipped(f"needs 2 GPUs, {torch.cuda.device_count()} here")
+    command = [sys.executable, "processes.py", "--small", "--processes", "2"]
+    result = subprocess.run(command, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        raise RuntimeError(f"processes.py failed: {result.stderr[-1500:]}")
+    lines = result.stdout.strip().splitlines()
+    summary = "; ".join(line for line in lines if line.startswith(("whole command", "study tables identical")))
+    return {"output": result.stdout, "summary": summary}
 
 
 def load_nf4(base, device: str):

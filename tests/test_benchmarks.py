@@ -19,6 +19,7 @@ EXPECTED = {
     "gpu_7b.py": "tokens/s",
     "gpu_check.py": "gpu check summary",
     "real_model.py": "from the cache",
+    "processes.py": "study tables identical: True",
 }
 
 

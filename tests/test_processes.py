@@ -80,6 +80,21 @@ def test_probe_with_two_processes_is_the_probe_of_one(tmp_path):
     assert len(same_files(results[1], results[2], "*.safetensors")) == 2  # the activations and the probes
 
 
+def test_two_processes_on_a_cold_cache_build_the_model_once_and_whole(tmp_path):
+    """With a process group up, transformers saves a model's weights on the main process only: the first process
+    builds what is cached, the others wait for it (a second copy would have no weights)."""
+    cwd = work_dir(tmp_path, "cold")
+    cache = tmp_path / "cache"
+    env = {**environment(), "LOCEDIT_CACHE": str(cache)}
+    args = [TINY_PROBE, "--probe_output_dir", "probe"]
+    result = subprocess.run(command("locedit.probe", args, 2), cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "waiting for the launch's first process to build" in result.stderr
+    (model,) = (cache / "tiny").iterdir()
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(model))
+    assert (cwd / "probe" / "probe.json").is_file()
+
+
 def test_eval_with_two_processes_shares_the_models_and_writes_what_one_writes(tmp_path):
     trained = work_dir(tmp_path, "trained")
     # Three edits in one multi-edit run, and a single edit: four edited models and the base model.

@@ -298,7 +298,7 @@ def test_training_runs_in_two_processes_on_cpu(tmp_path):
             sys.executable,
             "-m",
             "accelerate.commands.launch",
-            "--cpu",
+            "--multi_gpu",  # two CPU processes (gloo) without a GPU; accelerate's --cpu would start one
             "--num_processes",
             "2",
             "--num_machines",

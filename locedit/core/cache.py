@@ -6,7 +6,9 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
@@ -51,14 +53,27 @@ def check_cache_writable(directory: Path | None = None) -> None:
         ) from None
 
 
+def local_launch_rank() -> int:
+    """This process's place among the processes of an `accelerate launch` on its node (0 without a launcher)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 def build_cached(target: Path, build: Callable[[Path], object]) -> Path:
     """`target`, built by `build(directory)` first if it does not exist yet; returns `target`.
 
     Safe when several processes ask for the same target at once: each builds into its own temporary directory
-    and renames it into place; a loser of the race discards its copy and uses the winner's.
+    and renames it into place; a loser of the race discards its copy and uses the winner's. Under `accelerate
+    launch` only the first process of each node builds and the others wait for its copy: with a process group up,
+    transformers' `save_pretrained` writes the weights on the main process only, so another process's copy would
+    have none.
     """
     target = Path(target)
     if target.is_dir():
+        return target
+    if local_launch_rank() > 0:
+        print(f"locedit: waiting for the launch's first process to build '{target}'", file=sys.stderr, flush=True)
+        while not target.is_dir():
+            time.sleep(0.5)  # if that process fails, the launcher stops this one
         return target
     check_cache_writable(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))

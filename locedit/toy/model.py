@@ -12,11 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from .. import processes
 from ..core.cache import build_cached, cache_key, cache_root
 from ..models.tiny import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, build_tokenizer, tiny_config
 from . import world as world_module
@@ -122,7 +125,17 @@ def toy_model_dir(settings: ToySettings) -> Path:
 def resolve_toy_model(spec: str) -> str:
     """The directory of the pre-trained toy model a spec names (`toy`, `toy:layers=2`, ...), built on first use."""
     settings = parse_toy_spec(spec)
-    return str(build_cached(toy_model_dir(settings), lambda tmp: build_toy_model(settings, tmp)))
+    build = _build_alone if processes.count() > 1 else build_toy_model
+    return str(build_cached(toy_model_dir(settings), lambda tmp: build(settings, tmp)))
+
+
+def _build_alone(settings: ToySettings, output_dir: Path) -> None:
+    """Pre-train in a child process outside the launch's process group: a Trainer inside the group would train data
+    parallel and wait for the other processes, which wait for the model (`build_cached`)."""
+    code = "import sys; from locedit.toy.model import build_toy_model, parse_toy_spec; "
+    code += "build_toy_model(parse_toy_spec(sys.argv[1]), sys.argv[2])"
+    command = [sys.executable, "-c", code, settings.spec(), str(output_dir)]
+    subprocess.run(command, env=processes.solo_environment(), check=True)
 
 
 def read_toy_info(model_path: str | Path) -> dict | None:

@@ -166,17 +166,38 @@ class CachedReferenceMixin:
                 flush=True,
             )
         if missing:
-            computed = super()._precompute_ref_logps(dataset.select(missing), name, batch_size)
-            new = {
-                keys[i]: (c, r)
-                for i, c, r in zip(missing, computed["ref_chosen_logps"], computed["ref_rejected_logps"], strict=True)
-            }
+            scored = self._score_references(dataset.select(missing), name, batch_size)
+            new = {keys[i]: pair for i, pair in zip(missing, scored, strict=True)}
             if state.is_main_process:
                 cache.add(new)
             known.update(new)
         state.wait_for_everyone()
         dataset = dataset.add_column("ref_chosen_logps", [known[key][0] for key in keys])
         return dataset.add_column("ref_rejected_logps", [known[key][1] for key in keys])
+
+
+    def _score_references(self, dataset, name: str, batch_size: int) -> list[tuple[float, float]]:
+        """(chosen, rejected) reference log-probs of each pair: TRL's precompute in one process; under a launch,
+        each process scores its share of the same batches, gathered in order. (TRL hands its results between the
+        processes through a file in `datasets`' temporary directory, which is each process's own for an in-memory
+        data set such as locedit's: the other processes cannot open it.)"""
+        import torch
+
+        from .. import processes
+
+        if processes.state().num_processes == 1:
+            computed = super()._precompute_ref_logps(dataset, name, batch_size)
+            return list(zip(computed["ref_chosen_logps"], computed["ref_rejected_logps"], strict=True))
+        model = self.ref_model or self.model
+        device = self.accelerator.device
+        mine = []
+        for position, start in processes.share(range(0, len(dataset), batch_size)):
+            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.data_collator(rows).items()}
+            with torch.no_grad():
+                chosen, rejected = self.compute_ref_log_probs(model, batch)
+            mine.append((position, list(zip(chosen.cpu().tolist(), rejected.cpu().tolist(), strict=True))))
+        return [pair for part in processes.gather(mine) for pair in part]
 
 
 __all__ = [
