@@ -200,6 +200,7 @@ class StudyArguments:
             "comma-separated ('importance': gradient head importance); 'none' (the default) for none."
         },
     )
+
     def __post_init__(self):
         for name in ("study_random", "study_single"):
             if getattr(self, name) < 0:

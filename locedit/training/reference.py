@@ -175,7 +175,6 @@ class CachedReferenceMixin:
         dataset = dataset.add_column("ref_chosen_logps", [known[key][0] for key in keys])
         return dataset.add_column("ref_rejected_logps", [known[key][1] for key in keys])
 
-
     def _score_references(self, dataset, name: str, batch_size: int) -> list[tuple[float, float]]:
         """(chosen, rejected) reference log-probs of each pair: TRL's precompute in one process; under a launch,
         each process scores its share of the same batches, gathered in order. (TRL hands its results between the
