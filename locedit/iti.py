@@ -15,10 +15,21 @@ __all__ = ["cli", "main"]
 
 
 def main(recipe: Recipe):
-    """Make ITI's edit at the recipe's heads and write its run directory (one per head set)."""
+    """Make ITI's edit at the recipe's heads and write its run directory (one per head set).
+
+    Under `accelerate launch`, every process takes part in the probes when they are still missing (`locedit probe`),
+    then the main process makes ITI's edits (seconds) while the others wait."""
+    from . import processes
+    from .locate import probe_recipe
     from .pipelines.iti import make_iti_edits
 
-    return make_iti_edits(recipe)
+    if processes.count() == 1 or recipe.edit.dry_run:
+        return make_iti_edits(recipe) if processes.is_main() else {}
+    if not recipe.probe.probe_results:  # the recipe's own probes: a result already there is read, not made again
+        probe_recipe(recipe)
+    metrics = make_iti_edits(recipe) if processes.is_main() else {}
+    processes.wait_for_everyone()
+    return metrics
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -80,6 +80,16 @@ def test_probe_with_two_processes_is_the_probe_of_one(tmp_path):
     assert len(same_files(results[1], results[2], "*.safetensors")) == 2  # the activations and the probes
 
 
+def test_iti_with_two_processes_probes_together_and_writes_what_one_writes(tmp_path):
+    made = {}
+    for processes in (1, 2):
+        cwd = work_dir(tmp_path, f"i{processes}")
+        run("locedit.iti", [TINY_PROBE, "--heads", "random:2", "--heads_draws", "2"], processes, cwd)
+        made[processes] = cwd / "outputs"
+    assert len(same_files(made[1], made[2], "adapter_model.safetensors")) == 2
+    assert same_files(made[1], made[2], "probe.json") == ["tiny_probe/probe/probe.json"]
+
+
 def test_two_processes_on_a_cold_cache_build_the_model_once_and_whole(tmp_path):
     """With a process group up, transformers saves a model's weights on the main process only: the first process
     builds what is cached, the others wait for it (a second copy would have no weights)."""
