@@ -172,6 +172,17 @@ class Timer:
         return merged
 
 
+def free_device_memory() -> None:
+    """What this process's earlier stages left on its GPU (the probes' and ITI's models, in torch's cache)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def train_alone(argv: list[str]) -> None:
     """`locedit train ARGV` in a child process that runs alone on this process's device (outside the launch's
     process group), so that the edit is the one a single process makes."""
@@ -237,7 +248,8 @@ def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
     families = family_flags(recipe, options)
     if processes.count() > 1:
         # Each process trains its share of the runs alone, then waits for the others' (a resumed study skips the
-        # finished runs, whatever the number of processes).
+        # finished runs, whatever the number of processes). The device's memory goes to the training runs.
+        free_device_memory()
         for _, (family, flags) in processes.share(families):
             with timer(f"train {family}"):
                 stage("train", flags)
