@@ -203,9 +203,8 @@ def collect_head_activations(
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    if spread:
-        parts = list(enumerate(processes.gather(parts)))
-    for _, (indices, values) in parts:
+    pieces = processes.gather(parts) if spread else [piece for _, piece in parts]  # every process's, in order
+    for indices, values in pieces:
         if out is None:
             out = torch.empty(len(order), layout.num_layers, num_heads, head_dim, dtype=values.dtype)
         out[torch.tensor(indices)] = values

@@ -252,15 +252,19 @@ def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
         free_device_memory()
         for _, (family, flags) in processes.share(families):
             with timer(f"train {family}"):
-                stage("train", flags)
-                train_alone([*base_argv, *flags])
+                argv = [*base_argv, *flags]
+                print(f"\nlocedit study: {shlex.join(['locedit', 'train', *argv])}", flush=True)  # by its process
+                train_alone(argv)
         processes.wait_for_everyone()
+        run_dirs = [output_dir_of(stage_recipe("train", flags)) for _, flags in families]
     else:
+        run_dirs = []
         for family, flags in families:
             with timer(f"train {family}"):
-                train_recipe(stage("train", flags))
-    for family, flags in families:
-        run_dir = output_dir_of(stage_recipe("train", flags))
+                run_recipe = stage("train", flags)
+                run_dirs.append(output_dir_of(run_recipe))
+                train_recipe(run_recipe)
+    for (family, _), run_dir in zip(families, run_dirs, strict=True):
         edits += [(family, edit_dir) for edit_dir in expand_run_dirs([run_dir])]  # a multi-edit run: one per edit
 
     base_dir = os.path.join(study_dir, "base")

@@ -156,9 +156,9 @@ class CachedReferenceMixin:
             pair_key(*row)
             for row in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
         ]
-        known = cache.read(notice=processes.state().is_main_process)
-        missing = sorted({i for i, key in enumerate(keys) if key not in known})
         state = processes.state()
+        known = cache.read(notice=state.is_main_process)
+        missing = sorted({i for i, key in enumerate(keys) if key not in known})
         if state.is_main_process:
             print(
                 f"locedit: reference log-probs of the {name} pairs: {len(keys) - len(missing)} of {len(keys)} "
