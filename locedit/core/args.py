@@ -262,16 +262,26 @@ class EvalArguments:
         default=False, metadata={"help": "Evaluate the edit on the test questions when training ends."}
     )
     eval_judge_truth: str = field(
-        default="hf:allenai/truthfulqa-truth-judge-llama2-7B",
+        default="auto",
         metadata={
             RESULT_KEY: True,
-            "help": "Truth judge: 'hf:MODEL' (local causal LM), 'openai:MODEL' (OPENAI_BASE_URL), "
-            "'toy' (the toy world's exact judge) or 'none'.",
+            "help": "Truth judge: 'auto' (the open 7B judge hf:allenai/truthfulqa-truth-judge-llama2-7B where a GPU "
+            "is, the cpu judge elsewhere), 'cpu' (trains and runs on a CPU, from eval_judge_data), 'hf:MODEL' (local "
+            "causal LM), 'openai:MODEL' (OPENAI_BASE_URL), 'similarity' (BLEU against the references), 'toy' (the "
+            "toy world's exact judge) or 'none'.",
         },
     )
     eval_judge_info: str = field(
-        default="hf:allenai/truthfulqa-info-judge-llama2-7B",
-        metadata={RESULT_KEY: True, "help": "Informativeness judge, as eval_judge_truth."},
+        default="auto",
+        metadata={RESULT_KEY: True, "help": "Informativeness judge, as eval_judge_truth (auto: the 7B info judge)."},
+    )
+    eval_judge_data: str | None = field(
+        default=None,
+        metadata={
+            RESULT_KEY: True,
+            "help": "Where 'cpu' judges are trained from on first use: a folder with TruthfulQA's judge data "
+            "(finetune_truth.jsonl, finetune_info.jsonl) and TruthfulQA.csv.",
+        },
     )
     eval_judge_dtype: str = field(
         default="auto",

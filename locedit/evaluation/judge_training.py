@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,15 @@ class JudgeDataArguments:
         default=None, metadata={"help": "Use a seeded random slice of this many examples (quick runs)."}
     )
     judge_batch_size: int = field(default=16, metadata={"help": "Prompts per batch when scoring the held-out set."})
+    judge_kind: str = field(
+        default="hf",
+        metadata={
+            "help": "'hf': fine-tune model_name_or_path into a causal-LM judge with TRL (a GPU's work); 'cpu': the "
+            "cpu judge over model_name_or_path frozen (locedit.evaluation.cpu_judge; minutes on a CPU), with the "
+            "reference answers of TruthfulQA.csv beside judge_data or one folder up.",
+            "choices": ["hf", "cpu"],
+        },
+    )
 
 
 @dataclass
@@ -145,6 +155,10 @@ def train_judge(data_args: JudgeDataArguments, model_args: ModelArguments, args:
 
     if not 0 <= data_args.judge_eval_fraction < 1:
         raise RecipeError(f"judge_eval_fraction must be in [0, 1), got {data_args.judge_eval_fraction}")
+    if data_args.judge_kind not in ("hf", "cpu"):
+        raise RecipeError(f"judge_kind '{data_args.judge_kind}' is not valid; choose hf or cpu")
+    if data_args.judge_kind == "cpu":
+        return train_cpu_judge(data_args, model_args, args)
     rows = load_judge_data(data_args.judge_data)
     aspect = aspect_of_prompt(rows[0]["prompt"])
     if data_args.judge_max_examples is not None:
@@ -195,4 +209,86 @@ def train_judge(data_args: JudgeDataArguments, model_args: ModelArguments, args:
                 f"(yes share {metrics['held_out_yes_fraction']:.3f}); use it as hf:{args.output_dir}",
                 flush=True,
             )
+    return metrics
+
+
+def train_cpu_judge(data_args: JudgeDataArguments, model_args: ModelArguments, args: JudgeTrainConfig) -> dict:
+    """`--judge_kind cpu`: the cpu judge over `model_name_or_path` frozen, from the judge data's rows but for the
+    held-out questions, saved in `output_dir` (a `cpu:OUTPUT_DIR` judge), its held-out accuracy measured the way
+    `locedit eval` judges (the answers read by the model, the references from TruthfulQA.csv)."""
+    from pathlib import Path
+
+    from . import cpu_judge
+    from .judge_validation import scores_of
+
+    if data_args.judge_max_examples is not None and data_args.judge_max_examples < 2:
+        raise RecipeError(f"judge_max_examples must be at least 2, got {data_args.judge_max_examples}")
+    if not data_args.judge_data:
+        raise RecipeError(
+            "judge-train needs --judge_data: TruthfulQA's data/finetune_truth.jsonl or finetune_info.jsonl"
+        )
+    settings = cpu_judge.CPUJudgeSettings(base_model=model_args.model_name_or_path, seed=args.seed)
+    aspect = aspect_of_prompt(load_judge_data(data_args.judge_data)[0]["prompt"])
+    held_out: list = []
+
+    def select(rows: list) -> list:
+        if data_args.judge_max_examples is not None:
+            keep = random.Random(args.seed).sample(range(len(rows)), min(len(rows), data_args.judge_max_examples))
+            rows = [rows[index] for index in sorted(keep)]
+        questions = hold_out(sorted({row.question for row in rows}), data_args.judge_eval_fraction, args.seed)
+        held_out.extend(row for row in rows if row.question in questions)
+        return [row for row in rows if row.question not in questions]
+
+    build = cpu_judge.plan_build(data_args.judge_data, aspect, settings, select=select)
+    if not build.rows:
+        raise DataError("judge data leaves no training example after holding out questions")
+    if not args.output_dir_was_given:
+        model_name = os.path.basename(os.path.normpath(model_args.model_name_or_path.replace("tiny:", "tiny-")))
+        args.output_dir = os.path.join("outputs", "judges", f"{aspect}-cpu-{model_name}")
+    print(
+        f"locedit judge-train: cpu {aspect} judge over {model_args.model_name_or_path} on {len(build.rows)} examples, "
+        f"{len(held_out)} held out ({data_args.judge_eval_fraction:g} of the questions) -> {args.output_dir}",
+        flush=True,
+    )
+    encoder_factory = cpu_judge.ensure_encoder_factory(settings)
+    cached = cpu_judge.ensure_judge(build, encoder_factory)
+    output = Path(args.output_dir)
+    if output.resolve() != cached.resolve():
+        shutil.copytree(cached, output, dirs_exist_ok=True)
+    metrics = {
+        "aspect": aspect,
+        "kind": "cpu",
+        "model": model_args.model_name_or_path,
+        "judge_data": data_args.judge_data,
+        "train_examples": len(build.rows),
+    }
+    if held_out:
+        judge = cpu_judge.load_judge(output)
+        references = build.references
+        records = [
+            {
+                "question": row.question,
+                "correct_answers": references.get(row.question, ([], []))[0],
+                "incorrect_answers": references.get(row.question, ([], []))[1],
+            }
+            for row in held_out
+        ]
+        predictions = judge.score(records, [row.answer for row in held_out], encoder_factory())
+        scored = scores_of(predictions, [row.label for row in held_out])
+        metrics.update(
+            held_out_accuracy=scored["accuracy"],
+            held_out_balanced_accuracy=scored["balanced_accuracy"],
+            held_out_auc=scored["auc"],
+            held_out_examples=len(held_out),
+            held_out_questions=len({row.question for row in held_out}),
+            held_out_yes_fraction=sum(row.label for row in held_out) / len(held_out),
+        )
+    write_json_atomic(os.path.join(args.output_dir, "judge_metrics.json"), metrics)
+    if held_out:
+        print(
+            f"locedit judge-train: held-out accuracy {metrics['held_out_accuracy']:.4f} on {len(held_out)} answers to "
+            f"{metrics['held_out_questions']} unseen questions (yes share {metrics['held_out_yes_fraction']:.3f}); "
+            f"use it as cpu:{args.output_dir}",
+            flush=True,
+        )
     return metrics

@@ -66,6 +66,10 @@ class Judge(ABC):
     # Whether it runs a model: then it is loaded once and scores every evaluated model's answers at the end; other
     # judges score each model's answers as soon as they are generated.
     model_based: bool = False
+    # Whether TruthfulQA's verdicts on declining and degenerate answers (`breakage.judge_rule`) overrule its scores:
+    # yes for the judge models (hf, openai, cpu), which have been seen to call degenerate text true; no for a judge
+    # that is exact by construction (the toy world's) or computes a published metric (similarity).
+    answer_rules: bool = False
 
     def __init__(self, name: str, aspect: str, batch_size: int = 16, **options):
         if aspect not in ASPECTS:
@@ -85,6 +89,10 @@ class Judge(ABC):
 
     def close(self) -> None:  # noqa: B027
         """Free what `load` took."""
+
+    def describe(self) -> str:
+        """The judge as the dry run shows it (after `check`)."""
+        return self.spec
 
     @abstractmethod
     def score_prompts(self, prompts: Sequence[str]) -> list[float]:
@@ -137,6 +145,7 @@ class HFJudge(Judge):
 
     kind = "hf"
     model_based = True  # loaded once, it scores every evaluated model's answers at the end
+    answer_rules = True
 
     def __init__(self, name: str, aspect: str, batch_size: int = 16, dtype: str = "auto", device=None, **options):
         super().__init__(name, aspect, batch_size, **options)
@@ -236,6 +245,7 @@ class OpenAIJudge(Judge):
 
     kind = "openai"
     model_based = True
+    answer_rules = True
     top_logprobs = 5  # the most the OpenAI completions API returns
     timeout_s = 60.0
     retries = 3
@@ -364,10 +374,82 @@ class SimilarityJudge(Judge):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# cpu: a judge that trains and runs on a CPU, from TruthfulQA's judge data (locedit.evaluation.cpu_judge)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class CPUJudge(Judge):
+    """`cpu` or `cpu:BASE_MODEL` (trained on first use from `eval_judge_data` over that frozen model, SmolLM2-135M-
+    Instruct by default, then cached), or `cpu:DIR` (a judge directory, as `locedit judge-train --judge_kind cpu`
+    writes). It reads each question's reference answers and compares the answer with the answers the judge data
+    labels (`locedit.evaluation.cpu_judge`)."""
+
+    kind = "cpu"
+    model_based = True
+    answer_rules = True
+
+    def __init__(self, name: str, aspect: str, batch_size: int = 16, judge_data=None, **options):
+        super().__init__(name, aspect, batch_size)  # dtype: its base model runs in float32
+        self.judge_data = judge_data
+        self.build = self.model = self.encoder = None
+
+    @property
+    def directory(self) -> str | None:
+        """The judge directory the spec names, or None when it names a base model to train one over."""
+        from .cpu_judge import is_judge_directory
+
+        return self.name if self.name and is_judge_directory(self.name) else None
+
+    def check(self) -> None:
+        from ..models.loading import check_local_path
+        from . import cpu_judge
+
+        if self.directory:
+            cpu_judge.check_judge_directory(self.directory, self.aspect)
+            return
+        base = self.name or cpu_judge.CPUJudgeSettings.base_model
+        check_local_path(base)  # a mistyped judge directory is one line here, not a download attempt
+        self.build = cpu_judge.plan_build(self.judge_data, self.aspect, cpu_judge.CPUJudgeSettings(base_model=base))
+
+    def describe(self) -> str:
+        if self.directory:
+            return f"{self.spec} (a judge directory)"
+        return f"{self.spec}: {self.build.describe()}" if self.build else self.spec
+
+    def load(self) -> None:
+        if self.model is not None:
+            return
+        from . import cpu_judge
+
+        if self.build is None and not self.directory:
+            self.check()
+        directory = self.directory or cpu_judge.ensure_judge(
+            self.build, cpu_judge.ensure_encoder_factory(self.build.settings)
+        )
+        self.model = cpu_judge.load_judge(directory)
+        self.encoder = cpu_judge.load_encoder(self.model.settings)
+
+    def close(self) -> None:
+        self.model = self.encoder = None
+
+    def judge_answers(self, questions: Sequence[dict], answers: Sequence[str]) -> list[dict]:
+        self.load()
+        return [{self.aspect: score} for score in self.model.score(questions, answers, self.encoder)]
+
+    def score_prompts(self, prompts: Sequence[str]) -> list[float]:
+        raise JudgeError(f"{self.aspect} judge '{self.spec}' needs the question records, not judge prompts")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The registry
 # ---------------------------------------------------------------------------------------------------------------------
 
-JUDGE_KINDS: dict[str, Callable[..., Judge]] = {"hf": HFJudge, "openai": OpenAIJudge, "similarity": SimilarityJudge}
+JUDGE_KINDS: dict[str, Callable[..., Judge]] = {
+    "hf": HFJudge,
+    "openai": OpenAIJudge,
+    "similarity": SimilarityJudge,
+    "cpu": CPUJudge,
+}
 
 
 def register_judge_kind(kind: str, factory: Callable[..., Judge]) -> None:
@@ -375,8 +457,21 @@ def register_judge_kind(kind: str, factory: Callable[..., Judge]) -> None:
     JUDGE_KINDS[kind] = factory
 
 
-def make_judge(spec: str | None, aspect: str, batch_size: int = 16, dtype: str = "auto", device=None) -> Judge | None:
-    """The judge a spec names, or None for 'none'. Raises JudgeError for an unknown kind (nothing is loaded)."""
+def resolve_judge_spec(spec: str | None, aspect: str) -> str | None:
+    """`auto`: the open 7B judge of `aspect` (DEFAULT_JUDGES) where a GPU is, the `cpu` judge elsewhere (a 7B judge
+    takes hours on a CPU). Any other spec as it is."""
+    if spec is None or spec.strip().lower() != "auto":
+        return spec
+    import torch
+
+    return DEFAULT_JUDGES[aspect] if torch.cuda.is_available() else CPUJudge.kind
+
+
+def make_judge(
+    spec: str | None, aspect: str, batch_size: int = 16, dtype: str = "auto", device=None, judge_data=None
+) -> Judge | None:
+    """The judge a spec names, or None for 'none'. Raises JudgeError for an unknown kind (nothing is loaded).
+    `judge_data`: where `cpu` judges are trained from (eval_judge_data)."""
     if spec is None or spec.strip().lower() in ("", "none"):
         return None
     kind, _, name = spec.strip().partition(":")
@@ -387,7 +482,8 @@ def make_judge(spec: str | None, aspect: str, batch_size: int = 16, dtype: str =
         raise JudgeError(f"{aspect} judge '{spec}': unknown kind '{kind}'; use one of {', '.join(kinds)} or none")
     if not name and kind in ("hf", "openai"):
         raise JudgeError(f"{aspect} judge '{spec}' names no model; write {kind}:MODEL")
-    return JUDGE_KINDS[kind](name, aspect, batch_size=batch_size, dtype=dtype, device=device)
+    options = {"judge_data": judge_data} if kind == "cpu" else {}
+    return JUDGE_KINDS[kind](name, aspect, batch_size=batch_size, dtype=dtype, device=device, **options)
 
 
 def verdicts(scores: Sequence[float]) -> list[bool]:
@@ -401,6 +497,7 @@ __all__ = [
     "JUDGE_KINDS",
     "Judge",
     "JudgeError",
+    "CPUJudge",
     "OpenAIJudge",
     "SimilarityJudge",
     "aspect_of_prompt",
@@ -408,5 +505,6 @@ __all__ = [
     "judge_prompt",
     "make_judge",
     "register_judge_kind",
+    "resolve_judge_spec",
     "verdicts",
 ]

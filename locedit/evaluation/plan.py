@@ -31,7 +31,7 @@ from ..rundir import (
     settings_difference,
 )
 from .corpus import load_corpus
-from .judges import ASPECTS, Judge, make_judge
+from .judges import ASPECTS, Judge, make_judge, resolve_judge_spec
 from .prompts import PROMPT_PREFIXES, chat_tokenizer
 
 
@@ -49,6 +49,9 @@ class Target:
     heads: dict = field(default_factory=dict)
     chat_template: bool = False  # prompts in the tokenizer's chat template (the run's `chat_template`)
     done: bool = False  # its eval/ holds this very evaluation, finished after the edit: left as it is
+    # Its eval/ holds this evaluation but for the judges (this says which changed): its saved generations, MC and
+    # corpus scores are kept and judged again; None: evaluated afresh (or not at all, when done).
+    rejudge: str | None = None
 
     def __post_init__(self):
         if self.chat_template:  # an MC choice is the answer itself, right after the assistant header
@@ -102,8 +105,12 @@ def check_settings(args: EvalArguments) -> EvalResources:
         )
     judges = {}
     for aspect in ASPECTS:
-        spec = getattr(args, f"eval_judge_{aspect}")
-        judge = make_judge(spec, aspect, batch_size=args.eval_batch_size, dtype=args.eval_judge_dtype)
+        # `auto` is recorded as the judge it stands for on this machine (the settings say which judged).
+        spec = resolve_judge_spec(getattr(args, f"eval_judge_{aspect}"), aspect)
+        setattr(args, f"eval_judge_{aspect}", spec)
+        judge = make_judge(
+            spec, aspect, batch_size=args.eval_batch_size, dtype=args.eval_judge_dtype, judge_data=args.eval_judge_data
+        )
         if judge is not None:
             judge.check()
         judges[aspect] = judge
@@ -323,19 +330,24 @@ def _check_edit_fits(run_dir: str, layout) -> None:
         )
 
 
-# The eval settings that change an evaluation's results: a finished evaluation made with others is not overwritten.
+# The eval settings that change an evaluation's results: a finished evaluation made with others is not overwritten,
+# except that one made with other judges alone is judged again from its saved generations.
 EVAL_RESULT_SETTINGS = result_settings(EvalArguments)
+JUDGE_SETTINGS = ("eval_judge_truth", "eval_judge_info", "eval_judge_data", "eval_judge_dtype")
 
 
 def _check_earlier_evaluation(target: Target, args: EvalArguments, model_name: str) -> bool:
     """Whether the target's eval/ holds this very evaluation, finished (same settings, model, data and questions,
     and, for an edit, made after the run last finished training): it is then left as it is, as a finished training
-    run is. One made with other settings is refused, never overwritten."""
+    run is. One made with other judges alone is marked to be judged again (`Target.rejudge`: its generations, MC
+    and corpus scores are kept). One made with other settings is refused, never overwritten."""
     if not is_evaluated(target.output_dir):
         return False
     earlier, records = read_evaluation(target.output_dir)
     now = {f.name: getattr(args, f.name) for f in fields(EvalArguments)}
-    difference = settings_difference(earlier.get("settings") or {}, now, EVAL_RESULT_SETTINGS)
+    before = earlier.get("settings") or {}
+    generation = [key for key in EVAL_RESULT_SETTINGS if key not in JUDGE_SETTINGS]
+    difference = settings_difference(before, now, generation)
     if difference:
         where = "--eval_output_dir another directory" if target.run_dir is None else "another run directory"
         raise RecipeError(
@@ -352,4 +364,8 @@ def _check_earlier_evaluation(target: Target, args: EvalArguments, model_name: s
         trained = os.path.join(target.run_dir, METRICS)
         evaluated = os.path.join(target.eval_dir, METRICS)
         same = not os.path.exists(trained) or os.path.getmtime(evaluated) >= os.path.getmtime(trained)
+    judges = settings_difference({key: before.get(key) for key in JUDGE_SETTINGS}, now, JUDGE_SETTINGS)
+    if same and judges:
+        target.rejudge = judges
+        return False
     return same

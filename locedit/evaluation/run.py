@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import time
 from dataclasses import fields
@@ -37,7 +38,7 @@ from ..core.tracking import offline_without_credentials, reports_to_wandb
 from ..edit import load_edit
 from ..models.loading import batches, load_model_and_tokenizer, place_for_inference
 from ..rundir import read_evaluation, run_lock, training_divergence, write_evaluation
-from .breakage import Breakage
+from .breakage import Breakage, judge_rule
 from .judges import Judge, verdicts
 from .metric_registry import add_per_question_values, all_metrics, per_question_fields
 from .metrics import mc1, mc2, per_category, summarise
@@ -182,8 +183,21 @@ def apply_judges(
             for _, records, _ in results:
                 for record in records:
                     record.update(next(judged))
+                    if judge.answer_rules:
+                        apply_judge_rule(record, aspect)
         finally:
             judge.close()
+
+
+def apply_judge_rule(record: dict, aspect: str) -> None:
+    """TruthfulQA's verdict on a declining or degenerate answer (`breakage.judge_rule`) in place of the judge's
+    score for `aspect`; the record says which rule decided (`judge_rule`) and keeps the judge's own score
+    (`<aspect>_judge`)."""
+    rule = judge_rule(record.get("answer") or "", bool(record.get("cut_off")))
+    if rule is not None and aspect in rule[1]:
+        record[f"{aspect}_judge"] = record[aspect]
+        record[aspect] = rule[1][aspect]
+        record["judge_rule"] = rule[0]
 
 
 def record_verdicts(results: list[tuple[Target, list[dict], dict]]) -> None:
@@ -290,12 +304,15 @@ def _run_evaluation(
 
     if not mine:
         return []
-    if args.eval_mc and processes.is_main():
-        for source in dict.fromkeys(target.source for target in plan.targets):
+    fresh = [target for _, target in mine if not target.rejudge]
+    if args.eval_mc and fresh and processes.is_main():
+        for source in dict.fromkeys(target.source for target in fresh):
             print(f"locedit eval: {describe_mc_source(source[0], plan.mc_sources.get(source, 'answers'))}", flush=True)
-    model, tokenizer = load_model_and_tokenizer(plan.model_path, plan.model_args, plan.trust_remote_code)
-    place_for_inference(model)
-    model.eval()
+    model = None
+    if fresh:  # a target judged again from its saved generations needs no model
+        model, tokenizer = load_model_and_tokenizer(plan.model_path, plan.model_args, plan.trust_remote_code)
+        place_for_inference(model)
+        model.eval()
     merge = args.eval_merge and can_merge(plan.model_args)
     judges = {aspect: judge for aspect, judge in plan.resources.judges.items() if judge is not None}
     at_once = {aspect: judge for aspect, judge in judges.items() if not is_model_based(judge)}
@@ -304,7 +321,9 @@ def _run_evaluation(
     for position, target in mine:
         questions = _target_questions(plan, target)
         timings: dict[str, float] = {}
-        if target.run_dir is None:
+        if target.rejudge:
+            records, scores, timings = saved_generations(target)
+        elif target.run_dir is None:
             records, scores = evaluate_model(
                 model, tokenizer, questions, target, args, plan.resources.corpus, timings=timings
             )
@@ -342,6 +361,32 @@ def _run_evaluation(
             timings["judging_all_models"] = elapsed  # the model-based judges' time for all models together
             all_metrics.append((position, _finish(plan, recipe, args, result, timings)))
     return all_metrics
+
+
+# What an evaluation's records hold of the evaluated model itself (evaluate_model); the rest comes from the judges
+# and the per-question metrics, and is made again when the saved generations are judged again.
+GENERATION_FIELDS = ("question_id", "question", "category", "answer", "cut_off", "mc1", "mc2", "mc2_sc")
+# The corpus scores of metrics.json (corpus_scores).
+CORPUS_SCORES = ("ce", "corpus_docs", "kl", "ce_original")
+
+
+def saved_generations(target: Target) -> tuple[list[dict], dict, dict]:
+    """An evaluation's saved generations, MC and corpus scores, as `evaluate_model` made them (records, scores), and
+    the wall times of the phases that made them: what judging them again starts from."""
+    earlier, records = read_evaluation(target.output_dir)
+    records = [{key: record[key] for key in GENERATION_FIELDS if key in record} for record in records]
+    scores = {key: earlier[key] for key in CORPUS_SCORES if key in earlier}
+    path = os.path.join(target.eval_dir, TIMINGS)
+    timings = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            timings = {key: value for key, value in json.load(f).items() if key in ("generation", "mc", "corpus")}
+    print(
+        f"locedit eval: {target.name}: judging its {len(records)} saved answers again ({target.rejudge}); its "
+        "generations, MC and corpus scores are kept",
+        flush=True,
+    )
+    return records, scores, timings
 
 
 def _finish(plan: EvalPlan, recipe: Recipe, args: EvalArguments, result: tuple, timings: dict) -> dict:
@@ -409,8 +454,10 @@ def describe_plan(plan: EvalPlan, args: EvalArguments) -> list[str]:
     lines = [f"locedit eval: dry run: {plan.model_name}, {len(plan.targets)} model(s)"]
     for target in plan.targets:
         done = " (evaluated already with these settings: left as it is)" if target.done else ""
+        if target.rejudge:
+            done = f" (evaluated already; its saved answers are judged again: {target.rejudge})"
         lines.append(f"  {target.name}: {len(target.question_ids)} test questions -> {target.eval_dir}{done}")
-    judges = {aspect: judge.spec if judge else "none" for aspect, judge in plan.resources.judges.items()}
+    judges = {aspect: judge.describe() if judge else "none" for aspect, judge in plan.resources.judges.items()}
     lines.append(f"  judges: truth {judges.get('truth', 'none')}, info {judges.get('info', 'none')} (checked)")
     if args.eval_mc:
         for source in dict.fromkeys(target.source for target in plan.targets):
