@@ -1,9 +1,11 @@
-"""`locedit judge-train`: fine-tune one's own truth or info judge on the GPT-judge data with TRL.
+"""`locedit judge-train`: train one's own truth or info judge on the GPT-judge data: the cpu judge, or a causal LM
+fine-tuned with TRL.
 
+    locedit judge-train --judge_kind cpu --judge_data TruthfulQA/data/finetune_truth.jsonl --model_name_or_path smollm2
     locedit judge-train --judge_data TruthfulQA/data/finetune_truth.jsonl --model_name_or_path meta-llama/Llama-2-7b-hf
     python -m locedit.judge_train --judge_data finetune_info.jsonl --judge_max_examples 2000 --num_train_epochs 1
 
-The output directory is a judge: `locedit eval ... --eval_judge_truth hf:OUTPUT_DIR` (`locedit.evaluation`).
+The output directory is a judge: `locedit eval ... --eval_judge_truth cpu:OUTPUT_DIR` (or `hf:OUTPUT_DIR`).
 """
 
 from __future__ import annotations

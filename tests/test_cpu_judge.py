@@ -401,6 +401,10 @@ def test_an_evaluation_judged_again_keeps_its_generations_mc_and_corpus_scores(
     judges = ["--eval_judge_truth", "cpu:tiny:llama", "--eval_judge_info", "cpu:tiny:llama"]
     judges += ["--eval_judge_data", str(judge_data)]
     capsys.readouterr()
+    # Other judges than the saved evaluation's are refused unless asked for, in one line that says how.
+    assert eval_cli([str(run), "--base", *flags, *judges]) == 2
+    assert "--eval_rejudge true" in capsys.readouterr().err
+    judges += ["--eval_rejudge", "true"]
     assert eval_cli([str(run), "--base", *flags, *judges, "--dry_run", "true"]) == 0
     assert "its saved answers are judged again: eval_judge_truth 'similarity' there" in capsys.readouterr().out
     assert eval_cli([str(run), "--base", *flags, *judges]) == 0

@@ -176,3 +176,19 @@ def test_a_real_study_refuses_a_late_stage_problem_before_any_stage_runs(flags, 
     errors = [line for line in err.splitlines() if line.startswith("locedit: error:")]
     assert code == 2 and len(errors) == 1 and needle in errors[0] and "Traceback" not in err
     assert not Path("outputs").exists()
+
+
+def test_judged_columns_say_what_measured_them():
+    labels = study_report.judged_labels({"truth": "cpu", "info": "cpu"})
+    assert labels == {"true": "True (cpu)", "info": "Info (cpu)", "true_info": "True*Info (cpu)"}
+    # BLEU acc measures closeness to the references: it is never called True.
+    assert study_report.judged_labels({"truth": "similarity", "info": "none"}) == {"true": "BLEU acc"}
+    assert study_report.judged_labels({"truth": "hf:x", "info": "cpu"})["true_info"] == "True*Info (hf x cpu)"
+    rows = [{"model": "base model", "family": "base", "true": 0.5, "info": 1.0, "true_info": 0.5}]
+    header = study_report.format_table(rows, study_report.table_columns(labels)).splitlines()[0]
+    assert [cell.strip() for cell in header.split("|")[1:-1]] == [
+        "model",
+        "True (cpu)",
+        "Info (cpu)",
+        "True*Info (cpu)",
+    ]

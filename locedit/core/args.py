@@ -283,6 +283,13 @@ class EvalArguments:
             "(finetune_truth.jsonl, finetune_info.jsonl) and TruthfulQA.csv.",
         },
     )
+    eval_rejudge: bool = field(
+        default=False,
+        metadata={
+            "help": "An earlier evaluation made with other judges (or judge data) alone is judged again from its "
+            "saved generations, MC and corpus scores (nothing is generated again); false: it is refused."
+        },
+    )
     eval_judge_dtype: str = field(
         default="auto",
         metadata={

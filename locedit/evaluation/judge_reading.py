@@ -37,7 +37,6 @@ POOLS_FILE = "pools.json"
 ENCODE_SECONDS_PER_1000_ANSWERS = 65.0
 
 
-
 @dataclass(frozen=True)
 class ReadingSettings:
     """Which frozen model reads answers, and what is kept of its reading."""
@@ -61,7 +60,6 @@ READING_KEYS = ("base_model", "layer_fractions", "max_answer_tokens")
 
 def prefix_text(question: str, correct: Sequence[str], incorrect: Sequence[str]) -> str:
     return PREFIX.format(question=question, correct="; ".join(correct), incorrect="; ".join(incorrect))
-
 
 
 def _capture(module, args, kwargs, store: dict, layer: int) -> None:

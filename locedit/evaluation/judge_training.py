@@ -1,4 +1,9 @@
-"""Fine-tune one's own truth or info judge on the GPT-judge data with TRL, and report its held-out accuracy.
+"""Train one's own truth or info judge on the GPT-judge data (the cpu judge, or a causal LM fine-tuned with TRL), and
+report its held-out accuracy.
+
+`judge_kind: cpu` builds the cpu judge (`locedit.evaluation.cpu_judge`) over a frozen `model_name_or_path`, with the
+reference answers of the TruthfulQA.csv beside the data (or one folder up): the output directory is `cpu:OUTPUT_DIR`.
+What follows is `judge_kind: hf`, the default.
 
 The data are TruthfulQA's judge fine-tuning sets (`finetune_truth.jsonl`, `finetune_info.jsonl`): prompt/completion
 pairs "Q: ...\\nA: ...\\nTrue:" -> " yes" or " no" ("Helpful:" for info), which is how GPT-judge and the open

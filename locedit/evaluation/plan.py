@@ -339,8 +339,9 @@ JUDGE_SETTINGS = ("eval_judge_truth", "eval_judge_info", "eval_judge_data", "eva
 def _check_earlier_evaluation(target: Target, args: EvalArguments, model_name: str) -> bool:
     """Whether the target's eval/ holds this very evaluation, finished (same settings, model, data and questions,
     and, for an edit, made after the run last finished training): it is then left as it is, as a finished training
-    run is. One made with other judges alone is marked to be judged again (`Target.rejudge`: its generations, MC
-    and corpus scores are kept). One made with other settings is refused, never overwritten."""
+    run is. One made with other judges alone is, with `eval_rejudge`, marked to be judged again (`Target.rejudge`:
+    its generations, MC and corpus scores are kept), else refused. One made with other settings is refused, never
+    overwritten."""
     if not is_evaluated(target.output_dir):
         return False
     earlier, records = read_evaluation(target.output_dir)
@@ -366,6 +367,11 @@ def _check_earlier_evaluation(target: Target, args: EvalArguments, model_name: s
         same = not os.path.exists(trained) or os.path.getmtime(evaluated) >= os.path.getmtime(trained)
     judges = settings_difference({key: before.get(key) for key in JUDGE_SETTINGS}, now, JUDGE_SETTINGS)
     if same and judges:
+        if not args.eval_rejudge:
+            raise RecipeError(
+                f"'{target.eval_dir}' holds an evaluation made with other judges ({judges}); give --eval_rejudge true "
+                "to judge its saved answers again (nothing is generated again), or remove that evaluation"
+            )
         target.rejudge = judges
         return False
     return same

@@ -71,29 +71,50 @@ def metric_keys() -> tuple[str, ...]:
     return tuple(metric.key for metric in table_metrics())
 
 
-def table_columns() -> tuple[tuple[str, str, str], ...]:
-    """(key, title, number format) of each column of the study's table."""
+def judged_labels(judges: dict | None) -> dict[str, str]:
+    """Column titles that say what measured True, Info and True*Info: the judge's kind ("True (cpu)"), and for the
+    `similarity` truth judge its metric ("BLEU acc"), which measures closeness to the references, not truth."""
+    judges = judges or {}
+    kinds = {aspect: (spec or "none").partition(":")[0] for aspect, spec in judges.items()}
+    labels = {}
+    truth, info = kinds.get("truth", "none"), kinds.get("info", "none")
+    if truth == "similarity":
+        metric = (judges["truth"].partition(":")[2] or "bleu").replace("rougeL", "ROUGE-L").replace("rouge", "ROUGE-")
+        labels["true"] = f"{metric.upper() if metric == 'bleu' else metric} acc"
+    elif truth != "none":
+        labels["true"] = f"True ({truth})"
+    if info != "none":
+        labels["info"] = f"Info ({info})"
+    if "true" in labels and info != "none":
+        labels["true_info"] = f"True*Info ({truth})" if truth == info else f"True*Info ({truth} x {info})"
+    return labels
+
+
+def table_columns(labels: dict | None = None) -> tuple[tuple[str, str, str], ...]:
+    """(key, title, number format) of each column of the study's table; `labels` retitles metrics by key."""
+    labels = labels or {}
     return (
         ("model", "model", NUMBER),
         ("heads", "heads", NUMBER),
         ("learning_rate", "lr", NUMBER),
-        *((metric.key, metric.label, metric.format) for metric in table_metrics()),
+        *((metric.key, labels.get(metric.key, metric.label), metric.format) for metric in table_metrics()),
         ("ipo_loss", "IPO loss", NUMBER),
         ("broken", "broken", NUMBER),
     )
 
 
-def summary_columns(metric: str = MAIN) -> tuple[tuple[str, str, str], ...]:
+def summary_columns(metric: str = MAIN, labels: dict | None = None) -> tuple[tuple[str, str, str], ...]:
     """(key, title, number format) of each column of the summary per family: the best True*Info beside True*Info,
     and `best`, the best of the verdict's `metric`, after the last metric made of per-question values."""
+    labels = labels or {}
     main = get_metric(MAIN)
     columns: list[tuple[str, str, str]] = [("model", "family", NUMBER), ("edits", "edits", NUMBER)]
     metrics = table_metrics()
     last_scored = max(i for i, scored in enumerate(metrics) if scored.fields)
     for i, scored in enumerate(metrics):
-        columns.append((scored.key, scored.label, scored.format))
+        columns.append((scored.key, labels.get(scored.key, scored.label), scored.format))
         if scored.key == MAIN:
-            columns.append((f"best_{MAIN}", f"best {main.label}", main.format))
+            columns.append((f"best_{MAIN}", f"best {labels.get(MAIN, main.label)}", main.format))
         if i == last_scored:
             columns.append(("best", "best", get_metric(metric).format))
     return (*columns, ("ipo_loss", "IPO loss", NUMBER), ("broken", "broken", NUMBER))
@@ -321,6 +342,7 @@ def write_study_report(runs: list[Run], recipe: Recipe, study_dir: str, metric: 
     breakage = Breakage.of(recipe.eval)
     table = table_rows(runs, breakage)
     summary = summary_rows(table, metric)
+    labels = judged_labels({"truth": recipe.eval.eval_judge_truth, "info": recipe.eval.eval_judge_info})
     questions = runs[0].metrics.get("questions", "?")
     title = f"{recipe.name}: {recipe.model.model_name_or_path}, {questions} test questions of {recipe.edit.dataset}"
     write_plot(table, os.path.join(study_dir, "study.png"), title)
@@ -332,8 +354,8 @@ def write_study_report(runs: list[Run], recipe: Recipe, study_dir: str, metric: 
         "summary": summary,
         "metric": metric,
         "breakage": breakage.describe(),
-        "table": format_table(table),
-        "summary_table": format_table(summary, summary_columns(metric)),
+        "table": format_table(table, table_columns(labels)),
+        "summary_table": format_table(summary, summary_columns(metric, labels)),
         "samples": sample_answers(runs),
         "intervals": family_intervals(runs, breakage),
     }
