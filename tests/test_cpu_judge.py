@@ -332,6 +332,15 @@ def test_judge_validate_writes_a_record_per_judge_protocol_and_method(judge_data
     assert judge_validate_cli(argv) == 0
     result = json.loads(output.read_text())
     records = result["records"]
+    # How often TruthfulQA's rules agree with the data's labels, counted by hand.
+    for aspect in ("truth", "info"):
+        counted = {}
+        for row in rows_of(judge_data, aspect):
+            rule = judge_rule(row.answer)
+            if rule and aspect in rule[1]:
+                key = "agree" if (rule[1][aspect] > 0.5) == row.label else "disagree"
+                counted.setdefault(rule[0], {"agree": 0, "disagree": 0})[key] += 1
+        assert result["rules"][aspect] == counted
     kinds = {(r["judge"], r["protocol"], r["kind"]) for r in records}
     for aspect in ("truth", "info"):
         for protocol in ("answers", "questions"):

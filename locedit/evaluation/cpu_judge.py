@@ -463,7 +463,8 @@ class JudgeBuild:
     data_file: Path
     references_file: Path
     settings: CPUJudgeSettings
-    rows: list[LabelledRow]
+    rows: list[LabelledRow]  # what the judge learns from
+    every_row: list[LabelledRow]  # the data's: the frozen pass reads all their answers
     references: dict
     directory: Path
     encoded_directory: Path
@@ -473,7 +474,7 @@ class JudgeBuild:
         return (self.directory / JUDGE_FILE).is_file()
 
     def distinct_answers(self) -> int:
-        return len({(row.question, row.answer) for row in self.rows})
+        return len({(row.question, row.answer) for row in self.every_row})
 
     def describe(self) -> str:
         if self.cached:
@@ -504,8 +505,8 @@ def plan_build(data, aspect: str, settings: CPUJudgeSettings | None = None, sele
     found = aspect_of_prompt(loaded[0]["prompt"])
     if found != aspect:
         raise JudgeError(f"'{data_file}' is {found} judge data, not {aspect} judge data")
-    rows = parse_judge_rows(loaded)
-    rows = select(rows) if select is not None else rows
+    every_row = parse_judge_rows(loaded)
+    rows = select(every_row) if select is not None else every_row
     references = read_references(references_file)
     held = sum(row.question in references for row in rows) / max(1, len(rows))
     if held < 0.5:
@@ -514,7 +515,9 @@ def plan_build(data, aspect: str, settings: CPUJudgeSettings | None = None, sele
         )
     reading_source = [Path(judge_reading.__file__)]
     references_digest = file_digest(references_file)
-    answers = sorted({(row.question, row.answer) for row in rows})
+    # The frozen pass reads every answer of the data, whichever rows the judge learns from: a reading does not depend
+    # on the others, so one pass serves every selection (judge-train's held-out questions, validation's protocols).
+    answers = sorted({(row.question, row.answer) for row in every_row})
     encoded_key = cache_key(
         {"reading": settings.reading(), "answers": _digest(answers), "references": references_digest}, reading_source
     )
@@ -536,6 +539,7 @@ def plan_build(data, aspect: str, settings: CPUJudgeSettings | None = None, sele
         references_file,
         settings,
         rows,
+        every_row,
         references,
         root / f"cpu-{aspect}-{judge_key}",
         root / f"encoded-{encoded_key}",
@@ -550,7 +554,7 @@ def encoded_pools_for(build: JudgeBuild, encoder_factory) -> EncodedPools:
     """The frozen pass over the judge data (built once, cached, shared by the truth and info judges)."""
 
     def encode(directory: Path) -> None:
-        pools = build_pools(build.rows, build.references)
+        pools = build_pools(build.every_row, build.references)
         print(f"locedit: cpu judge: {build.describe()}", flush=True)
         encode_pools(pools, encoder_factory()).save(directory)
 

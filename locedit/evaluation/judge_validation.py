@@ -211,6 +211,21 @@ __all__ = [
 ]
 
 
+def rule_agreement(aspect: str, rows: list[LabelledRow]) -> dict[str, dict[str, int]]:
+    """How often TruthfulQA's rules for declining and degenerate answers (`breakage.judge_rule`, which overrule judge
+    models in `locedit eval`) agree with the labels of the judge data, per rule."""
+    from .breakage import judge_rule
+
+    counts: dict[str, dict[str, int]] = {}
+    for row in rows:
+        rule = judge_rule(row.answer)
+        if rule is not None and aspect in rule[1]:
+            agree = (rule[1][aspect] > 0.5) == row.label
+            entry = counts.setdefault(rule[0], {"agree": 0, "disagree": 0})
+            entry["agree" if agree else "disagree"] += 1
+    return counts
+
+
 @dataclass
 class JudgeValidationArguments:
     """`locedit judge-validate`: which judge data, seeds, protocols and methods, and where the records go."""
@@ -229,9 +244,6 @@ class JudgeValidationArguments:
     validation_methods: list[str] = field(
         default_factory=lambda: list(METHODS), metadata={"help": "Methods to score."}
     )
-    validation_max_examples: int | None = field(
-        default=None, metadata={"help": "A seeded slice of this many labelled answers per judge (quick checks)."}
-    )
     validation_output: str = field(
         default="docs/judges/validation.json", metadata={"help": "Where the records are written (JSON)."}
     )
@@ -243,8 +255,6 @@ class JudgeValidationArguments:
         for method in self.validation_methods:
             if method not in METHODS:
                 raise ValueError(f"validation method '{method}' is not valid; choose from {', '.join(METHODS)}")
-        if self.validation_max_examples is not None and self.validation_max_examples < 10:
-            raise ValueError(f"validation_max_examples {self.validation_max_examples} is too few: give 10 or more")
 
 
 def run_validation(args: JudgeValidationArguments, command: str = "") -> dict:
@@ -260,13 +270,7 @@ def run_validation(args: JudgeValidationArguments, command: str = "") -> dict:
 
     settings = CPUJudgeSettings(base_model=args.judge_base_model)
 
-    def select(rows: list) -> list:
-        if args.validation_max_examples is None or args.validation_max_examples >= len(rows):
-            return rows
-        keep = random.Random(0).sample(range(len(rows)), args.validation_max_examples)
-        return [rows[i] for i in sorted(keep)]
-
-    builds = {aspect: plan_build(args.judge_data, aspect, settings, select=select) for aspect in ("truth", "info")}
+    builds = {aspect: plan_build(args.judge_data, aspect, settings) for aspect in ("truth", "info")}
     factory = ensure_encoder_factory(settings)
     records = []
     for aspect, build in builds.items():
@@ -287,6 +291,7 @@ def run_validation(args: JudgeValidationArguments, command: str = "") -> dict:
                 records += found
     result = {
         "command": command or " ".join(["locedit", "judge-validate", *sys.argv[1:]]),
+        "rules": {aspect: rule_agreement(aspect, build.rows) for aspect, build in builds.items()},
         "date": time.strftime("%Y-%m-%d"),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
