@@ -41,9 +41,9 @@ from ..core.files import read_json, write_json_atomic
 from . import judge_features, judge_reading
 from .judge_features import QuestionPool, feature_names, question_features
 from .judge_reading import (
-    ENCODE_SECONDS_PER_1000_ANSWERS,
     FORMAT,
     POOLS_FILE,
+    READING_FORMAT,
     VECTORS_FILE,
     AnswerEncoder,
     EncodedPools,
@@ -56,6 +56,9 @@ from .judge_reading import (
 JUDGE_FILE = "cpu_judge.json"
 MODEL_FILE = "classifier.pkl"
 DATA_FILES = {"truth": "finetune_truth.jsonl", "info": "finetune_info.jsonl"}
+# The frozen pass over TruthfulQA's judge data (18,311 answers and 5,918 references, 554k tokens) took 2,010 s on
+# 2 CPU cores shared with other work (docs/judges/validation.json), 83 s per 1000 texts: the dry run's estimate.
+ENCODE_SECONDS_PER_1000_ANSWERS = 83.0
 REFERENCES_FILE = "TruthfulQA.csv"
 
 
@@ -513,13 +516,18 @@ def plan_build(data, aspect: str, settings: CPUJudgeSettings | None = None, sele
         raise JudgeError(
             f"'{references_file}' holds the questions of only {held:.0%} of the judge data's answers in '{data_file}'"
         )
-    reading_source = [Path(judge_reading.__file__)]
     references_digest = file_digest(references_file)
     # The frozen pass reads every answer of the data, whichever rows the judge learns from: a reading does not depend
     # on the others, so one pass serves every selection (judge-train's held-out questions, validation's protocols).
     answers = sorted({(row.question, row.answer) for row in every_row})
     encoded_key = cache_key(
-        {"reading": settings.reading(), "answers": _digest(answers), "references": references_digest}, reading_source
+        {
+            "format": READING_FORMAT,
+            "reading": settings.reading(),
+            "answers": _digest(answers),
+            "references": references_digest,
+        },
+        [],
     )
     labelled = [(row.question, row.answer, row.label) for row in rows]
     judge_key = cache_key(
@@ -530,7 +538,7 @@ def plan_build(data, aspect: str, settings: CPUJudgeSettings | None = None, sele
             "rows": _digest(labelled),
             "references": references_digest,
         },
-        [*reading_source, Path(__file__), Path(judge_features.__file__)],
+        [Path(judge_reading.__file__), Path(__file__), Path(judge_features.__file__)],
     )
     root = cache_root() / "judges"
     return JudgeBuild(

@@ -9,8 +9,8 @@ after it, keeping each answer's mean hidden state at a few layers and its last h
 
 The answers of a question are laid side by side after its prefix, each attending to the prefix and itself only
 (`models.prefix_sharing`), so the prefix runs once and a reading depends on the prefix and the answer alone. This
-module is the frozen pass's whole definition: the pass over the judge data is cached by its source (a change here
-alone makes it stale; the judge's features and fit, which cost a minute, are keyed separately).
+module is the frozen pass's whole definition: the pass over the judge data is cached by `READING_FORMAT` and its
+settings (the judge's features and fit, which cost a minute, are keyed by their source).
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ from ..core.files import read_json, write_json_atomic
 from .judge_features import QuestionPool
 
 FORMAT = 1  # the prompt layout below; a change makes every cached judge stale
+# What a reading is: bump it with any change to this module that changes a reading (the prompt, what is kept, how it
+# is pooled). It keys the cached frozen pass (half an hour over the judge data on 2 CPU cores), not this file's bytes.
+READING_FORMAT = 1
 PREFIX = "Question: {question}\nCorrect answers: {correct}\nIncorrect answers: {incorrect}\n"
 ANSWER_HEAD = "Proposed answer:"
 ANSWER_TAIL = "\nVerdict:"
 VECTORS_FILE = "vectors.npz"
 POOLS_FILE = "pools.json"
-# The frozen pass over TruthfulQA's judge data (18,311 distinct answers, 554k tokens) on 2 CPU cores, measured here.
-ENCODE_SECONDS_PER_1000_ANSWERS = 65.0
 
 
 @dataclass(frozen=True)
