@@ -25,8 +25,9 @@ def make_parser():
     return RecipeParser((JudgeValidationArguments,), prog="locedit judge-validate", allow_abbrev=False)
 
 
-def main(args) -> dict:
-    """Validate the cpu judges and the baselines (JudgeValidationArguments); returns what was written."""
+def main(args, command: str = "") -> dict:
+    """Validate the cpu judges and the baselines (JudgeValidationArguments); returns what was written, with
+    `command` (the command line that asked for it) recorded in it."""
     from .core.errors import RecipeError
     from .evaluation.judge_validation import run_validation
 
@@ -34,17 +35,18 @@ def main(args) -> dict:
         raise RecipeError(
             "judge-validate needs --judge_data: a folder with TruthfulQA's judge data and TruthfulQA.csv"
         )
-    return run_validation(args)
+    return run_validation(args, command)
 
 
 def cli(argv: list[str] | None = None) -> int:
     """`locedit judge-validate [--key value ...]`: a user's mistake prints one line and exits 2."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
 
     def run():
         from .config import config_argv, parse_dataclasses
 
-        (args,) = parse_dataclasses(make_parser(), config_argv(list(sys.argv[1:] if argv is None else argv)))
-        return main(args)
+        (args,) = parse_dataclasses(make_parser(), config_argv(arguments))
+        return main(args, " ".join(["locedit", "judge-validate", *arguments]))
 
     return run_cli(run)
 

@@ -331,6 +331,7 @@ def test_judge_validate_writes_a_record_per_judge_protocol_and_method(judge_data
     argv = ["--judge_data", str(judge_data), "--judge_base_model", "tiny:llama", "--validation_output", str(output)]
     assert judge_validate_cli(argv) == 0
     result = json.loads(output.read_text())
+    assert result["command"] == " ".join(["locedit", "judge-validate", *argv])
     records = result["records"]
     # How often TruthfulQA's rules agree with the data's labels, counted by hand.
     for aspect in ("truth", "info"):

@@ -261,7 +261,6 @@ def run_validation(args: JudgeValidationArguments, command: str = "") -> dict:
     """Every record of `validate` for both judges, each protocol and seed, written to `validation_output` (JSON) and
     returned with what made them."""
     import os
-    import sys
 
     import torch
 
@@ -290,7 +289,7 @@ def run_validation(args: JudgeValidationArguments, command: str = "") -> dict:
                     )
                 records += found
     result = {
-        "command": command or " ".join(["locedit", "judge-validate", *sys.argv[1:]]),
+        "command": command,
         "rules": {aspect: rule_agreement(aspect, build.rows) for aspect, build in builds.items()},
         "date": time.strftime("%Y-%m-%d"),
         "cpu_cores": os.cpu_count(),
