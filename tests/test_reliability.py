@@ -262,12 +262,19 @@ def test_an_incomplete_or_empty_checkpoint_is_passed_over(finished_run, tmp_path
     assert max_difference(resumed, whole) == 0
 
 
+def default_interrupt() -> None:
+    """Ctrl-C as in a terminal: a suite started in the background (`pytest &`) ignores SIGINT, and its children would
+    inherit that and never see the interrupts these tests send."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_command(argv: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "locedit.cli", *argv],
         cwd=cwd,
         env=env,
+        preexec_fn=default_interrupt,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

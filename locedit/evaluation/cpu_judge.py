@@ -499,8 +499,7 @@ class JudgeBuild:
 def plan_build(data, aspect: str, settings: CPUJudgeSettings | None = None, select=None) -> JudgeBuild:
     """Read and check the judge data and its references (no model is loaded) and find the judge's cache entry.
     `select`: which of the data's rows the judge learns from (all by default)."""
-    from .judge_training import load_judge_data
-    from .judges import aspect_of_prompt
+    from .judge_data import aspect_of_prompt, load_judge_data
 
     settings = settings or CPUJudgeSettings()
     data_file, references_file = judge_data_files(data, aspect)

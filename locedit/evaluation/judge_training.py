@@ -15,7 +15,6 @@ held-out accuracy is that of answers to questions the judge never saw: P(" yes")
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -30,6 +29,7 @@ from ..core.files import write_json_atomic
 from ..data import hold_out
 from ..models.loading import load_model_and_tokenizer
 from ..models.sources import resolve_model_path
+from .judge_data import load_judge_data
 from .judges import HFJudge, aspect_of_prompt, verdicts
 
 
@@ -81,51 +81,6 @@ class JudgeTrainConfig(SFTConfig):
         if self.bf16 is None:
             self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.fp16
         super().__post_init__()
-
-
-def load_judge_data(source: str) -> list[dict]:
-    """prompt/completion rows of a local JSON Lines/JSON file or a Hub data set, checked to be judge data."""
-    import datasets
-
-    if not source:
-        raise RecipeError(
-            "judge-train needs --judge_data: TruthfulQA's data/finetune_truth.jsonl or finetune_info.jsonl"
-        )
-    path = os.path.expanduser(source)
-    if source.endswith((".json", ".jsonl")) or os.path.exists(path):
-        if not os.path.isfile(path):
-            raise DataError(f"judge data file not found: {source}")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        try:
-            loaded = json.loads(text) if path.endswith(".json") else None
-        except json.JSONDecodeError:
-            loaded = None  # JSON Lines under a .json name
-        try:
-            loaded = loaded if loaded is not None else [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as err:
-            raise DataError(f"judge data '{source}' is not JSON Lines: {err.msg}") from None
-    else:
-        name, _, split = source.partition(":")
-        try:
-            loaded = datasets.load_dataset(name, split=split or "train").to_list()
-        except (ConnectionError, FileNotFoundError, ValueError) as err:
-            raise DataError(f"could not load judge data '{source}': {str(err).splitlines()[0]}") from None
-    if not isinstance(loaded, list) or not all(isinstance(row, dict) for row in loaded):
-        raise DataError(f"judge data '{source}' must be records with prompt and completion fields")
-    missing = [column for column in ("prompt", "completion") if any(column not in row for row in loaded)]
-    if missing:
-        raise DataError(f"judge data '{source}' has records without {' or '.join(missing)} (need both)")
-    rows = [{"prompt": str(row["prompt"]), "completion": str(row["completion"])} for row in loaded]
-    labels = {row["completion"].strip() for row in rows}
-    if not rows or not labels <= {"yes", "no"}:
-        raise DataError(f"judge data '{source}': completions must be ' yes' or ' no', found {sorted(labels)[:5]}")
-    aspects = {aspect_of_prompt(row["prompt"]) for row in rows}
-    if None in aspects or len(aspects) != 1:
-        raise DataError(
-            f"judge data '{source}': every prompt must end in '\\nTrue:' (truth) or every one in '\\nHelpful:' (info)"
-        )
-    return rows
 
 
 def question_of(prompt: str) -> str:
