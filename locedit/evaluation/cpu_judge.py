@@ -572,6 +572,7 @@ def ensure_judge(build: JudgeBuild, encoder_factory) -> Path:
     """The judge's directory, trained first if it is not cached yet."""
 
     def train(directory: Path) -> None:
+        started, cached = time.perf_counter(), build.encoded_directory.is_dir()
         encoded = encoded_pools_for(build, encoder_factory)
         num_layers = num_layers_of(build.settings.base_model)
         judge = fit_judge(build.aspect, build.rows, encoded, build.settings, num_layers)
@@ -583,9 +584,10 @@ def ensure_judge(build: JudgeBuild, encoder_factory) -> Path:
             "encode_seconds": encoded.seconds,
         }
         save_judge(judge, directory, provenance)
+        frozen = f"its frozen pass ({encoded.seconds:.0f} s) {'cached' if cached else 'included'}"
         print(
             f"locedit: cpu {build.aspect} judge trained on {len(build.rows):,} labelled answers in "
-            f"{encoded.seconds + judge.info['fit_seconds']:.0f} s -> {build.directory}",
+            f"{time.perf_counter() - started:.0f} s, {frozen} -> {build.directory}",
             flush=True,
         )
 
