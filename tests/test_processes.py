@@ -130,6 +130,26 @@ def test_eval_with_two_processes_shares_the_models_and_writes_what_one_writes(tm
     assert out.count("left as it is") == 5 and "generating" not in out
 
 
+def test_eval_deals_each_target_to_one_process_whatever_each_process_saw_done(monkeypatch):
+    """The processes of a launch plan at different moments: one that plans after another has finished a target sees
+    it done. Each target must still be taken by one process only (two taking one ended in 'is in use by process N'
+    in 2 of 3 two-process toy studies)."""
+    from types import SimpleNamespace
+
+    from locedit import processes
+    from locedit.evaluation.run import share_targets
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    seen_first = [SimpleNamespace(done=False) for _ in range(5)]  # planned before any evaluation was written
+    seen_later = [SimpleNamespace(done=position == 0) for position in range(5)]  # after process 0 finished target 0
+    taken = []
+    for rank, view in ((0, seen_first), (1, seen_later)):
+        monkeypatch.setattr(processes, "index", lambda rank=rank: rank)
+        taken.append({position for position, _ in share_targets(view)})
+    assert not taken[0] & taken[1]
+    assert taken[0] | taken[1] == {0, 1, 2, 3, 4}
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below `pid` (Linux's /proc), children first."""
     parents = {}

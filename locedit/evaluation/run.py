@@ -286,14 +286,23 @@ def run_evaluation(plan: EvalPlan, recipe: Recipe) -> list[dict]:
                 "is (remove it to evaluate again)",
                 flush=True,
             )
-    todo = [target for target in plan.targets if not target.done]
-    mine = processes.share(todo)
+    mine = share_targets(plan.targets)
     with contextlib.ExitStack() as held:
         # Each evaluation directory is this process's until its files are written: a second eval into it refuses.
         for _, target in mine:
             held.enter_context(run_lock(target.eval_dir))
-        made = iter(processes.gather(_run_evaluation(plan, recipe, args, mine)))
-    return [read_evaluation(target.output_dir)[0] if target.done else next(made) for target in plan.targets]
+        made = dict(processes.gather([(p, (p, metrics)) for p, metrics in _run_evaluation(plan, recipe, args, mine)]))
+    return [made[p] if p in made else read_evaluation(target.output_dir)[0] for p, target in enumerate(plan.targets)]
+
+
+def share_targets(targets: list[Target]) -> list[tuple[int, Target]]:
+    """This process's targets still to evaluate, with their positions in `targets`.
+
+    Every target is dealt to one process by its position among all targets, done or not, and only then are the
+    done ones dropped: the processes plan at different moments, and one that plans after another has finished a
+    target sees it done. Dealing only the targets still to do would then deal them differently in each process,
+    and two processes would take the same target."""
+    return [(position, target) for position, target in processes.share(targets) if not target.done]
 
 
 def _run_evaluation(
