@@ -3,6 +3,7 @@ and the spec through the plan, training and ITI like `probe:K`."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -148,3 +149,24 @@ def test_importance_heads_train_and_make_iti_edits(tmp_path, capsys):
     assert [tuple(h) for h in iti_heads["heads"]] == sorted(iti_scores.top_heads(2))
     assert "probe_results" in iti_heads  # ITI's directions come from the probes, at the importance heads
     assert json.loads((iti / "metrics.json").read_text())["method"] == "iti"
+
+
+def test_a_data_file_edited_in_place_is_scored_again(tmp_path, capsys, shared_data_dir):
+    """The importance result is keyed by the data file's bytes, not only its name."""
+    with open(shared_data_dir / "truthfulqa" / "TruthfulQA.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))[:41]  # the header and 40 questions
+    data = tmp_path / "questions.csv"
+
+    def write(rows):
+        with open(data, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows(rows)
+
+    write(rows)
+    flags = ["--dataset", str(data), "--heads", "importance:2", "--max_steps", "1", "--report_to", "none"]
+    flags += ["--output_dir", str(tmp_path / "run")]
+    assert locedit_cli.main(["train", TINY, *flags]) == 0
+    assert locedit_cli.main(["train", TINY, *flags, "--dry_run", "true"]) == 0
+    assert "(importance outputs/tiny/importance: gradient importance" in capsys.readouterr().out
+    write([rows[0], *[[*row[:3], row[3] + " Indeed.", *row[4:]] for row in rows[1:]]])  # every best answer longer
+    assert locedit_cli.main(["train", TINY, *flags, "--dry_run", "true"]) == 0
+    assert "no importance result at outputs/tiny/importance yet" in capsys.readouterr().out

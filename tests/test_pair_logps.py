@@ -69,6 +69,31 @@ def test_log_probs_equal_the_plain_computation_with_every_switch(arch, attention
             assert len(scorer.prefix) == (5 if switches["share_prompt"] else 10)
 
 
+SLIDING = {
+    "mistral": {"sliding_window": 4},  # every layer's window
+    "qwen2": {"num_kv_heads": 2, "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},  # mixed
+}
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", list(SLIDING))
+def test_log_probs_of_a_sliding_window_model_equal_the_plain_computation(arch, attention, tiny_model_dir):
+    """A window of 4 tokens, shorter than the prompts: the given 4-D masks apply the window as the model would."""
+    model_dir = tiny_model_dir(arch, num_layers=3, **SLIDING[arch])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention).eval()
+    batch = random_batch(model.config.vocab_size)
+    assert int(batch[1].sum(dim=1).max()) > 2 * model.config.sliding_window
+    expected = plain_log_probs(model, *batch)
+    layout = AttentionLayout.from_model(model)
+    for switches in SWITCHES:
+        scorer = PairScorer(model, layout, 2, **switches)
+        with torch.no_grad():
+            first = scorer(*batch).log_probs
+            again = scorer(*batch).log_probs
+        torch.testing.assert_close(first, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(again, expected, atol=1e-5, rtol=0)
+
+
 def test_the_shared_prompt_masks_the_chosen_answer_from_the_rejected_one(tiny_model_dir, monkeypatch):
     """A mask that lets the rejected answer see the chosen one changes the numbers: the test above can fail."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama", num_layers=3)).eval()

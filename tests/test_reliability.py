@@ -573,3 +573,27 @@ def test_a_bad_row_in_a_preference_file_is_one_line_and_skip_trains_on_the_rest(
     with pytest.warns(UserWarning, match=r"left out 2 of 40 bad row\(s\) \(bad_rows: skip\)"):
         assert locedit(["train", TINY, *flags, "--bad_rows", "skip"]) == 0
     assert json.loads((run / "metrics.json").read_text())["data_rows_skipped"] == 2
+
+
+def test_a_crashed_training_run_leaves_no_spilled_frozen_prefix(own_working_directory, monkeypatch, capsys):
+    """The frozen prefix over its memory budget goes to LOCEDIT_CACHE/frozen_prefix, and goes away with the run
+    however it ends: here a crash after training."""
+    from locedit.core.cache import cache_root
+    from locedit.training import trainer
+
+    spill = Path(cache_root()) / "frozen_prefix"
+
+    def spilled() -> set[Path]:
+        return set(spill.iterdir()) if spill.is_dir() else set()
+
+    before = spilled()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("crashed after training")
+
+    monkeypatch.setattr(trainer, "scored_training_pairs", crash)
+    argv = ["train", TINY, "--heads", "L1H1", "--dataset", "synthetic:40", "--max_steps", "2", "--report_to", "none"]
+    with pytest.raises(RuntimeError, match="crashed after training"):
+        locedit([*argv, "--frozen_prefix_max_memory_gb", "1e-9", "--output_dir", "run"])
+    assert "the rest goes to" in capsys.readouterr().err  # it did spill
+    assert spilled() == before

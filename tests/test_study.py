@@ -72,6 +72,29 @@ def test_study_recipe_is_checked_before_any_work():
     study_pipeline.check_study_recipe(parse_recipe([TOY, "--model_name_or_path", "toy:layers=2"]))
 
 
+def test_a_plugins_heuristic_is_a_study_heuristic(monkeypatch):
+    """A plugin that registers a locator (a heuristic) when it is imported: the study takes its name."""
+    from types import SimpleNamespace
+
+    from locedit.core import plugins
+    from locedit.locate import LOCATORS, Locator, register_locator
+
+    def load():
+        importance = LOCATORS["importance"]
+        register_locator(Locator("plugged", "a plugin's scores", importance.find, importance.run, importance.scores))
+
+    plugins.load_plugins()  # the installed ones (the toy world) first
+    monkeypatch.setattr(plugins, "entry_points", lambda group: [SimpleNamespace(name="plugged", load=load)])
+    plugins.load_plugins.cache_clear()
+    try:
+        study_pipeline.check_study_recipe(parse_recipe([TOY, "--study_heuristics", "plugged"]))
+        with pytest.raises(RecipeError, match="study_heuristics names unplugged: not a heuristic"):
+            study_pipeline.check_study_recipe(parse_recipe([TOY, "--study_heuristics", "unplugged"]))
+    finally:
+        LOCATORS.pop("plugged", None)
+        plugins.load_plugins.cache_clear()
+
+
 def test_study_command_reports_mistakes_in_one_line(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert locedit_main(["study", TOY, "--heads", "random:2"]) == 2

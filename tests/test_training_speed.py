@@ -201,3 +201,14 @@ def test_an_overwritten_cache_entry_is_computed_again_not_trusted(tmp_path, caps
     save_file({name: tensor for name, tensor in tensors.items() if name != "checks"}, path)
     assert cache.read(notice=True) == {}
     assert "does not read" in capsys.readouterr().out
+
+
+def test_the_reference_key_names_how_the_pairs_are_scored(tiny_model_dir, tmp_path):
+    """Log-probs scored with other switches or another attention implementation are equal only to float tolerance:
+    they are cached apart."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float32)
+    key = reference_model_key(model, training_args(tmp_path))
+    for switch in ("score_completions_only", "share_prompt", "frozen_prefix", "pack_sequences"):
+        assert reference_model_key(model, training_args(tmp_path, **{switch: False})) != key
+    model.config._attn_implementation = "eager" if model.config._attn_implementation != "eager" else "sdpa"
+    assert reference_model_key(model, training_args(tmp_path)) != key

@@ -8,6 +8,7 @@ file read back that is damaged anyway (a copy that stopped, a hand edit) is one 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import struct
@@ -74,3 +75,12 @@ def check_safetensors(path: str | os.PathLike, fix: str) -> None:
         raise DamagedFileError(f"'{path}' is damaged ({str(err).splitlines()[0]}); {fix}") from None
     if 8 + header_size + end > size:
         raise DamagedFileError(f"'{path}' is cut short ({size} of {8 + header_size + end} bytes); {fix}")
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex): what a cache keys a file by, so that a file edited in place is new."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..core.cache import build_cached, cache_key, cache_root
 from ..core.errors import DamagedFileError, DataError, JudgeError
-from ..core.files import read_json, write_json_atomic
+from ..core.files import file_digest, read_json, write_json_atomic
 from . import judge_features, judge_reading
 from .judge_features import QuestionPool, feature_names, question_features
 from .judge_reading import (
@@ -413,14 +413,6 @@ def load_judge(directory: str | os.PathLike) -> CPUJudgeModel:
         fitted["classifier"],
         saved.get("fit", {}),
     )
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.errors import DataError, ProbeResultError
-from ..core.files import write_json_atomic
+from ..core.files import file_digest, write_json_atomic
 from ..core.recipe import Recipe
 from ..data import load_preference_splits
 from ..heads import format_heads, rank_heads
@@ -214,6 +214,8 @@ def importance_info(recipe: Recipe, model_path: str, layout: AttentionLayout) ->
         "load_in_8bit": model_args.load_in_8bit,
         "model_type": layout.model_type,
         **edit_args.split_settings(),
+        # A data file by its bytes too: one edited in place under the same name is scored again.
+        "dataset_sha256": file_digest(edit_args.dataset) if os.path.isfile(edit_args.dataset) else None,
         "prompt_template": edit_args.prompt_template,
         "completion_template": edit_args.completion_template,
         "max_pairs_per_question": edit_args.max_pairs_per_question,

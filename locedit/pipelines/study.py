@@ -115,6 +115,7 @@ def check_study_recipe(recipe: Recipe) -> None:
         raise RecipeError(
             f"the study compares edits at the probe heads with others: set heads to probe:K, not '{recipe.edit.heads}'"
         )
+    load_plugins()  # a plugin's heuristics and checks register when it is imported
     heuristics = StudyOptions.of(recipe).heuristics
     unknown = [name for name in heuristics if name not in LOCATORS or name == "probe"]
     if unknown:
@@ -122,7 +123,6 @@ def check_study_recipe(recipe: Recipe) -> None:
         raise RecipeError(
             f"study_heuristics names {', '.join(unknown)}: not a heuristic besides the probes ({others})"
         )
-    load_plugins()  # their checks register when they are imported
     if recipe.study.study_metric is not None:
         scores = [metric.key for metric in per_question_metrics()]
         if recipe.study.study_metric not in scores:

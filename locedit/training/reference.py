@@ -61,6 +61,10 @@ def base_weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+# The recipe's switches of how pairs are scored (`LocEditConfig`, `locedit.training.pair_logps`).
+SCORING_SWITCHES = ("score_completions_only", "share_prompt", "frozen_prefix", "pack_sequences")
+
+
 def reference_model_key(model: torch.nn.Module, args) -> str:
     """The cache key of a reference model's log-probs: its weights and what the numbers depend on besides."""
     import trl
@@ -72,6 +76,9 @@ def reference_model_key(model: torch.nn.Module, args) -> str:
         "max_length": getattr(args, "max_length", None),
         "truncation_mode": getattr(args, "truncation_mode", None),
         "use_logits_to_keep": getattr(args, "use_logits_to_keep", None),
+        # How the pairs are scored: exact either way, but equal only to float tolerance.
+        "scoring": {name: getattr(args, name, None) for name in SCORING_SWITCHES},
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "trl": trl.__version__,
         "torch": torch.__version__,
     }

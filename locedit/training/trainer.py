@@ -125,7 +125,15 @@ def speed_line(metrics: dict) -> str | None:
 
 
 def train_and_validate(trainer, output_dir: str) -> dict:
-    """Train (resuming from the last checkpoint in output_dir, if any), then score the validation pairs."""
+    """Train (resuming from the last checkpoint in output_dir, if any), then score the validation pairs. The frozen
+    prefix that spilled to disk goes with the run, whatever ends it."""
+    try:
+        return _train_and_validate(trainer, output_dir)
+    finally:
+        trainer.close_pair_scorer()
+
+
+def _train_and_validate(trainer, output_dir: str) -> dict:
     from .. import processes
 
     is_main = processes.state().is_main_process
@@ -164,7 +172,6 @@ def train_and_validate(trainer, output_dir: str) -> dict:
         )
         if reason is not None:
             print(f"locedit: warning: the edit diverged: {reason}; it is broken (its evaluation says so)", flush=True)
-    trainer.close_pair_scorer()
     return metrics
 
 
