@@ -10,6 +10,7 @@ _EXPORTS = {
     "DataError": "..core.errors",
     "DataFileNotFoundError": "..core.errors",
     "DataWarning": ".pairs",
+    "answer_list": ".pairs",
     "draw_by_question": ".pairs",
     "hold_out": ".splits",
     "load_preference_splits": ".pairs",

@@ -48,7 +48,7 @@ def _check_template(template: str, field: str, argument: str) -> None:
         raise DataError(f"{argument} must contain {{{field}}} and no other field, got {template!r}")
 
 
-def _answer_list(value) -> list[str]:
+def answer_list(value) -> list[str]:
     """Answers as stripped strings, empty ones included; a string is split on ';' as in the TruthfulQA CSV."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return []  # an empty cell means "no answers", not one empty answer
@@ -109,8 +109,8 @@ def _question_pairs(
         unit_id = unit_ids.setdefault(_group_key(row.get(group_by) if group_by else question), len(unit_ids))
         if index in bad:
             continue
-        correct = _answer_list(row.get("correct_answers"))
-        incorrect = _answer_list(row.get("incorrect_answers"))
+        correct = answer_list(row.get("correct_answers"))
+        incorrect = answer_list(row.get("incorrect_answers"))
         empty = correct.count("") + incorrect.count("")
         empty_answers += empty
         questions_with_empty += empty > 0
@@ -334,8 +334,8 @@ def _question_records(
         if layout == "question":
             question = str(row.get("question") or "").strip()
             unit_id = unit_ids.setdefault(_group_key(row.get(group_by) if group_by else question), len(unit_ids))
-            correct = [answer for answer in _answer_list(row.get("correct_answers")) if answer]
-            incorrect = [answer for answer in _answer_list(row.get("incorrect_answers")) if answer]
+            correct = [answer for answer in answer_list(row.get("correct_answers")) if answer]
+            incorrect = [answer for answer in answer_list(row.get("incorrect_answers")) if answer]
             if index in bad or not question or not correct or not incorrect:
                 continue
         else:
@@ -437,7 +437,7 @@ def load_question_details(dataset: str, dataset_config: str | None = "generation
     details: dict[str, dict] = {}
     for row in rows:
         question = str(row.get("question") or "").strip()
-        correct = [answer for answer in _answer_list(row.get("correct_answers")) if answer]
+        correct = [answer for answer in answer_list(row.get("correct_answers")) if answer]
         best = str(row.get("best_answer") or "").strip() or (correct[0] if correct else "")
         details.setdefault(question, {"category": str(row.get("category") or ""), "best_answer": best})
     return details

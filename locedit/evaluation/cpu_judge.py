@@ -115,23 +115,14 @@ def read_references(path: str | os.PathLike) -> dict[str, tuple[list[str], list[
         rows = load_source(str(path), None, 0, None)[0]
     except DataError as err:  # already one line naming the file
         raise JudgeError(f"cpu judge: cannot read the reference answers: {err}") from None
-    references = {}
-    for row in rows:
-        correct = [a.strip() for a in str(row.get("correct_answers") or "").split(";") if a.strip()]
-        incorrect = [a.strip() for a in str(row.get("incorrect_answers") or "").split(";") if a.strip()]
-        references[question_key(str(row.get("question", "")))] = (correct, incorrect)
-    return references
+    return {question_key(str(row.get("question", ""))): record_references(row) for row in rows}
 
 
 def record_references(record: dict) -> tuple[list[str], list[str]]:
-    """A question record's reference answers (lists, or ';'-separated cells)."""
+    """A question record's reference answers (lists, or ';'-separated cells), the empty ones left out."""
+    from ..data.pairs import answer_list
 
-    def answers(value) -> list[str]:
-        if isinstance(value, str):
-            value = value.split(";")
-        return [str(a).strip() for a in value or [] if str(a).strip()]
-
-    return answers(record.get("correct_answers")), answers(record.get("incorrect_answers"))
+    return tuple([a for a in answer_list(record.get(key)) if a] for key in ("correct_answers", "incorrect_answers"))
 
 
 def build_pools(rows: Sequence[LabelledRow], references: dict) -> dict[str, QuestionPool]:

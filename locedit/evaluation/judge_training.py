@@ -117,13 +117,13 @@ def train_judge(data_args: JudgeDataArguments, model_args: ModelArguments, args:
         raise RecipeError(f"judge_eval_fraction must be in [0, 1), got {data_args.judge_eval_fraction}")
     if data_args.judge_kind not in ("hf", "cpu"):
         raise RecipeError(f"judge_kind '{data_args.judge_kind}' is not valid; choose hf or cpu")
+    if data_args.judge_max_examples is not None and data_args.judge_max_examples < 2:
+        raise RecipeError(f"judge_max_examples must be at least 2, got {data_args.judge_max_examples}")
     if data_args.judge_kind == "cpu":
         return train_cpu_judge(data_args, model_args, args)
     rows = load_judge_data(data_args.judge_data)
     aspect = aspect_of_prompt(rows[0]["prompt"])
     if data_args.judge_max_examples is not None:
-        if data_args.judge_max_examples < 2:
-            raise RecipeError(f"judge_max_examples must be at least 2, got {data_args.judge_max_examples}")
         keep = sorted(random.Random(args.seed).sample(range(len(rows)), min(len(rows), data_args.judge_max_examples)))
         rows = [rows[index] for index in keep]
     train_rows, held_out = split_by_question(rows, data_args.judge_eval_fraction, args.seed)
@@ -181,12 +181,6 @@ def train_cpu_judge(data_args: JudgeDataArguments, model_args: ModelArguments, a
     from . import cpu_judge
     from .judge_validation import scores_of
 
-    if data_args.judge_max_examples is not None and data_args.judge_max_examples < 2:
-        raise RecipeError(f"judge_max_examples must be at least 2, got {data_args.judge_max_examples}")
-    if not data_args.judge_data:
-        raise RecipeError(
-            "judge-train needs --judge_data: TruthfulQA's data/finetune_truth.jsonl or finetune_info.jsonl"
-        )
     settings = cpu_judge.CPUJudgeSettings(base_model=model_args.model_name_or_path, seed=args.seed)
     aspect = aspect_of_prompt(load_judge_data(data_args.judge_data)[0]["prompt"])
     held_out: list = []

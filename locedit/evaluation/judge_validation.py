@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from .cpu_judge import CPUJudgeSettings, EncodedPools, LabelledRow, fit_judge
-from .judge_features import LEXICAL, normalized, token_f1, words
+from .judge_features import LEXICAL, token_f1, words
 
 PROTOCOLS = {"answers": 0.1, "questions": 0.2}
 METHODS = ("majority", "nearest", "references", "probe", "cpu-words", "cpu")
@@ -199,18 +199,6 @@ def validate(
     return records
 
 
-__all__ = [
-    "METHODS",
-    "PROTOCOLS",
-    "JudgeValidationArguments",
-    "normalized",
-    "run_validation",
-    "scores_of",
-    "split",
-    "validate",
-]
-
-
 def rule_agreement(aspect: str, rows: list[LabelledRow]) -> dict[str, dict[str, int]]:
     """How often TruthfulQA's rules for declining and degenerate answers (`breakage.judge_rule`, which overrule judge
     models in `locedit eval`) agree with the labels of the judge data, per rule."""
@@ -271,10 +259,10 @@ def run_validation(args: JudgeValidationArguments, command: str = "") -> dict:
 
     builds = {aspect: plan_build(args.judge_data, aspect, settings) for aspect in ("truth", "info")}
     factory = ensure_encoder_factory(settings)
+    layers = num_layers_of(settings.base_model)
     records = []
     for aspect, build in builds.items():
         encoded = encoded_pools_for(build, factory)
-        layers = num_layers_of(settings.base_model)
         for seed in args.validation_seeds:
             for protocol in args.validation_protocols:
                 found = validate(
@@ -301,3 +289,15 @@ def run_validation(args: JudgeValidationArguments, command: str = "") -> dict:
     write_json_atomic(args.validation_output, result)
     print(f"locedit judge-validate: {len(records)} records -> {args.validation_output}", flush=True)
     return result
+
+
+__all__ = [
+    "METHODS",
+    "PROTOCOLS",
+    "JudgeValidationArguments",
+    "rule_agreement",
+    "run_validation",
+    "scores_of",
+    "split",
+    "validate",
+]

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import os
 import time
 from dataclasses import fields
 
 from .. import processes
 from ..core.args import EvalArguments
-from ..core.files import write_json_atomic
+from ..core.files import read_json, write_json_atomic
 from ..core.recipe import Recipe
 from ..core.tracking import offline_without_credentials, reports_to_wandb
 from ..edit import load_edit
@@ -385,11 +384,8 @@ def saved_generations(target: Target) -> tuple[list[dict], dict, dict]:
     earlier, records = read_evaluation(target.output_dir)
     records = [{key: record[key] for key in GENERATION_FIELDS if key in record} for record in records]
     scores = {key: earlier[key] for key in CORPUS_SCORES if key in earlier}
-    path = os.path.join(target.eval_dir, TIMINGS)
-    timings = {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            timings = {key: value for key, value in json.load(f).items() if key in ("generation", "mc", "corpus")}
+    saved = read_json(os.path.join(target.eval_dir, TIMINGS), fix="remove it (only wall times are lost)")
+    timings = {key: value for key, value in saved.items() if key in ("generation", "mc", "corpus")}
     print(
         f"locedit eval: {target.name}: judging its {len(records)} saved answers again ({target.rejudge}); its "
         "generations, MC and corpus scores are kept",
