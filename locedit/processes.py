@@ -111,6 +111,60 @@ def solo_environment() -> dict[str, str]:
     return env
 
 
+def can_run_alone_here() -> bool:
+    """Whether `alone()` can run work as a single process inside this one: on CPUs. On GPUs transformers' single
+    process takes every visible GPU (cuda:0 and DataParallel), so work alone there goes to a child process on this
+    process's GPU (`solo_environment`)."""
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Within the block this process of a launch works as a process started alone (accelerate's state and the
+    launcher's variables of one process; the launch's process group is kept, unused, for after): a study's
+    training runs make exactly the edits of one process, without a fresh interpreter per run. On CPUs only
+    (`can_run_alone_here`); outside a launch it changes nothing."""
+    if count() == 1:
+        yield
+        return
+    import logging
+
+    from accelerate.state import AcceleratorState, PartialState
+
+    state()  # the launch's state exists before it is put aside
+    saved_env = {key: os.environ.pop(key) for key in (*LAUNCHER_VARIABLES, "FORK_LAUNCHED") if key in os.environ}
+    # accelerate's own switch that keeps the process group when a run ends (`trainer.end()` would destroy the
+    # launch's group, which is still this process's).
+    os.environ["FORK_LAUNCHED"] = "1"
+    saved = dict(PartialState._shared_state), dict(AcceleratorState._shared_state)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    # transformers warns that a process group exists while training runs as one process: here that is the point.
+    quiet = _DropMessage("torch.distributed process group is initialized")
+    logger = logging.getLogger("transformers.training_args")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+        os.environ.pop("FORK_LAUNCHED")
+        AcceleratorState._reset_state(reset_partial_state=True)
+        PartialState._shared_state.update(saved[0])
+        AcceleratorState._shared_state.update(saved[1])
+        os.environ.update(saved_env)
+
+
+class _DropMessage:
+    """A logging filter that drops records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def filter(self, record) -> bool:
+        return not str(record.getMessage()).startswith(self.prefix)
+
+
 def die_with_parent():
     """A preexec_fn that makes a child process receive SIGTERM when its parent dies (Linux's PR_SET_PDEATHSIG), else
     None: a sweep's runs, a study's training runs, never left running on when what started them is killed.

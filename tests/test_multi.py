@@ -156,3 +156,37 @@ def test_an_interrupted_multi_edit_run_resumes_to_the_same_edits(tmp_path):
         a, b = adapter_tensors(ours), adapter_tensors(theirs)
         for key in b:
             torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_a_share_of_a_multi_edit_run_makes_its_edits_exactly_and_completes_the_run(tmp_path):
+    """A study's share of a family (some of a multi-edit run's edits, trained as their own run on one process) makes
+    the same edits, bit for bit, and the same per-edit measures; once every share has ended the run reads as one."""
+    from locedit.pipelines.train import complete_multi_edit_run, multi_edit_names, train_share
+
+    flags = [*COMMON, "--heads", "random:2", "--heads_draws", "3"]
+    whole_dir, shared_dir = tmp_path / "whole", tmp_path / "shared"
+    main(parse_recipe([*flags, "--output_dir", str(whole_dir)]))
+    recipe = parse_recipe([*flags, "--output_dir", str(shared_dir)])
+    names = multi_edit_names(recipe)
+    assert names == [Path(edit).name for edit in expand_run_dirs([str(whole_dir)])]
+    train_share(parse_recipe([*flags, "--output_dir", str(shared_dir)]), [names[1]])
+    assert not complete_multi_edit_run(recipe)  # two edits are still to train
+    train_share(parse_recipe([*flags, "--output_dir", str(shared_dir)]), [names[0], names[2]])
+    assert complete_multi_edit_run(recipe)
+
+    assert [Path(edit).name for edit in expand_run_dirs([str(shared_dir)])] == names
+    whole_losses = json.loads((whole_dir / "metrics.json").read_text())["train_pairs_loss"]
+    own_losses = []
+    for name in names:
+        ours, theirs = adapter_tensors(shared_dir / name), adapter_tensors(whole_dir / name)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in theirs), name
+        mine = json.loads((shared_dir / name / "metrics.json").read_text())
+        whole = json.loads((whole_dir / name / "metrics.json").read_text())
+        for key in ("train_pairs_loss", "train_diverged", "train_divergence"):
+            assert mine[key] == whole[key], (name, key)
+        own_losses.append(whole["train_pairs_loss"])
+    # Each edit's reached loss is its own: they differ, and their mean is the run's (TRL's mean over every pair).
+    assert len(set(own_losses)) == 3
+    assert sum(own_losses) / 3 == pytest.approx(whole_losses, rel=1e-5)
+    # The run reads as finished: the same command finds it done and trains nothing.
+    assert json.loads((shared_dir / "metrics.json").read_text())["edits"] == names

@@ -16,7 +16,9 @@ then finds those runs finished.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
+import json
 import os
 import resource
 import shlex
@@ -41,9 +43,9 @@ from ..locate import LOCATORS, probe_recipe
 from ..models.sources import resolve_model_path
 from ..reporting import Run, read_run, write_report
 from ..reporting.study import format_timings, write_study_files, write_study_report
-from ..rundir import expand_run_dirs, output_dir_of
+from ..rundir import expand_run_dirs, is_finished, output_dir_of
 from .iti import iti_run_dir, make_iti_edits
-from .train import train_recipe
+from .train import complete_multi_edit_run, multi_edit_names, train_recipe, train_share
 
 # The paper's learning rates (appendix A) relative to its 16-head one, 5e-4: 1e-4 for all heads, 2e-3 for one head.
 LR_SCALE = {"all": 0.2, "single": 4.0}
@@ -183,15 +185,83 @@ def free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def train_alone(argv: list[str]) -> None:
-    """`locedit train ARGV` in a child process that runs alone on this process's device (outside the launch's
-    process group), so that the edit is the one a single process makes."""
-    command = [sys.executable, "-m", "locedit.train", *argv]
+@dataclass(frozen=True)
+class TrainJob:
+    """One edit of the study's training: its family, the family's recipe flags, and its name among the family's
+    edits (None: the family is one edit, or edits a locator picks first, trained as one run)."""
+
+    family: str
+    flags: tuple[str, ...]
+    edit: str | None
+    edit_dir: str
+    family_edits: int = 1  # how many edits the family has
+
+    def finished(self) -> bool:
+        return is_finished(self.edit_dir)
+
+
+def family_jobs(family: str, flags: list[str], stage_recipe) -> list[TrainJob]:
+    """The edits of one family, one job each (a family of one edit, or of located heads, is one job)."""
+    recipe = stage_recipe("train", flags)
+    run_dir = output_dir_of(recipe)
+    names = multi_edit_names(recipe)
+    if names is None:
+        return [TrainJob(family, tuple(flags), None, run_dir)]
+    return [TrainJob(family, tuple(flags), name, os.path.join(run_dir, name), len(names)) for name in names]
+
+
+def train_jobs(base_argv: list[str], jobs: list[TrainJob], timer=None, announce: bool = True) -> None:
+    """Train this process's jobs, family by family: a family's whole set of edits as its own run (`locedit train`
+    would make the same), part of it as a share (`train_share`). Under a launch the runs are made as by a process
+    started alone: in this interpreter on CPUs, in one child process for all of them on GPUs."""
+    if processes.count() > 1 and not processes.can_run_alone_here():
+        return train_jobs_in_child(base_argv, jobs)
+    timer = timer or Timer()
+    with processes.alone():
+        for family, flags, edits in group_jobs(jobs):
+            argv = [*base_argv, *flags]
+            recipe = parse_recipe(argv, prog="locedit train")
+            with timer(f"train {family}"):
+                if announce:
+                    share = "" if edits is None else f" ({len(edits)} of its edits: {', '.join(edits)})"
+                    print(f"\nlocedit study: {shlex.join(['locedit', 'train', *argv])}{share}", flush=True)
+                if edits is None:
+                    train_recipe(recipe)
+                else:
+                    train_share(recipe, edits)
+
+
+def group_jobs(jobs: list[TrainJob]) -> list[tuple[str, tuple[str, ...], list[str] | None]]:
+    """(family, flags, edits) of each run the jobs make, in order: edits None for a whole family."""
+    groups: dict[tuple[str, ...], list[TrainJob]] = {}
+    for job in jobs:
+        groups.setdefault(job.flags, []).append(job)
+    runs = []
+    for flags, members in groups.items():
+        whole = members[0].edit is None or len(members) == members[0].family_edits
+        runs.append((members[0].family, flags, None if whole else [job.edit for job in members]))
+    return runs
+
+
+def train_jobs_in_child(base_argv: list[str], jobs: list[TrainJob]) -> None:
+    """`train_jobs` in one child process that runs alone on this process's device (outside the launch's process
+    group): every run of this process's share in one interpreter."""
+    if not jobs:
+        return
+    payload = json.dumps({"base_argv": base_argv, "jobs": [dataclasses.asdict(job) for job in jobs]})
+    command = [sys.executable, "-m", "locedit.pipelines.study", payload]
     child = subprocess.Popen(command, env=processes.solo_environment(), preexec_fn=processes.die_with_parent())
     returncode = child.wait()
     if returncode != 0:
-        shown = shlex.join(["locedit", "train", *argv])
-        raise RecipeError(f"the training run {shown} failed (exit code {returncode}); its output is above")
+        raise RecipeError(
+            f"the training runs of process {processes.index()} failed (exit code {returncode}); their output is above"
+        )
+
+
+if __name__ == "__main__":  # train_jobs_in_child's child
+    given = json.loads(sys.argv[1])
+    jobs = [TrainJob(**{**job, "flags": tuple(job["flags"])}) for job in given["jobs"]]
+    train_jobs(given["base_argv"], jobs)
 
 
 def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
@@ -246,24 +316,20 @@ def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
             edits += [("iti_random", edit_dir) for edit_dir in expand_run_dirs([iti_run_dir(iti_recipes[1])])]
 
     families = family_flags(recipe, options)
+    run_dirs = [output_dir_of(stage_recipe("train", flags)) for _, flags in families]
+    # The unit of work is one edit: every edit of every family is dealt to the processes, and each process trains its
+    # share of a family as one multi-edit run (the edits are those one process makes, whatever the share).
+    jobs = [job for (family, flags) in families for job in family_jobs(family, flags, stage_recipe)]
+    mine = [job for _, job in processes.share(jobs) if not job.finished()]
     if processes.count() > 1:
-        # Each process trains its share of the runs alone, then waits for the others' (a resumed study skips the
-        # finished runs, whatever the number of processes). The device's memory goes to the training runs.
-        free_device_memory()
-        for _, (family, flags) in processes.share(families):
-            with timer(f"train {family}"):
-                argv = [*base_argv, *flags]
-                print(f"\nlocedit study: {shlex.join(['locedit', 'train', *argv])}", flush=True)  # by its process
-                train_alone(argv)
-        processes.wait_for_everyone()
-        run_dirs = [output_dir_of(stage_recipe("train", flags)) for _, flags in families]
-    else:
-        run_dirs = []
-        for family, flags in families:
-            with timer(f"train {family}"):
-                run_recipe = stage("train", flags)
-                run_dirs.append(output_dir_of(run_recipe))
-                train_recipe(run_recipe)
+        free_device_memory()  # the device's memory goes to the training runs
+    train_jobs(base_argv, mine, timer, announce=main or processes.count() > 1)
+    processes.wait_for_everyone()
+    if main:  # a family trained in shares reads as one finished run
+        for (_, flags), run_dir in zip(families, run_dirs, strict=True):
+            if not is_finished(run_dir):
+                complete_multi_edit_run(stage_recipe("train", flags))
+    processes.wait_for_everyone()
     for (family, _), run_dir in zip(families, run_dirs, strict=True):
         edits += [(family, edit_dir) for edit_dir in expand_run_dirs([run_dir])]  # a multi-edit run: one per edit
 

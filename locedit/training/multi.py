@@ -37,16 +37,17 @@ from torch import nn
 from trl import DPOTrainer
 
 from ..core.errors import HeadSpecError
-from ..core.files import atomic_path
+from ..core.files import atomic_path, read_json, write_json_atomic
 from ..edit import HeadEditConfig, head_mask, initial_read_vector
 from ..heads import HeadSpec, draw_recipe, heads_by_layer
 from ..models.layout import AttentionLayout
 from ..rundir import default_output_dir, split_question_ids, write_metrics, write_run_description
 from .pair_logps import PairScoringMixin
 from .reference import CachedReferenceMixin
-from .trainer import require_ipo, train_and_validate, training_inputs
+from .trainer import divergence, require_ipo, train_and_validate, training_inputs
 
 BANK_FILE = "locedit_bank.safetensors"
+EDIT_LOSSES_FILE = "locedit_edit_losses.json"
 
 
 class EditBank(nn.Module):
@@ -157,7 +158,12 @@ class EditBank(nn.Module):
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if not grads:
             return torch.zeros(self.num_edits)
-        squares = torch.stack([g.float().pow(2).sum(dim=1) for g in grads]).sum(dim=0)  # (K,)
+        # Summed one parameter at a time, in the bank's order: an edit's rows of the layers it does not edit are
+        # exact zeros, so its norm does not depend on the other edits of the bank (a batched sum over a stack of
+        # another length would round differently).
+        squares = torch.zeros_like(grads[0][:, 0], dtype=torch.float32)  # (K,)
+        for grad in grads:
+            squares = squares + grad.float().pow(2).sum(dim=1)
         norms = squares.sqrt()
         scale = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
         for grad in grads:
@@ -191,19 +197,61 @@ class MultiEditTrainer(PairScoringMixin, CachedReferenceMixin, DPOTrainer):
         self.pair_scorer_routing = bank
         super().__init__(*args, **kwargs)
         self._install_pair_scorer()  # when no reference precompute installed it
+        self.edit_losses = EditLosses(bank.num_edits) if plain_ipo(self) else None
+        self.edit_evaluations: dict[str, list[float] | None] = {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        replicated = replicate_batch(inputs, self.bank.num_edits)
         with self.bank.replicating(pairs_per_edit=inputs["input_ids"].shape[0] // 2):
-            loss = super().compute_loss(model, replicate_batch(inputs, self.bank.num_edits), return_outputs)
+            with captured_log_probs(self.accelerator.unwrap_model(model)) as captured:
+                loss = super().compute_loss(model, replicated, return_outputs)
+        if self.edit_losses is not None:
+            losses = pair_ipo_losses(captured["log_probs"], replicated, self.beta).view(self.bank.num_edits, -1)
+            reported = loss[0] if return_outputs else loss
+            self.edit_losses.add(losses, float(reported), training=self.model.training)
         # TRL averages over all K*B pairs; the sum of the K per-edit means gives each edit its own run's gradient.
         if return_outputs:
             return loss[0] * self.bank.num_edits, loss[1]
         return loss * self.bank.num_edits
 
+    def evaluation_loop(self, *args, **kwargs):
+        if self.edit_losses is not None:
+            self.edit_losses.evaluated(self.accelerator)  # what an earlier pass left
+        output = super().evaluation_loop(*args, **kwargs)
+        if self.edit_losses is not None:
+            self.edit_evaluations[kwargs.get("metric_key_prefix", "eval")] = self.edit_losses.evaluated(
+                self.accelerator
+            )
+        return output
+
+    def edit_metrics(self, metrics: dict) -> list[dict]:
+        """Each edit's own measures, to replace the run's means in its metrics.json: the IPO loss reached on the
+        training pairs (and on the validation pairs), and whether it diverged (`divergence`, on its own logged
+        losses). Empty dicts where the per-edit losses are not TRL's (`EditLosses.exact`)."""
+        losses = self.edit_losses
+        reached = self.edit_evaluations.get("train_pairs")
+        if losses is None or not losses.exact or reached is None:
+            return [{} for _ in range(self.bank.num_edits)]
+        validation = self.edit_evaluations.get("eval")
+        own = []
+        for edit in range(self.bank.num_edits):
+            reason = divergence(losses.logged[edit], reached[edit], metrics["train_loss_start"])
+            entry = {
+                "train_pairs_loss": reached[edit],
+                "train_diverged": reason is not None,
+                "train_divergence": reason,
+            }
+            if validation is not None and "eval_loss" in metrics:
+                entry["eval_loss"] = validation[edit]
+            own.append(entry)
+        return own
+
     def _clip_grad_norm(self, model):
         return self.bank.clip_per_edit(self.args.max_grad_norm).mean()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.edit_losses is not None:
+            self.edit_losses.log(self.accelerator)  # each edit's loss since the last log, as its own run logs it
         # Losses are sums over the K edits (see compute_loss); log the mean per edit, comparable to a single run.
         # In place: the trainer returns this same dict from train() and evaluate().
         for key in ("loss", "eval_loss", "train_loss", "train_pairs_loss"):
@@ -219,10 +267,96 @@ class MultiEditTrainer(PairScoringMixin, CachedReferenceMixin, DPOTrainer):
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in bank.state_dict().items()}, f"{output_dir}/{BANK_FILE}"
         )
+        if self.edit_losses is not None:  # each edit's logged losses so far, for its divergence after a resume
+            write_json_atomic(os.path.join(output_dir, EDIT_LOSSES_FILE), {"logged": self.edit_losses.logged})
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         bank = self.accelerator.unwrap_model(model or self.model).locedit_bank
         bank.load_state_dict(load_file(os.path.join(resume_from_checkpoint, BANK_FILE)))
+        logged = os.path.join(resume_from_checkpoint, EDIT_LOSSES_FILE)
+        if self.edit_losses is not None and os.path.isfile(logged):
+            self.edit_losses.logged = read_json(logged)["logged"]
+
+
+def plain_ipo(trainer) -> bool:
+    """Whether the trainer's loss is TRL's IPO alone, with nothing that reweights or reshapes it (`pair_ipo_losses`
+    computes that one per pair)."""
+    return (
+        list(trainer.loss_types) == ["ipo"]
+        and trainer.ld_alpha is None
+        and trainer.f_divergence_type == "reverse_kl"
+        and not trainer.use_weighting
+        and not trainer.aux_loss_enabled
+    )
+
+
+@contextlib.contextmanager
+def captured_log_probs(model: nn.Module):
+    """Within the block, the per-token log-probs of the model's last call (TRL's fused-LM-head output) land in the
+    yielded dict."""
+    captured: dict = {}
+
+    def hook(module, args, output):
+        captured["log_probs"] = output.log_probs.detach()
+
+    handle = model.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def pair_ipo_losses(log_probs: torch.Tensor, batch: dict, beta: float) -> torch.Tensor:
+    """TRL's IPO loss of each pair of a batch of rows [chosen; rejected] (DPOTrainer._compute_loss, loss_type ipo:
+    the log-ratios averaged over each completion's tokens). TRL keeps only their mean; an edit's own loss is the
+    mean over its rows."""
+    completion_mask = batch["completion_mask"]
+    logps = log_probs[:, -(completion_mask.shape[1] - 1) :].float().sum(dim=1)
+    chosen, rejected = logps.chunk(2, dim=0)
+    chosen_length, rejected_length = completion_mask.sum(dim=1).clamp(min=1.0).chunk(2, dim=0)
+    chosen_score = (chosen - batch["ref_chosen_logps"].float()) / chosen_length
+    rejected_score = (rejected - batch["ref_rejected_logps"].float()) / rejected_length
+    return (chosen_score - rejected_score - 1 / (2 * beta)) ** 2
+
+
+class EditLosses:
+    """Each edit's own IPO loss in a multi-edit run: the mean over the logging interval of its training steps (as a
+    separate run would log it) and over an evaluation's pairs. A run's logged loss is the mean over its edits; each
+    edit's divergence and reached loss are its own. Kept only while the per-pair losses reproduce TRL's loss."""
+
+    def __init__(self, num_edits: int):
+        self.num_edits = num_edits
+        self.logged: list[list[float]] = [[] for _ in range(num_edits)]
+        self.exact = True
+        self._train = torch.zeros(2, num_edits, dtype=torch.float64)  # (sum of step means, steps)
+        self._eval = torch.zeros(2, num_edits, dtype=torch.float64)  # (sum of pair losses, pairs)
+
+    def add(self, losses: torch.Tensor, reported: float, training: bool) -> None:
+        mean = float(losses.mean())
+        if abs(mean - reported) > 1e-3 * max(1.0, abs(reported)):
+            self.exact = False  # not TRL's loss (another loss setting): the edits' own losses are not kept
+        losses = losses.detach().double().cpu()
+        if training:
+            self._train += torch.stack([losses.mean(dim=1), torch.ones(self.num_edits, dtype=torch.float64)])
+        else:
+            self._eval += torch.stack(
+                [losses.sum(dim=1), torch.full((self.num_edits,), losses.shape[1], dtype=torch.float64)]
+            )
+
+    def log(self, accelerator) -> None:
+        totals = accelerator.reduce(self._train.to(accelerator.device), reduction="sum").cpu()
+        if float(totals[1].min()) > 0:
+            for edit, value in enumerate((totals[0] / totals[1]).tolist()):
+                self.logged[edit].append(value)
+        self._train.zero_()
+
+    def evaluated(self, accelerator) -> list[float] | None:
+        """Each edit's mean loss over the pairs evaluated since the last call (None if not exact)."""
+        totals = accelerator.reduce(self._eval.to(accelerator.device), reduction="sum").cpu()
+        self._eval.zero_()
+        if not self.exact or float(totals[1].min()) == 0:
+            return None
+        return (totals[0] / totals[1]).tolist()
 
 
 def replicate_batch(inputs: dict, num_edits: int) -> dict:
@@ -268,14 +402,26 @@ def plan_edits(recipe, plan) -> list[EditRun]:
     return runs
 
 
-def train_multi_edit(recipe, plan, model, tokenizer) -> dict:
-    """Train every edit of the recipe in one pass per step; write one ordinary run directory per edit."""
+def train_multi_edit(
+    recipe, plan, model, tokenizer, edits: list[str] | None = None, run_dir: str | None = None
+) -> dict:
+    """Train every edit of the recipe in one pass per step; write one ordinary run directory per edit.
+
+    `edits` (names of the recipe's edit directories) trains only those, as one multi-edit run of their own in
+    `run_dir` (its trainer state and checkpoints; the edits' directories are the recipe's run's all the same): a
+    study's share of a family on one process. Each edit's metrics.json holds its own reached IPO loss and divergence
+    (`EditLosses`), so an edit's results do not depend on the edits it was trained beside.
+    """
     from .. import processes
 
     args = recipe.training
     if not args.precompute_ref_log_probs:
         raise HeadSpecError("training many edits in one run needs precompute_ref_log_probs: true")
+    run_dir = run_dir or plan.output_dir
     runs = plan_edits(recipe, plan)
+    if edits is not None:
+        runs = [run for run in runs if os.path.basename(run.output_dir) in set(edits)]
+    positions = {run.output_dir: index for index, run in enumerate(plan_edits(recipe, plan))}
     layout = plan.layout
     in_features = layout.num_heads * layout.head_dim(model)
     for param in model.parameters():
@@ -288,8 +434,9 @@ def train_multi_edit(recipe, plan, model, tokenizer) -> dict:
         model.enable_input_require_grads()
 
     trainer = MultiEditTrainer(model=model, **training_inputs(plan, args), processing_class=tokenizer, bank=bank)
-    metrics = {**train_and_validate(trainer, plan.output_dir), "data_rows_skipped": plan.data_rows_skipped}
+    metrics = {**train_and_validate(trainer, run_dir), "data_rows_skipped": plan.data_rows_skipped}
     trainer.save_state()
+    own = trainer.edit_metrics(metrics)
     if processes.state().is_main_process:
         question_ids = split_question_ids(plan.splits)
         for index, run in enumerate(runs):
@@ -303,8 +450,13 @@ def train_multi_edit(recipe, plan, model, tokenizer) -> dict:
                 question_ids,
             )
             bank.save_edit(index, run.config, layout, run.output_dir)
-            write_metrics(run.output_dir, {**metrics, "multi_edit_run": plan.output_dir, "multi_edit_index": index})
-        write_metrics(plan.output_dir, {**metrics, "edits": [os.path.basename(run.output_dir) for run in runs]})
+            edit_metrics = {**metrics, **own[index], "multi_edit_run": run_dir}
+            write_metrics(run.output_dir, {**edit_metrics, "multi_edit_index": positions[run.output_dir]})
+        names = [os.path.basename(run.output_dir) for run in runs]
+        if run_dir == plan.output_dir:
+            write_metrics(run_dir, {**metrics, "edits": names})
+        else:  # a share: the recipe's run lists its edits once every share has ended (complete_multi_edit_run)
+            write_metrics(run_dir, {**metrics, "share_of": plan.output_dir, "trained_edits": names})
     if hasattr(trainer, "end"):
         trainer.end()
     return metrics

@@ -9,10 +9,11 @@ from .multi import train_multi_edit
 from .trainer import LocEditTrainer, train_and_validate, training_inputs
 
 
-def train_edits(recipe: Recipe, plan: RunPlan, model, tokenizer) -> dict:
-    """Train the plan's edit (or edits) on the loaded model and write the run directory; returns the metrics."""
+def train_edits(recipe: Recipe, plan: RunPlan, model, tokenizer, **share) -> dict:
+    """Train the plan's edit (or edits) on the loaded model and write the run directory; returns the metrics.
+    `share` (`edits`, `run_dir`): some edits of a multi-edit plan, as `train_multi_edit` takes them."""
     if plan.spec.is_multi_edit:
-        return train_multi_edit(recipe, plan, model, tokenizer)
+        return train_multi_edit(recipe, plan, model, tokenizer, **share)
     trainer = LocEditTrainer(
         model=model,
         **training_inputs(plan, recipe.training),
