@@ -181,6 +181,9 @@ def test_study_with_two_processes_is_the_study_of_one_and_resumes_with_one(tmp_p
     assert study_table(two) == reference
     assert len(same_files(one / "outputs", two / "outputs", "adapter_model.safetensors")) >= 8
     assert len(same_files(one / "outputs", two / "outputs", "generations.jsonl")) >= 9
+    # The families of several edits were split by edit: each process trained its share as a run of its own.
+    assert len(list((two / "outputs/toy").glob("*/shares/*/metrics.json"))) == 4  # 2 random sets, 2 single heads
+    assert not list((one / "outputs/toy").glob("*/shares"))  # one process trains each family as one run
 
     # Killed (SIGKILL: the launcher, its processes and their training runs, as when a node goes down) once a first
     # run directory is finished, then resumed by one process: the same table.
@@ -217,3 +220,22 @@ def test_a_sweep_with_two_processes_shares_its_runs(tmp_path):
     records = [json.loads(line) for line in (cwd / "outputs/sweeps/seeds/runs.jsonl").read_text().splitlines()]
     assert sorted(record["index"] for record in records) == [0, 1, 2]
     assert len(list((cwd / "outputs/tiny").glob("*/metrics.json"))) == 3
+
+
+def test_a_share_trained_in_a_child_process_is_the_share_trained_here(tmp_path, monkeypatch):
+    """On GPUs a process of a launch trains its share in one child process on its own GPU (transformers' single
+    process would take every GPU): the child makes what this interpreter makes."""
+    from locedit.config import parse_recipe
+    from locedit.pipelines.study import family_jobs, train_jobs, train_jobs_in_child
+
+    flags = ["--dataset", "synthetic:40", "--max_steps", "3", "--report_to", "none", "--save_strategy", "no"]
+    family = ["--heads", "random:2", "--heads_draws", "2"]
+    runs = {}
+    for where in ("here", "child"):
+        cwd = work_dir(tmp_path, where)
+        monkeypatch.chdir(cwd)
+        base = [TINY, *flags]
+        jobs = family_jobs("random", family, lambda command, more: parse_recipe([*base, *more]))
+        (train_jobs if where == "here" else train_jobs_in_child)(base, jobs[1:])
+        runs[where] = cwd
+    assert len(same_files(runs["here"] / "outputs", runs["child"] / "outputs", "adapter_model.safetensors")) == 1

@@ -216,12 +216,11 @@ def train_jobs(base_argv: list[str], jobs: list[TrainJob], timer=None, announce:
     started alone: in this interpreter on CPUs, in one child process for all of them on GPUs."""
     if processes.count() > 1 and not processes.can_run_alone_here():
         return train_jobs_in_child(base_argv, jobs)
-    timer = timer or Timer()
     with processes.alone():
         for family, flags, edits in group_jobs(jobs):
             argv = [*base_argv, *flags]
             recipe = parse_recipe(argv, prog="locedit train")
-            with timer(f"train {family}"):
+            with timer(f"train {family}") if timer else contextlib.nullcontext():
                 if announce:
                     share = "" if edits is None else f" ({len(edits)} of its edits: {', '.join(edits)})"
                     print(f"\nlocedit study: {shlex.join(['locedit', 'train', *argv])}{share}", flush=True)
@@ -317,19 +316,23 @@ def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
 
     families = family_flags(recipe, options)
     run_dirs = [output_dir_of(stage_recipe("train", flags)) for _, flags in families]
-    # The unit of work is one edit: every edit of every family is dealt to the processes, and each process trains its
-    # share of a family as one multi-edit run (the edits are those one process makes, whatever the share).
-    jobs = [job for (family, flags) in families for job in family_jobs(family, flags, stage_recipe)]
-    mine = [job for _, job in processes.share(jobs) if not job.finished()]
-    if processes.count() > 1:
-        free_device_memory()  # the device's memory goes to the training runs
-    train_jobs(base_argv, mine, timer, announce=main or processes.count() > 1)
-    processes.wait_for_everyone()
-    if main:  # a family trained in shares reads as one finished run
-        for (_, flags), run_dir in zip(families, run_dirs, strict=True):
-            if not is_finished(run_dir):
-                complete_multi_edit_run(stage_recipe("train", flags))
-    processes.wait_for_everyone()
+    # One process times each family's run; under a launch the families are split among the processes, so the stage
+    # is timed whole.
+    alone = processes.count() == 1
+    with contextlib.nullcontext() if alone else timer("train"):
+        # The unit of work is one edit: every edit of every family is dealt to the processes, and each process trains
+        # its share of a family as one multi-edit run (the edits are those one process makes, whatever the share).
+        jobs = [job for (family, flags) in families for job in family_jobs(family, flags, stage_recipe)]
+        mine = [job for _, job in processes.share(jobs) if not job.finished()]
+        if processes.count() > 1:
+            free_device_memory()  # the device's memory goes to the training runs
+        train_jobs(base_argv, mine, timer if alone else None, announce=main or not alone)
+        processes.wait_for_everyone()
+        if main:  # a family trained in shares reads as one finished run
+            for (_, flags), run_dir in zip(families, run_dirs, strict=True):
+                if not is_finished(run_dir):
+                    complete_multi_edit_run(stage_recipe("train", flags))
+        processes.wait_for_everyone()
     for (family, _), run_dir in zip(families, run_dirs, strict=True):
         edits += [(family, edit_dir) for edit_dir in expand_run_dirs([run_dir])]  # a multi-edit run: one per edit
 
