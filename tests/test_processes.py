@@ -239,3 +239,27 @@ def test_a_share_trained_in_a_child_process_is_the_share_trained_here(tmp_path, 
         (train_jobs if where == "here" else train_jobs_in_child)(base, jobs[1:])
         runs[where] = cwd
     assert len(same_files(runs["here"] / "outputs", runs["child"] / "outputs", "adapter_model.safetensors")) == 1
+
+
+def test_importance_with_two_processes_is_the_importance_of_one(tmp_path):
+    """Gradient importance spread over a launch (each process its share of the batches, the sums added in batch
+    order) writes the scores one process writes, bit for bit."""
+    script = tmp_path / "locate.py"
+    script.write_text(
+        "import sys\n"
+        "from locedit.config import parse_recipe\n"
+        "from locedit.pipelines.locate import locate_together\n"
+        "locate_together(parse_recipe(sys.argv[1:]))\n"
+    )
+    args = [TINY, "--dataset", "synthetic:40", "--heads", "importance:3", "--per_device_eval_batch_size", "4"]
+    results = {}
+    for processes in (1, 2):
+        cwd = work_dir(tmp_path, f"p{processes}")
+        cmd = [sys.executable, str(script), *args]
+        if processes == 2:  # the launcher's command with the script in place of `-m MODULE`
+            cmd = [*command("locedit.cli", [], 2)[:-2], str(script), *args]
+        result = subprocess.run(cmd, cwd=cwd, env=environment(), capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count("gradient importance of every head") == 1  # the main process says it
+        results[processes] = json.loads((cwd / "outputs/tiny/importance/importance.json").read_text())
+    assert results[1]["scores"] == results[2]["scores"]

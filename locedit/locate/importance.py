@@ -19,6 +19,7 @@ a batch gives every pair's own gradient, and their absolute values are averaged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -139,15 +140,27 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def gate_importance(
-    model, layout: AttentionLayout, tokenized: list[tuple[list[int], list[int], list[int]]], tau: float, batch_size=8
+    model,
+    layout: AttentionLayout,
+    tokenized: list[tuple[list[int], list[int], list[int]]],
+    tau: float,
+    batch_size=8,
+    spread: bool = False,
 ) -> torch.Tensor:
-    """(layers, heads) mean over pairs of |dL_IPO(pair) / d gate| at gate = 1 (module docstring)."""
+    """(layers, heads) mean over pairs of |dL_IPO(pair) / d gate| at gate = 1 (module docstring).
+
+    `spread`: every process of a launch calls this at once and scores its share of the batches; the batches' sums
+    are added in batch order on every process, as one process adds them (the same scores, bit for bit)."""
+    from .. import processes
+
     if not tokenized:
         raise DataError("gradient importance needs at least one training pair")
     device = next(model.parameters()).device
     head_dim = layout.head_dim(model)
     pad = 0
-    total = torch.zeros(layout.num_layers, layout.num_heads, dtype=torch.float64)
+    batches = list(range(0, len(tokenized), batch_size))
+    mine = processes.share(batches) if spread else list(enumerate(batches))
+    sums = []  # (batch position, that batch's sum of |gradient| per head)
     state = {}
 
     def gate_input(module, args, layer):
@@ -161,7 +174,7 @@ def gate_importance(
     was_training = model.training
     model.eval()
     try:
-        for first in range(0, len(tokenized), batch_size):
+        for position, first in mine:
             pairs = tokenized[first : first + batch_size]
             rows = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
             width = max(len(p) + len(c) for p, c in rows)
@@ -184,12 +197,15 @@ def gate_importance(
             delta = (chosen - chosen.detach()) - (rejected - rejected.detach())
             loss = (delta - 1 / (2 * tau)) ** 2
             (gradient,) = torch.autograd.grad(loss.sum(), gates)
-            total += gradient.abs().sum(0).double().cpu()
+            sums.append((position, gradient.abs().sum(0).double().cpu()))
     finally:
         for handle in handles:
             handle.remove()
         state.clear()
         model.train(was_training)
+    total = torch.zeros(layout.num_layers, layout.num_heads, dtype=torch.float64)
+    for batch_sum in processes.gather(sums) if spread else [batch_sum for _, batch_sum in sums]:
+        total += batch_sum
     return total / len(tokenized)
 
 
@@ -239,13 +255,22 @@ def find_importance_result(recipe: Recipe, model_path: str, layout: AttentionLay
     return result, directory
 
 
-def run_importance_stage(recipe: Recipe, model_path: str, layout: AttentionLayout, model=None, tokenizer=None):
-    """The saved result if up to date, else computed on the recipe's training pairs and saved."""
+def run_importance_stage(
+    recipe: Recipe, model_path: str, layout: AttentionLayout, model=None, tokenizer=None, together: bool = False
+):
+    """The saved result if up to date, else computed on the recipe's training pairs and saved.
+
+    `together`: every process of an `accelerate launch` calls this at once (the study): each scores its share of
+    the pairs, the main process saves the result, and the others read it."""
+    from .. import processes
+
     existing, directory = find_importance_result(recipe, model_path, layout)
     if existing is not None:
         return existing
+    spread = together and processes.count() > 1
+    main = processes.is_main() if spread else True
     edit_args, args = recipe.edit, recipe.training
-    with run_lock(directory):
+    with run_lock(directory) if main else contextlib.nullcontext():
         if model is None:
             model, tokenizer = load_model_and_tokenizer(model_path, recipe.model, args.trust_remote_code)
         place_for_inference(model)
@@ -253,10 +278,15 @@ def run_importance_stage(recipe: Recipe, model_path: str, layout: AttentionLayou
         train = splits["train"]
         tokenized = [tokenize_pair(tokenizer, train[i], args.max_length) for i in range(len(train))]
         batch_size = args.per_device_eval_batch_size or 8
-        scores = gate_importance(model, layout, tokenized, args.beta, batch_size)
+        scores = gate_importance(model, layout, tokenized, args.beta, batch_size, spread=spread)
         info = {**importance_info(recipe, model_path, layout), "pairs": len(tokenized)}
         result = ImportanceResult(scores=scores, info=info)
-        result.save(directory)
-    best = ", ".join(f"{format_heads([h])} {float(result.scores[h]):.3g}" for h in result.top_heads(5))
-    print(f"locedit: gradient importance of every head on {len(tokenized)} training pairs: best {best}", flush=True)
+        if main:
+            result.save(directory)
+    if spread:
+        processes.wait_for_everyone()
+    if main:
+        best = ", ".join(f"{format_heads([h])} {float(result.scores[h]):.3g}" for h in result.top_heads(5))
+        pairs = len(tokenized)
+        print(f"locedit: gradient importance of every head on {pairs} training pairs: best {best}", flush=True)
     return result

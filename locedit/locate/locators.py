@@ -23,8 +23,9 @@ class Locator:
     score_name: str  # what its scores are, for plan lines: "probe validation accuracy"
     # (recipe, model_path, layout) -> (the saved result made from these settings or None, its directory)
     find: Callable[[Recipe, str, AttentionLayout], tuple[object | None, str]]
-    # (recipe, model_path, layout, model, tokenizer) -> the result, computed (and saved) on the loaded model
-    run: Callable[[Recipe, str, AttentionLayout, object, object], object]
+    # (recipe, model_path, layout, model, tokenizer) -> the result, computed (and saved) on the loaded model (None:
+    # loaded here); `together=True`: every process of a launch calls it at once and each does its share
+    run: Callable[..., object]
     scores: Callable[[object], list[list[float]]]  # the result's (layers, heads) scores
 
 
@@ -35,8 +36,8 @@ def register_locator(locator: Locator) -> None:
     LOCATORS[locator.name] = locator
 
 
-def _run_probe(recipe: Recipe, model_path: str, layout: AttentionLayout, model, tokenizer):
-    return run_probe_stage(make_probe_stage(recipe, model_path, layout), recipe, model, tokenizer)
+def _run_probe(recipe: Recipe, model_path: str, layout: AttentionLayout, model, tokenizer, together: bool = False):
+    return run_probe_stage(make_probe_stage(recipe, model_path, layout), recipe, model, tokenizer, together=together)
 
 
 register_locator(

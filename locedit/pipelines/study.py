@@ -45,6 +45,7 @@ from ..reporting import Run, read_run, write_report
 from ..reporting.study import format_timings, write_study_files, write_study_report
 from ..rundir import expand_run_dirs, is_finished, output_dir_of
 from .iti import iti_run_dir, make_iti_edits
+from .locate import locate_together
 from .train import complete_multi_edit_run, multi_edit_names, train_recipe, train_share
 
 # The paper's learning rates (appendix A) relative to its 16-head one, 5e-4: 1e-4 for all heads, 2e-3 for one head.
@@ -102,7 +103,7 @@ def family_flags(recipe: Recipe, options: StudyOptions) -> list[tuple[str, list[
     lr_single = options.lr_single if options.lr_single is not None else lr * LR_SCALE["single"]
     families = [("probe", ["--heads", spec.text])]
     # The other localization heuristics asked for, at as many heads as the probes pick.
-    families += [(name, ["--heads", f"{name}:{spec.count}"]) for name in options.heuristics]
+    families += [(name, heuristic_flags(recipe, name)) for name in options.heuristics]
     if options.random:
         families.append(("random", random_heads_flags(recipe, options)))
     if options.single:
@@ -300,6 +301,9 @@ def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
             resolve_model_path(recipe.model.model_name_or_path)  # pre-trains the toy model on first use
     with timer("probe"):
         probe_recipe(stage("probe", []))
+    for name in options.heuristics:  # the other heuristics' scores, before training, every process doing its share
+        with timer(name):
+            locate_together(stage_recipe("train", heuristic_flags(recipe, name)))
 
     edits: list[tuple[str, str]] = []  # (family, run directory) of every edit, in the table's order
     with timer("iti"):  # quick: the main process makes ITI's edits, the others wait for them
@@ -378,6 +382,11 @@ def _dry_run(recipe: Recipe, options: StudyOptions, stage) -> dict:
         flush=True,
     )
     return {"dry_run": True}
+
+
+def heuristic_flags(recipe: Recipe, name: str) -> list[str]:
+    """The head flags of another localization heuristic's K best heads (K of the recipe's `probe:K`)."""
+    return ["--heads", f"{name}:{HeadSpec.of(recipe.edit).count}"]
 
 
 def random_heads_flags(recipe: Recipe, options: StudyOptions) -> list[str]:
