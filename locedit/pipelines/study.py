@@ -5,12 +5,13 @@ localization heuristic ranks first (one family per locator of `locedit.locate.LO
 `importance:K`, with the same K), at random heads, at single heads and at all heads.
 
 Under `accelerate launch --num_processes N` every stage uses every process (`locedit.processes`): the probes'
-activations are collected by example shares, the training runs are shared among the processes (each trains its runs
-alone on its own device, as `locedit train` would: the edits are those of one process), the evaluation shares its
-models, and the main process makes ITI's edits
-and writes the report. The files are those one process writes. A model too large for one device is trained data
-parallel (or sharded) by `accelerate launch -m locedit.train` with each family's printed command first; the study
-then finds those runs finished.
+activations and the other heuristics' scores are computed by example shares, every edit of every family is dealt to
+the processes, and each process trains its share of a family as one multi-edit run alone on its own device (in its
+own interpreter on CPUs, `processes.alone`; in one child process for all its runs on GPUs), so that the edits are
+those of one process; the evaluation shares its models, and the main process makes ITI's edits and writes the report.
+The files are those one process writes. A model too large for one device is trained data parallel (or sharded) by
+`accelerate launch -m locedit.train` with each family's printed command first; the study then finds those runs
+finished.
 """
 
 from __future__ import annotations

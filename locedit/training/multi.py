@@ -208,7 +208,7 @@ class MultiEditTrainer(PairScoringMixin, CachedReferenceMixin, DPOTrainer):
         if self.edit_losses is not None:
             losses = pair_ipo_losses(captured["log_probs"], replicated, self.beta).view(self.bank.num_edits, -1)
             reported = loss[0] if return_outputs else loss
-            self.edit_losses.add(losses, float(reported), training=self.model.training)
+            self.edit_losses.add(losses, float(reported.detach()), training=self.model.training)
         # TRL averages over all K*B pairs; the sum of the K per-edit means gives each edit its own run's gradient.
         if return_outputs:
             return loss[0] * self.bank.num_edits, loss[1]
