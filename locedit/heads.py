@@ -376,7 +376,8 @@ register_selector(
 
 
 def draw_recipe(recipe, draw: HeadSpec):
-    """The recipe of one edit of a multi-edit spec (one of `spec.edits(layout)`): its heads and seed, one draw."""
+    """The recipe of one edit of a multi-edit spec (one of `spec.edits(layout)`): its heads and seed, one draw, as
+    the edit's recipe.yaml records them. Code that needs the edit's spec takes `draw` itself, not a parse of this."""
     single = copy.copy(recipe)
     single.edit = dataclasses.replace(recipe.edit, heads=draw.text, heads_seed=draw.seed, heads_draws=1)
     return single

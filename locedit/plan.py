@@ -217,13 +217,13 @@ def make_plan(recipe: Recipe, need_probe: bool = False, output_dir: str | None =
     whatever the head spec; a `probe:K` spec always does. `output_dir` defaults to the recipe's training run
     directory."""
     edit_args = recipe.edit
-    output_dir = output_dir or output_dir_of(recipe)
+    spec = HeadSpec.of(edit_args)
+    output_dir = output_dir or output_dir_of(recipe, spec)
     if float(edit_args.split_fractions[2]) <= 0:  # three numbers: EditArguments checks that
         raise RecipeError(
             f"split_fractions {list(edit_args.split_fractions)} leave no test questions; locedit evaluates every edit "
             "on held-out test questions, so give the test split (the third number) a fraction > 0"
         )
-    spec = HeadSpec.of(edit_args)
     if spec.is_multi_edit and not recipe.training.precompute_ref_log_probs:
         raise RecipeError(
             f"heads '{edit_args.heads}' with heads_draws {edit_args.heads_draws} trains many edits in one run, which "
@@ -237,7 +237,6 @@ def make_plan(recipe: Recipe, need_probe: bool = False, output_dir: str | None =
     tokenizer = None
     if edit_args.chat_template:  # the tokenizer must have one: one line now, not TRL's error after the weights load
         tokenizer = chat_tokenizer(model_path, recipe.model, recipe.training.trust_remote_code)
-    spec = HeadSpec.of(edit_args, layout)
     spec.check(layout)  # K against the model's heads, before any data is read
     # A multi-edit spec (single:K, or heads_draws > 1) is checked on every draw; the plan shows the first.
     draws = spec.edits(layout)

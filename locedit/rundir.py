@@ -45,10 +45,10 @@ TRAINER_STATE = "trainer_state.json"
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def default_output_dir(edit_args, args, recipe_name: str) -> str:
+def default_output_dir(edit_args, args, recipe_name: str, spec: HeadSpec | None = None) -> str:
     """outputs/<recipe>/<heads>[-<edit>]-lr<lr>-tau<tau>-seed<seed>[-split<split_seed>]: unique per run of a
-    sweep."""
-    slug = HeadSpec.of(edit_args).slug
+    sweep. `spec`: the head spec of `edit_args`, when the caller holds it already (else it is parsed here)."""
+    slug = (spec or HeadSpec.of(edit_args)).slug
     if edit_args.edit_strength != "adaptive":
         slug += f"-{edit_args.edit_strength}"
     if edit_args.edit_read != "all":
@@ -62,16 +62,18 @@ def _split_part(edit_args) -> str:
     return f"-split{edit_args.split_seed}" if edit_args.split_seed else ""
 
 
-def iti_output_dir(edit_args, alpha: float, recipe_name: str) -> str:
-    """outputs/<recipe>/iti-<heads>-alpha<alpha>: one directory per head set and strength."""
-    slug = HeadSpec.of(edit_args).slug
+def iti_output_dir(edit_args, alpha: float, recipe_name: str, spec: HeadSpec | None = None) -> str:
+    """outputs/<recipe>/iti-<heads>-alpha<alpha>: one directory per head set and strength (`spec`: as for
+    default_output_dir)."""
+    slug = (spec or HeadSpec.of(edit_args)).slug
     return os.path.join("outputs", recipe_name, f"iti-{slug}-alpha{alpha:g}{_split_part(edit_args)}")
 
 
-def output_dir_of(recipe) -> str:
-    """The training run directory of a recipe: its output_dir, else the default name."""
+def output_dir_of(recipe, spec: HeadSpec | None = None) -> str:
+    """The training run directory of a recipe: its output_dir, else the default name (`spec`: as for
+    default_output_dir)."""
     args = recipe.training
-    return args.output_dir if args.output_dir_was_given else default_output_dir(recipe.edit, args, recipe.name)
+    return args.output_dir if args.output_dir_was_given else default_output_dir(recipe.edit, args, recipe.name, spec)
 
 
 def eval_dir(output_dir: str) -> str:
@@ -116,10 +118,12 @@ def write_run_description(
     splits,
     located: dict[str, str] | None = None,
     question_ids: dict | None = None,
+    spec: HeadSpec | None = None,
 ) -> None:
     """The resolved recipe, the heads and the question split, written at the start of a run. `located`: the
     directory of each locator result the run used (`probe` -> DIR); `question_ids` (split_question_ids(splits))
-    saves reading the splits again when many runs share them."""
+    saves reading the splits again when many runs share them; `spec`: the head spec of the recipe, when the caller
+    holds it already (else it is parsed here)."""
     os.makedirs(output_dir, exist_ok=True)
     edit_args = recipe.edit
     write_text_atomic(
@@ -131,7 +135,7 @@ def write_run_description(
         {
             "spec": edit_args.heads,
             "heads_seed": edit_args.heads_seed,
-            "family": HeadSpec.of(edit_args).family,
+            "family": (spec or HeadSpec.of(edit_args)).family,
             "heads": [list(h) for h in heads],
             "model_type": layout.model_type,
             "num_layers": layout.num_layers,

@@ -71,3 +71,18 @@ def shared_data_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data not found at {path}")
     return path
+
+
+@pytest.fixture
+def head_spec_parses(monkeypatch) -> list[str]:
+    """The text of every head spec parsed from here on (a recipe's spec is parsed once, then handed down)."""
+    from locedit.heads import HeadSpec
+
+    parsed, parse = [], HeadSpec.parse.__func__
+
+    def spy(cls, text, *args, **kwargs):
+        parsed.append(text)
+        return parse(cls, text, *args, **kwargs)
+
+    monkeypatch.setattr(HeadSpec, "parse", classmethod(spy))
+    return parsed

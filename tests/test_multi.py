@@ -110,6 +110,18 @@ def test_replicate_batch_is_edit_major_within_chosen_and_rejected():
     assert out["ref_chosen_logps"].tolist() == [1.0, 2.0] * 3
 
 
+def test_a_multi_edit_run_names_and_describes_each_edit_by_its_draw(tmp_path, head_spec_parses):
+    """The recipe's spec is parsed once; each edit's directory name and heads.json take its draw's spec, not a parse
+    of the draw written back into a recipe."""
+    main(parse_recipe([*COMMON, "--heads", "random:2", "--heads_draws", "2", "--output_dir", str(tmp_path / "m")]))
+    assert head_spec_parses == ["random:2"]
+    edits = [Path(edit_dir) for edit_dir in expand_run_dirs([str(tmp_path / "m")])]
+    assert [edit.name.split("-lr")[0] for edit in edits] == ["random2-hs0", "random2-hs1"]
+    for seed, edit in enumerate(edits):
+        heads = json.loads((edit / "heads.json").read_text())
+        assert (heads["spec"], heads["heads_seed"], heads["family"]) == ("random:2", seed, "random-2")
+
+
 def expand_head_specs(spec: str, seed: int, draws: int, layout) -> list[tuple[str, int]]:
     """(spec, seed) of every edit of a run of this spec."""
     return [(edit.text, edit.seed) for edit in HeadSpec.parse(spec, seed, draws, layout).edits(layout)]

@@ -102,6 +102,17 @@ def test_a_clearly_better_family_gets_a_small_p_value_and_identical_ones_a_large
         assert same["probe_vs_random"][method]["p_value"] > 0.1
 
 
+def test_random_single_heads_are_random_head_sets_against_the_probes(tmp_path):
+    """random:1 edits (their family is single-head) are random head sets: the probe's heads are tested against
+    them."""
+    fake_run(tmp_path, "probe", "ipo", "probe-1", "probe:1", 0, 0.9, 0.9, rng_seed=1)
+    for s in range(5):
+        fake_run(tmp_path, f"random-{s}", "ipo", "single-head", "random:1", s, 0.4, 0.9, rng_seed=10 + s)
+    result = verdict(find_runs([str(tmp_path)]))["probe_vs_random"]["ipo"]
+    assert len(result["probe"]) == 1 and len(result["random"]) == 5
+    assert result["p_value"] == pytest.approx(1 / 6)
+
+
 def test_permutation_p_value_matches_hand_computations():
     # One treated value above all of n control values: exactly 1/(n+1), the smallest p such a design allows.
     assert permutation_p_value([20.0], [float(i) for i in range(16)]) == pytest.approx(1 / 17)

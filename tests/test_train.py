@@ -154,6 +154,15 @@ def test_default_output_dir_is_unique_per_run_of_a_sweep():
     assert len(dirs) == 7 and all(d.startswith(os.path.join("outputs", "tiny")) for d in dirs)
 
 
+def test_a_plan_parses_its_head_spec_once(head_spec_parses):
+    """The plan's directory name, checks and heads all take the one spec parsed from the recipe."""
+    from locedit.plan import make_plan
+
+    plan = make_plan(parse_recipe(["recipes/tiny.yaml", "--heads", "random:2", "--heads_seed", "3"]))
+    assert head_spec_parses == ["random:2"]
+    assert os.path.basename(plan.output_dir).startswith("random2-hs3-") and len(plan.heads) == 2
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_every_recipe_parses_and_plans_on_its_models_shape(recipe, tmp_path, shared_data_dir):
     """Each recipe resolves against a Llama-7B shape: its config and an empty weights file (the plan checks that a

@@ -20,9 +20,10 @@ from ..rundir import clear_finished, iti_output_dir, run_lock, write_metrics, wr
 from .locate import locate_heads
 
 
-def iti_run_dir(recipe: Recipe) -> str:
-    """outputs/<recipe>/iti-<heads>-alpha<alpha>: one directory per head set and strength."""
-    return iti_output_dir(recipe.edit, recipe.probe.iti_alpha, recipe.name)
+def iti_run_dir(recipe: Recipe, spec: HeadSpec | None = None) -> str:
+    """outputs/<recipe>/iti-<heads>-alpha<alpha>: one directory per head set and strength (`spec`: the recipe's
+    head spec, when the caller holds it)."""
+    return iti_output_dir(recipe.edit, recipe.probe.iti_alpha, recipe.name, spec)
 
 
 def _draws(recipe: Recipe, spec: HeadSpec, output_dir: str, layout) -> list[tuple[Recipe, HeadSpec, str]]:
@@ -34,7 +35,7 @@ def _draws(recipe: Recipe, spec: HeadSpec, output_dir: str, layout) -> list[tupl
     runs = []
     for draw in draws:
         single = draw_recipe(recipe, draw)
-        runs.append((single, draw, os.path.join(output_dir, os.path.basename(iti_run_dir(single)))))
+        runs.append((single, draw, os.path.join(output_dir, os.path.basename(iti_run_dir(recipe, draw)))))
     return runs
 
 
@@ -85,7 +86,9 @@ def make_iti_edits(recipe: Recipe):
             heads = plan.heads if draw is plan.spec else draw.resolve(plan.layout)
             edited = add_iti_edit(model, result, heads, alpha)
             clear_finished(output_dir)  # a rewrite stopped half way must not look finished
-            write_run_description(output_dir, run_recipe, heads, plan.layout, plan.splits, plan.located_dirs)
+            write_run_description(
+                output_dir, run_recipe, heads, plan.layout, plan.splits, plan.located_dirs, spec=draw
+            )
             edited.save_pretrained(output_dir)
             metrics = {
                 "method": "iti",

@@ -70,7 +70,9 @@ def _train(recipe: Recipe, plan: RunPlan, is_main: bool) -> dict:
                 print(f"  heads        {plan.heads_line()}", flush=True)
         if is_main:
             clear_finished(plan.output_dir)  # a run going on (more steps) is unfinished until it ends
-            write_run_description(plan.output_dir, recipe, plan.heads, plan.layout, plan.splits, plan.located_dirs)
+            write_run_description(
+                plan.output_dir, recipe, plan.heads, plan.layout, plan.splits, plan.located_dirs, spec=plan.spec
+            )
         if model is None:
             model, tokenizer = load_model_and_tokenizer(plan.model_path, model_args, training_args.trust_remote_code)
         return train_edits(recipe, plan, model, tokenizer)

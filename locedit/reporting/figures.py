@@ -40,7 +40,7 @@ def write_figures(runs: list[Run], output_dir: str, metric: str = MAIN, breakage
     groups = {"probe": [], "random": []}
     for run in best.values():
         for group in groups:
-            if run.method == "iti" and run.family.startswith(group):
+            if run.method == "iti" and run.kind == group:
                 groups[group].append(run.metrics[metric])
     for x, (group, values) in enumerate(groups.items()):
         sets = f"{len(values)} set" + ("s" if len(values) != 1 else "")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -40,6 +41,14 @@ class Run:
     def head_set(self) -> tuple[str, str, int | None]:
         """Runs of the same method at the same heads, whatever their hyperparameters."""
         return (self.method, self.heads, self.heads_seed)
+
+    @functools.cached_property
+    def kind(self) -> str:
+        """The kind of its head spec (random, probe, heads, ...), which the verdict's comparisons group by: random:1
+        is a random head set, though its family is single-head. A spec that does not parse here (a plugin's, not
+        loaded) falls back to its family's first word."""
+        spec = _parsed(self.heads)
+        return spec.kind if spec is not None else self.family.split("-")[0]
 
     def row(self, columns: list[str]) -> dict:
         settings = {f.name for f in fields(self)} - {"metrics", "values"}
@@ -102,9 +111,15 @@ def read_run(run_dir: Path, study_family: str | None = None) -> Run:
     )
 
 
+def _parsed(spec: str) -> HeadSpec | None:
+    """A run's recorded spec, parsed (None for the base model's, or a spec of a plugin not loaded here)."""
+    try:
+        return HeadSpec.parse(spec)
+    except HeadSpecError:
+        return None
+
+
 def _uses_seed(spec: str) -> bool:
     """Whether a run's recorded spec drew its heads with heads_seed (a spec of a plugin not loaded here: no)."""
-    try:
-        return HeadSpec.parse(spec).uses_seed
-    except HeadSpecError:
-        return False
+    parsed = _parsed(spec)
+    return parsed is not None and parsed.uses_seed

@@ -146,10 +146,8 @@ def verdict(runs: list[Run], level: float = 0.95, metric: str = MAIN, breakage: 
     heuristics = list(dict.fromkeys(selector.locator for selector in SELECTORS.values() if selector.locator))
     for heuristic in heuristics:
         for method in ("iti", "ipo"):
-            located = [
-                r.metrics[metric] for r in best.values() if r.method == method and r.family.startswith(f"{heuristic}-")
-            ]
-            rand = [r.metrics[metric] for r in best.values() if r.method == method and r.family.startswith("random")]
+            located = [r.metrics[metric] for r in best.values() if r.method == method and r.kind == heuristic]
+            rand = [r.metrics[metric] for r in best.values() if r.method == method and r.kind == "random"]
             if not (located and rand):
                 continue
             p = permutation_p_value([sign * v for v in located], [sign * v for v in rand])

@@ -397,7 +397,7 @@ def plan_edits(recipe, plan) -> list[EditRun]:
             edit_strength=edit_args.edit_strength,
             init_seed=args.seed,
         )
-        name = os.path.basename(default_output_dir(draw_recipe(recipe, spec).edit, args, recipe.name))
+        name = os.path.basename(default_output_dir(edit_args, args, recipe.name, spec))
         runs.append(EditRun(spec, heads, config, os.path.join(plan.output_dir, name)))
     return runs
 
@@ -448,6 +448,7 @@ def train_multi_edit(
                 plan.splits,
                 plan.located_dirs,
                 question_ids,
+                spec=run.spec,
             )
             bank.save_edit(index, run.config, layout, run.output_dir)
             edit_metrics = {**metrics, **own[index], "multi_edit_run": run_dir}
