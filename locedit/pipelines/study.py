@@ -96,26 +96,26 @@ def parse_options(argv: list[str]) -> tuple[StudyOptions, list[str]]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def family_flags(recipe: Recipe, options: StudyOptions) -> list[tuple[str, list[str]]]:
-    """(family, recipe flags) of each optimal edit the study trains, in order."""
-    spec = HeadSpec.of(recipe.edit)
+def family_flags(recipe: Recipe, options: StudyOptions, spec: HeadSpec) -> list[tuple[str, list[str]]]:
+    """(family, recipe flags) of each optimal edit the study trains, in order (`spec`: the recipe's `probe:K`)."""
     lr = recipe.training.learning_rate
     lr_all = options.lr_all if options.lr_all is not None else lr * LR_SCALE["all"]
     lr_single = options.lr_single if options.lr_single is not None else lr * LR_SCALE["single"]
     families = [("probe", ["--heads", spec.text])]
     # The other localization heuristics asked for, at as many heads as the probes pick.
-    families += [(name, heuristic_flags(recipe, name)) for name in options.heuristics]
+    families += [(name, heuristic_flags(spec, name)) for name in options.heuristics]
     if options.random:
-        families.append(("random", random_heads_flags(recipe, options)))
+        families.append(("random", random_heads_flags(spec, options)))
     if options.single:
         families.append(("single", ["--heads", f"single:{options.single}", "--learning_rate", f"{lr_single:g}"]))
     families.append(("all", ["--heads", "all", "--learning_rate", f"{lr_all:g}"]))
     return families
 
 
-def check_study_recipe(recipe: Recipe) -> None:
-    """The study needs `probe:K` heads; plugins add their own checks."""
-    if HeadSpec.of(recipe.edit).locator != "probe":
+def check_study_recipe(recipe: Recipe) -> HeadSpec:
+    """The study needs `probe:K` heads; plugins add their own checks. Returns the recipe's head spec."""
+    spec = HeadSpec.of(recipe.edit)
+    if spec.locator != "probe":
         raise RecipeError(
             f"the study compares edits at the probe heads with others: set heads to probe:K, not '{recipe.edit.heads}'"
         )
@@ -135,6 +135,7 @@ def check_study_recipe(recipe: Recipe) -> None:
             )
     for check in STUDY_CHECKS:
         check(recipe)
+    return spec
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -269,7 +270,7 @@ def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
     """Run every stage of the study and write its report. Returns the report: rows, summary, timings."""
     timer = Timer()
     recipe = parse_recipe(recipe_argv, prog="locedit study")
-    check_study_recipe(recipe)
+    spec = check_study_recipe(recipe)
     study_dir = os.path.join("outputs", recipe.name, STUDY_DIR)
     base_argv = list(recipe_argv)
 
@@ -288,7 +289,7 @@ def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
         print(f"locedit study: {recipe.name}: model {recipe.model.model_name_or_path}, data {recipe.edit.dataset}")
     if recipe.edit.dry_run:
         with contextlib.nullcontext() if main else contextlib.redirect_stdout(io.StringIO()):
-            return _dry_run(recipe, options, stage)
+            return _dry_run(recipe, options, spec, stage)
 
     # Every stage planned and the judges and corpus checked before the first stage runs, exactly as the dry run
     # does (its output kept back): a mistake in a late stage ends the study now, not after the earlier stages.
@@ -297,20 +298,20 @@ def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
 
     with timer("model"):  # the model resolved and every stage planned
         with contextlib.redirect_stdout(io.StringIO()):
-            _dry_run(recipe, options, planned)
+            _dry_run(recipe, options, spec, planned)
         with processes.main_first():  # one process builds what is built once (the toy model), the others find it
             resolve_model_path(recipe.model.model_name_or_path)  # pre-trains the toy model on first use
     with timer("probe"):
         probe_recipe(stage("probe", []))
     for name in options.heuristics:  # the other heuristics' scores, before training, every process doing its share
         with timer(name):
-            locate_together(stage_recipe("train", heuristic_flags(recipe, name)))
+            locate_together(stage_recipe("train", heuristic_flags(spec, name)))
 
     edits: list[tuple[str, str]] = []  # (family, run directory) of every edit, in the table's order
     with timer("iti"):  # quick: the main process makes ITI's edits, the others wait for them
         iti_recipes = [stage("iti", [])]
         if options.random:  # the same random sets as the optimal edits' (same heads_seed), for Fig. 1a
-            iti_recipes.append(stage("iti", random_heads_flags(recipe, options)))
+            iti_recipes.append(stage("iti", random_heads_flags(spec, options)))
         if main:
             for iti_recipe in iti_recipes:
                 make_iti_edits(iti_recipe)
@@ -319,7 +320,7 @@ def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
         if options.random:
             edits += [("iti_random", edit_dir) for edit_dir in expand_run_dirs([iti_run_dir(iti_recipes[1])])]
 
-    families = family_flags(recipe, options)
+    families = family_flags(recipe, options, spec)
     run_dirs = [output_dir_of(stage_recipe("train", flags)) for _, flags in families]
     # One process times each family's run; under a launch the families are split among the processes, so the stage
     # is timed whole.
@@ -367,14 +368,14 @@ def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
     return report
 
 
-def _dry_run(recipe: Recipe, options: StudyOptions, stage) -> dict:
+def _dry_run(recipe: Recipe, options: StudyOptions, spec: HeadSpec, stage) -> dict:
     """Check every stage's recipe and print its plan (the flags carry --dry_run true to each): probe, ITI, each
     family's training, and the evaluation's settings, judges and corpus (its runs do not exist yet)."""
     probe_recipe(stage("probe", []))
     make_iti_edits(stage("iti", []))
     if options.random:
-        make_iti_edits(stage("iti", random_heads_flags(recipe, options)))
-    for _, flags in family_flags(recipe, options):
+        make_iti_edits(stage("iti", random_heads_flags(spec, options)))
+    for _, flags in family_flags(recipe, options, spec):
         train_recipe(stage("train", flags))
     check_settings(stage("eval", []).eval)  # the judges load (config, or one endpoint request) and the corpus reads
     print(
@@ -385,14 +386,14 @@ def _dry_run(recipe: Recipe, options: StudyOptions, stage) -> dict:
     return {"dry_run": True}
 
 
-def heuristic_flags(recipe: Recipe, name: str) -> list[str]:
+def heuristic_flags(spec: HeadSpec, name: str) -> list[str]:
     """The head flags of another localization heuristic's K best heads (K of the recipe's `probe:K`)."""
-    return ["--heads", f"{name}:{HeadSpec.of(recipe.edit).count}"]
+    return ["--heads", f"{name}:{spec.count}"]
 
 
-def random_heads_flags(recipe: Recipe, options: StudyOptions) -> list[str]:
+def random_heads_flags(spec: HeadSpec, options: StudyOptions) -> list[str]:
     """The head flags of the `--study_random` random sets of K heads (K of the recipe's `probe:K`)."""
-    return ["--heads", f"random:{HeadSpec.of(recipe.edit).count}", "--heads_draws", str(options.random)]
+    return ["--heads", f"random:{spec.count}", "--heads_draws", str(options.random)]
 
 
 def verdict_metric(recipe: Recipe) -> str:

@@ -120,7 +120,9 @@ def complete_multi_edit_run(recipe: Recipe) -> bool:
     runs = plan_edits(recipe, plan)
     if not all(is_finished(run.output_dir) for run in runs):
         return False
-    write_run_description(plan.output_dir, recipe, runs[0].heads, plan.layout, plan.splits, plan.located_dirs)
+    write_run_description(
+        plan.output_dir, recipe, runs[0].heads, plan.layout, plan.splits, plan.located_dirs, spec=plan.spec
+    )
     shares = os.path.join(plan.output_dir, SHARES_DIR)
     write_metrics(
         plan.output_dir,
