@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -45,10 +46,15 @@ from locedit import AttentionLayout, HeadEditConfig, resolve_heads
 from locedit.training import LocEditTrainer
 from locedit.training.reference import CachedReferenceMixin
 
+# The largest difference allowed between the edits of the exact variants (as multi_edit.py and the pair-scoring
+# test bound them): the same batches and every switch exact, so only float32 rounding tells them apart.
+EDIT_TOLERANCE = 1e-4
 TRUTHFULQA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "truthfulqa", "TruthfulQA.csv")
 SWITCHES = ("score_completions_only", "pack_sequences", "frozen_prefix", "share_prompt")
 OFF = {**dict.fromkeys(SWITCHES, False), "train_sampling_strategy": "random"}
 GROUPING = {"train_sampling_strategy": "group_by_length"}
+# The variants whose batches are TRL's (random order, same seed): every switch is exact, so they train the same edit.
+SAME_BATCHES = ("none", "completions", "packing", "prefix", "prompt", "all")
 VARIANTS = {
     "none": {},
     "completions": {"score_completions_only": True},
@@ -85,8 +91,9 @@ def full_step_flops_per_token(model) -> float:
     return 2 * 2 * (layer_params + head)
 
 
-def run(path, pairs, heads: str, variant: str | None, steps: int) -> tuple[float, float]:
-    """(median s/step, real tokens per step) of one fresh trainer; variant None is TRL + PEFT LoRA."""
+def run(path, pairs, heads: str, variant: str | None, steps: int) -> tuple[float, float, dict]:
+    """(median s/step, real tokens per step, the trained parameters) of one fresh trainer; variant None is TRL +
+    PEFT LoRA."""
     model, tokenizer = load(path)
     layout = AttentionLayout.from_model(model)
     edit_heads = resolve_heads(heads, layout, seed=0)
@@ -112,7 +119,15 @@ def run(path, pairs, heads: str, variant: str | None, steps: int) -> tuple[float
     tokens = metrics.get("num_input_tokens_seen", 0) / max(1, steps)
     if hasattr(trainer, "close_pair_scorer"):
         trainer.close_pair_scorer()
-    return timer.median(warmup=1), tokens
+    trained = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    return timer.median(warmup=1), tokens, trained
+
+
+def largest_difference(ours: dict, theirs: dict) -> float:
+    """The largest absolute difference of two sets of trained parameters with the same names."""
+    if ours.keys() != theirs.keys():
+        return float("inf")
+    return max(float((ours[name] - theirs[name]).abs().max()) for name in theirs)
 
 
 def main() -> None:
@@ -130,7 +145,8 @@ def main() -> None:
         from common import SMALL, model_dir
 
         path, pairs, edits = model_dir(SMALL), preference_data(60), "all;random:2;L1H0"
-        steps, rounds, pool = args.steps or 3, args.rounds or 1, args.pool or 40
+        # 5 timed steps: one step slowed by other work on shared cores does not move the median.
+        steps, rounds, pool = args.steps or 6, args.rounds or 1, args.pool or 40
     else:
         from locedit.data import load_preference_splits
         from locedit.models.sources import resolve_model_path
@@ -154,12 +170,14 @@ def main() -> None:
     print(
         f"fp32 matmul rate: {rate / 1e9:.1f} GFLOP/s; a whole step without padding: {per_token / 1e6:.0f} MFLOP/token"
     )
+    failures = []
     for heads in edits:
         times: dict[str, list[float]] = {name: [] for name in ["trl", *variants]}
         tokens: dict[str, float] = {}
+        trained: dict[str, dict] = {}
         for _ in range(rounds):
             for name in times:
-                seconds, tokens[name] = run(path, pairs, heads, None if name == "trl" else name, steps)
+                seconds, tokens[name], trained[name] = run(path, pairs, heads, None if name == "trl" else name, steps)
                 times[name].append(seconds)
         trl = statistics.median(times["trl"])
         print(f"\nedit {heads}")
@@ -169,6 +187,14 @@ def main() -> None:
             share = tokens[name] * per_token / seconds / rate
             label = "TRL + PEFT LoRA r=1" if name == "trl" else f"locedit {name}"
             print(f"  {label:22s} {seconds:8.3f} {trl / seconds:7.2f}x {share:21.0%}", flush=True)
+        exact = [name for name in SAME_BATCHES if name in trained]
+        if len(exact) > 1:
+            edit_gap = max(largest_difference(trained[name], trained[exact[0]]) for name in exact[1:])
+            print(f"  largest edit difference, {', '.join(exact[1:])} vs {exact[0]}: {edit_gap:.2e}")
+            if not edit_gap <= EDIT_TOLERANCE:  # NaN fails too
+                failures.append(f"{heads}: {edit_gap:.2e} > {EDIT_TOLERANCE}")
+    if failures:
+        sys.exit("edit_vs_trl.py: the exact variants trained different edits: " + "; ".join(failures))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 
@@ -26,6 +27,9 @@ from locedit.locate import build_probe_examples, collect_head_activations
 from locedit.models.loading import pad_id, pad_right
 from locedit.training import LocEditTrainer, training_inputs
 
+# The same layers on the same batches compute the activations either way: only rounding may differ, relative to
+# the largest activation.
+TOLERANCE = 1e-5
 TRUTHFULQA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "truthfulqa", "TruthfulQA.csv")
 
 
@@ -35,13 +39,15 @@ class Plan:
 
 
 def collect_whole_forward(model, tokenizer, texts: list[str], batch_size: int):
-    """Collection as before: hooks on every projection, and the whole forward pass (logits at one position)."""
+    """Collection as before: hooks on every projection, and the whole forward pass (logits at one position); the
+    activations as collect_head_activations gives them, (texts, layers, heads, head_dim)."""
     import torch
 
     layout = AttentionLayout.from_model(model)
     encoded = tokenizer(list(texts))["input_ids"]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     captured = {}
+    out = torch.empty(len(encoded), layout.num_layers, layout.num_heads, layout.head_dim(model), dtype=model.dtype)
 
     def hook_for(layer):
         def hook(module, args):
@@ -57,9 +63,12 @@ def collect_whole_forward(model, tokenizer, texts: list[str], batch_size: int):
                 input_ids, mask = pad_right([encoded[i] for i in indices], pad_id(tokenizer))
                 rows, last = torch.arange(len(indices)), mask.sum(1) - 1
                 model(input_ids=input_ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+                stacked = torch.stack([captured[layer].cpu() for layer in range(layout.num_layers)], dim=1)
+                out[torch.tensor(indices)] = stacked.view(len(indices), *out.shape[1:])
     finally:
         for handle in handles:
             handle.remove()
+    return out
 
 
 def precompute_seconds(model, tokenizer, splits, args, heads: str) -> float:
@@ -124,13 +133,17 @@ def main() -> None:
     texts = build_probe_examples(questions, "Q: {question} A: {answer} Q: {other_question}").texts[:examples]
     print(f"model: {path}\ndata: {dataset}: {len(splits['train'])} training pairs used here", flush=True)
 
-    _, whole = timed(lambda: collect_whole_forward(model, tokenizer, texts, 32))
-    _, bounded = timed(lambda: collect_head_activations(model, tokenizer, texts, 32, progress=False))
+    before, whole = timed(lambda: collect_whole_forward(model, tokenizer, texts, 32))
+    after, bounded = timed(lambda: collect_head_activations(model, tokenizer, texts, 32, progress=False))
     print(f"\ncollection of {len(texts)} probe examples (batch 32, longest first)")
     print(f"  whole forward pass (before)     : {whole / len(texts) * 1000:8.1f} ms/example")
     print(
         f"  stopped at the last projection  : {bounded / len(texts) * 1000:8.1f} ms/example ({whole / bounded:.2f}x)"
     )
+    difference, largest = float((after - before).abs().max()), float(before.abs().max())
+    print(f"  largest activation difference   : {difference:.2e} (largest value {largest:.2e})")
+    if not difference <= TOLERANCE * largest:  # NaN fails too
+        sys.exit(f"real_model.py: the activations stopped at the last projection differ by {difference:.2e}")
 
     out = tempfile.mkdtemp()
     every = training_args(
