@@ -96,8 +96,10 @@ def parse_options(argv: list[str]) -> tuple[StudyOptions, list[str]]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def family_flags(recipe: Recipe, options: StudyOptions, spec: HeadSpec) -> list[tuple[str, list[str]]]:
-    """(family, recipe flags) of each optimal edit the study trains, in order (`spec`: the recipe's `probe:K`)."""
+def family_flags(recipe: Recipe, options: StudyOptions, spec: HeadSpec | None = None) -> list[tuple[str, list[str]]]:
+    """(family, recipe flags) of each optimal edit the study trains, in order (`spec`: the recipe's `probe:K`, parsed
+    here when not given)."""
+    spec = spec or HeadSpec.of(recipe.edit)
     lr = recipe.training.learning_rate
     lr_all = options.lr_all if options.lr_all is not None else lr * LR_SCALE["all"]
     lr_single = options.lr_single if options.lr_single is not None else lr * LR_SCALE["single"]
