@@ -9,9 +9,10 @@ tables are identical.
 
 Each command runs in a fresh directory with the model already cached (built before the first timing; the reference
 data, judges and caches of the recipe's first run are warmed by an untimed run first, as a user's second study
-finds them). On a machine without a GPU the N processes are `accelerate launch --multi_gpu --num_processes N`
-(torchrun's gloo processes). Every process, the one and the N, has one thread (OMP_NUM_THREADS=1): the N use N cores
-where the one uses one, which is what scaling out means.
+finds them; --small builds only the toy model first, as it checks results, not speed). On a machine without a GPU
+the N processes are `accelerate launch --multi_gpu --num_processes N` (torchrun's gloo processes). Every process,
+the one and the N, has one thread (OMP_NUM_THREADS=1): the N use N cores where the one uses one, which is what
+scaling out means.
 """
 
 from __future__ import annotations
@@ -95,8 +96,13 @@ def main() -> None:
     env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.setdefault("LOCEDIT_CACHE", str(root / "cache"))
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # one thread per process, the one and the N alike
-    # The model built and the caches a second study finds (reference data, judges) filled, before any timing.
-    run_study(1, args.recipe, flags, root, env)
+    if args.small:  # CI checks the results, not the speed: only the model is built before the first study
+        warm = "import sys; from locedit.models.sources import resolve_model_path; resolve_model_path(sys.argv[1])"
+        model = "toy" if args.recipe == "recipes/toy.yaml" else None
+        if model:
+            subprocess.run([sys.executable, "-c", warm, model], env=env, check=True, capture_output=True)
+    else:  # the model built and the caches a second study finds (reference data, judges) filled, before any timing
+        run_study(1, args.recipe, flags, root, env)
 
     counts = [1, args.processes]
     walls: dict[int, list[float]] = {p: [] for p in counts}

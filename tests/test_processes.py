@@ -230,11 +230,11 @@ def test_a_share_trained_in_a_child_process_is_the_share_trained_here(tmp_path, 
 
     flags = ["--dataset", "synthetic:40", "--max_steps", "3", "--report_to", "none", "--save_strategy", "no"]
     family = ["--heads", "random:2", "--heads_draws", "2"]
+    base = [TINY, *flags]
     runs = {}
     for where in ("here", "child"):
         cwd = work_dir(tmp_path, where)
         monkeypatch.chdir(cwd)
-        base = [TINY, *flags]
         jobs = family_jobs("random", family, lambda command, more: parse_recipe([*base, *more]))
         (train_jobs if where == "here" else train_jobs_in_child)(base, jobs[1:])
         runs[where] = cwd
