@@ -93,6 +93,8 @@ def main() -> None:
     flags = [*(["--study_random", "2", "--study_single", "2"] if args.small else []), *args.flags]
 
     root = Path(tempfile.mkdtemp(prefix="locedit-processes-"))
+    if (REPO.parent / "shared").is_dir():  # recipes name the reference data as ../shared/data
+        (root / "shared").symlink_to(REPO.parent / "shared", target_is_directory=True)
     env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.setdefault("LOCEDIT_CACHE", str(root / "cache"))
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # one thread per process, the one and the N alike

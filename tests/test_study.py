@@ -215,3 +215,18 @@ def test_judged_columns_say_what_measured_them():
         "Info (cpu)",
         "True*Info (cpu)",
     ]
+
+
+def test_a_study_given_a_probe_result_uses_it_and_collects_none(tmp_path, monkeypatch, capsys):
+    """`probe_results` names the probes the study's heads and ITI read: the study does not collect its own."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    assert locedit_main(["probe", TOY]) == 0
+    shutil.move("outputs/toy/probe", "given")
+    capsys.readouterr()
+    flags = ["--probe_results", "given", "--study_random", "1", "--study_single", "1", "--dry_run", "true"]
+    assert locedit_main(["study", TOY, *flags]) == 0
+    out = capsys.readouterr().out
+    assert "locedit study: locedit probe" not in out and "(to collect)" not in out
+    assert "probe        given" in out

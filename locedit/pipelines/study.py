@@ -304,7 +304,8 @@ def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
         with processes.main_first():  # one process builds what is built once (the toy model), the others find it
             resolve_model_path(recipe.model.model_name_or_path)  # pre-trains the toy model on first use
     with timer("probe"):
-        probe_recipe(stage("probe", []))
+        if not recipe.probe.probe_results:  # a probe result given is the study's: its heads and ITI's probes
+            probe_recipe(stage("probe", []))
     for name in options.heuristics:  # the other heuristics' scores, before training, every process doing its share
         with timer(name):
             locate_together(stage_recipe("train", heuristic_flags(spec, name)))
@@ -373,7 +374,8 @@ def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
 def _dry_run(recipe: Recipe, options: StudyOptions, spec: HeadSpec, stage) -> dict:
     """Check every stage's recipe and print its plan (the flags carry --dry_run true to each): probe, ITI, each
     family's training, and the evaluation's settings, judges and corpus (its runs do not exist yet)."""
-    probe_recipe(stage("probe", []))
+    if not recipe.probe.probe_results:
+        probe_recipe(stage("probe", []))
     make_iti_edits(stage("iti", []))
     if options.random:
         make_iti_edits(stage("iti", random_heads_flags(spec, options)))
