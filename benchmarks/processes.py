@@ -61,6 +61,8 @@ def study_command(processes: int, recipe: str, flags: list[str]) -> list[str]:
 
 def run_study(processes: int, recipe: str, flags: list[str], root: Path, env: dict) -> tuple[float, dict]:
     """Wall seconds of the whole command, and the study's report (study.json) without its timings."""
+    if processes == 1:  # one GPU where there are several (transformers' single process would take them all)
+        env = {**env, "CUDA_VISIBLE_DEVICES": env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]}
     cwd = Path(tempfile.mkdtemp(prefix=f"p{processes}-", dir=root))
     (cwd / "recipes").symlink_to(REPO / "recipes", target_is_directory=True)
     started = time.perf_counter()
