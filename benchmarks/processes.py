@@ -85,6 +85,14 @@ def by_stage(timings: dict) -> dict[str, float]:
 
 
 def main() -> None:
+    root = Path(tempfile.mkdtemp(prefix="locedit-processes-"))
+    try:
+        compare(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def compare(root: Path) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/toy.yaml")
     parser.add_argument("--processes", type=int, default=2)
@@ -94,7 +102,6 @@ def main() -> None:
     args = parser.parse_args()
     flags = [*(["--study_random", "2", "--study_single", "2"] if args.small else []), *args.flags]
 
-    root = Path(tempfile.mkdtemp(prefix="locedit-processes-"))
     if (REPO.parent / "shared").is_dir():  # recipes name the reference data as ../shared/data
         (root / "shared").symlink_to(REPO.parent / "shared", target_is_directory=True)
     env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
