@@ -211,7 +211,8 @@ def read_metrics(output_dir: str) -> dict:
 def read_training_loss(output_dir: str) -> tuple[float, float] | None:
     """(first, reached) IPO loss of the run: the first logged (trainer_state.json) and the one it reached, on its
     training pairs after training where that was measured (`train_pairs_loss`), else the last logged. For an edit
-    of a multi-edit run, that run's: the mean over its edits. None when no loss was logged."""
+    of a multi-edit run the first is that run's logged mean over its edits, the reached one the edit's own. None
+    when no loss was logged."""
     run_dir, reached = output_dir, None
     if os.path.isfile(os.path.join(output_dir, METRICS)):
         metrics = read_metrics(output_dir)
