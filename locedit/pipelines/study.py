@@ -333,7 +333,7 @@ def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
         # its share of a family as one multi-edit run (the edits are those one process makes, whatever the share).
         jobs = [job for (family, flags) in families for job in family_jobs(family, flags, stage_recipe)]
         mine = [job for _, job in processes.share(jobs) if not job.finished()]
-        if processes.count() > 1:
+        if not alone:
             free_device_memory()  # the device's memory goes to the training runs
         train_jobs(base_argv, mine, timer if alone else None, announce=main or not alone)
         processes.wait_for_everyone()

@@ -418,10 +418,10 @@ def train_multi_edit(
     if not args.precompute_ref_log_probs:
         raise HeadSpecError("training many edits in one run needs precompute_ref_log_probs: true")
     run_dir = run_dir or plan.output_dir
-    runs = plan_edits(recipe, plan)
-    if edits is not None:
-        runs = [run for run in runs if os.path.basename(run.output_dir) in set(edits)]
-    positions = {run.output_dir: index for index, run in enumerate(plan_edits(recipe, plan))}
+    every = plan_edits(recipe, plan)
+    chosen = None if edits is None else set(edits)
+    runs = [run for run in every if chosen is None or os.path.basename(run.output_dir) in chosen]
+    positions = {run.output_dir: index for index, run in enumerate(every)}  # each edit's place in the whole run
     layout = plan.layout
     in_features = layout.num_heads * layout.head_dim(model)
     for param in model.parameters():
@@ -451,8 +451,8 @@ def train_multi_edit(
                 spec=run.spec,
             )
             bank.save_edit(index, run.config, layout, run.output_dir)
-            edit_metrics = {**metrics, **own[index], "multi_edit_run": run_dir}
-            write_metrics(run.output_dir, {**edit_metrics, "multi_edit_index": positions[run.output_dir]})
+            own_metrics = {**own[index], "multi_edit_run": run_dir, "multi_edit_index": positions[run.output_dir]}
+            write_metrics(run.output_dir, {**metrics, **own_metrics})
         names = [os.path.basename(run.output_dir) for run in runs]
         if run_dir == plan.output_dir:
             write_metrics(run_dir, {**metrics, "edits": names})
