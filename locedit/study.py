@@ -5,7 +5,7 @@
 
 From one recipe whose heads are `probe:K` (ITI's localization), in one process:
 
-1. model   the recipe's base model (the toy model is pre-trained on first use, then cached);
+1. model   the recipe's base model (the toy model is copied to the cache on first use, or pre-trained);
 2. probe   every head probed on the training questions (`locedit probe`);
 3. iti     ITI's edit at the K probe heads and at the `--study_random` random sets of K heads (`locedit iti`);
 4. train   the optimal (IPO) edit at the K probe heads, at `--study_random` random sets of K heads, at

@@ -230,3 +230,13 @@ def test_a_study_given_a_probe_result_uses_it_and_collects_none(tmp_path, monkey
     out = capsys.readouterr().out
     assert "locedit study: locedit probe" not in out and "(to collect)" not in out
     assert "probe        given" in out
+
+
+def test_the_toy_study_prints_readmes_table(tmp_path, monkeypatch):
+    """README's toy table and docs/toy_study are what `locedit study recipes/toy.yaml` prints: the toy model is the
+    shipped one on every machine (locedit.toy.model), and the study is deterministic on a CPU."""
+    monkeypatch.chdir(tmp_path)
+    report = study.main([TOY])
+    readme = (RECIPES.parent / "README.md").read_text()
+    assert report["summary_table"] in readme, "README's toy table is stale: paste the study's table"
+    assert report["summary_table"] in (RECIPES.parent / "docs" / "toy_study" / "study.md").read_text()

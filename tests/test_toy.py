@@ -342,3 +342,64 @@ def test_toy_model_builds_into_the_cache_atomically(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="interrupted"):
         resolve_toy_model("toy:entities=4")
     assert list((tmp_path / "toy").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The shipped toy model: every machine gets the one README's table describes
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_the_shipped_toy_model_is_of_this_code():
+    """A change to the world or to the code that builds the model makes the shipped model stale: rebuild it."""
+    from locedit.toy.model import REBUILD_COMMAND, SHIPPED_DIR, read_toy_info, source_key
+
+    info = read_toy_info(SHIPPED_DIR)
+    assert info["spec"] == "toy"
+    assert info["source_key"] == source_key(ToySettings()), f"the shipped toy model is stale: `{REBUILD_COMMAND}`"
+
+
+def test_a_fresh_cache_gets_the_shipped_toy_model_without_pre_training(tmp_path, monkeypatch, capsys):
+    import locedit.toy.model as toy_model_module
+    from locedit.toy.model import SHIPPED_DIR, compare_models
+
+    monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(toy_model_module, "build_toy_model", lambda *a, **k: pytest.fail("the toy model was built"))
+    path = Path(resolve_toy_model("toy"))
+    assert path.parent.parent == tmp_path / "cache"
+    assert compare_models(path, SHIPPED_DIR) == []
+    assert "the toy model shipped with locedit" in capsys.readouterr().err
+    # Another spec is pre-trained, as before.
+    with pytest.raises(pytest.fail.Exception, match="was built"):
+        resolve_toy_model("toy:epochs=1")
+
+
+def test_a_damaged_or_stale_shipped_model_is_never_used(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import locedit.toy.model as toy_model_module
+    from locedit.toy.model import SHIPPED_DIR, copy_shipped_model, shipped_model_of
+
+    shipped = tmp_path / "pretrained"
+    shutil.copytree(SHIPPED_DIR, shipped)
+    weights = shipped / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # cut short
+    (tmp_path / "out").mkdir()
+    with pytest.raises(RuntimeError, match=r"damaged \(model.safetensors differ.*python -m locedit.toy.model rebuild"):
+        copy_shipped_model(tmp_path / "out", shipped)
+    assert shipped_model_of(ToySettings(), shipped)
+    assert not shipped_model_of(parse_toy_spec("toy:layers=2"), shipped)  # another model: pre-trained, silently
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(toy_model_module, "source_key", lambda settings: "other code")
+    assert not shipped_model_of(ToySettings(), shipped)
+    assert "built by other code" in capsys.readouterr().err
+
+
+def test_a_rebuild_here_is_the_shipped_toy_model_bit_for_bit():
+    """`python -m locedit.toy.model check`: pre-training is deterministic on a machine (threads aside), so on the
+    kind of machine and with the library versions that built the shipped model, a rebuild is that model."""
+    from locedit.toy.model import SHIPPED_DIR, build_environment, check_shipped, read_toy_info
+
+    built_with = read_toy_info(SHIPPED_DIR)["built_with"]
+    if build_environment() != built_with:
+        pytest.skip(f"pre-training's bits depend on the CPU and the libraries: built with {built_with}")
+    assert check_shipped() == []

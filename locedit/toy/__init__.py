@@ -2,7 +2,7 @@
 
 - `locedit.toy.world`: made-up creatures with known attributes, TruthfulQA-shaped questions about them, and the
   pre-training text, in which some attributes carry a planted misconception (`dataset: toy`).
-- `locedit.toy.model`: a small Llama pre-trained on that text, cached once per machine (`model_name_or_path: toy`).
+- `locedit.toy.model`: a small Llama pre-trained on that text, shipped with locedit (`model_name_or_path: toy`).
 - `locedit.toy.judge`: the exact judge (`eval_judge_truth: toy`, `eval_judge_info: toy`).
 
 The toy world is a plugin (the `locedit.plugins` entry point): importing this package registers its data set, model,

@@ -48,7 +48,8 @@ def misconception_truth(output_dir: str, dataset: str) -> float | None:
 
 
 def resolve_toy_model(spec: str) -> str:
-    """The toy model's folder (pre-trained on first use): torch and transformers load when a model is asked for."""
+    """The toy model's folder (the shipped model, or pre-trained, on first use): torch and transformers load when a
+    model is asked for."""
     from .model import resolve_toy_model as resolve
 
     return resolve(spec)
