@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from .config import LocEditConfig
+from .core import threads
 from .core.args import PAIR_SCORING_SWITCHES, EditArguments, ModelArguments
 from .core.cache import check_cache_writable
 from .core.errors import RecipeError
@@ -122,6 +123,7 @@ class RunPlan:
             "locedit plan",
             f"  model        {model_args.model_name_or_path} ({self.layout.model_type}, {self.layout.shape}, "
             f"head_dim {self.head_dim})",
+            f"  threads      {threads.describe()}",
             f"  heads        {self.heads_line()}",
             f"  edit         {edit}",
             f"  data         {self.data_line(edit_args)}",

@@ -11,6 +11,8 @@ import sys
 import warnings
 from collections.abc import Callable
 
+from . import threads
+
 
 class LocEditError(ValueError):
     """A user's mistake (recipe, data, heads, model, judge, ...); the message is one line meant for the user."""
@@ -73,6 +75,11 @@ def run_cli(main: Callable[[], object]) -> int:
     """
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     quiet_library_notices()
+    threads.apply()  # before the libraries load: torch reads OMP_NUM_THREADS once
+    # Each line as it is printed, also into a pipe or a log file: the stages' headers (stdout) in order with the
+    # libraries' progress bars (stderr).
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         result = main()
     except USER_ERRORS as err:

@@ -30,6 +30,7 @@ import time
 from dataclasses import fields
 
 from .. import processes
+from ..core import threads
 from ..core.args import EvalArguments
 from ..core.files import read_json, write_json_atomic
 from ..core.recipe import Recipe
@@ -457,6 +458,7 @@ def describe_plan(plan: EvalPlan, args: EvalArguments) -> list[str]:
     """The dry run's lines: the models (runs) and their test questions, the judges, MC, the corpus and the break
     detector, all checked."""
     lines = [f"locedit eval: dry run: {plan.model_name}, {len(plan.targets)} model(s)"]
+    lines.append(f"  threads: {threads.describe()}")
     for target in plan.targets:
         done = " (evaluated already with these settings: left as it is)" if target.done else ""
         if target.rejudge:

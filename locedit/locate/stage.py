@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import processes
+from ..core import threads
 from ..core.errors import DataError, RecipeError
 from ..core.recipe import Recipe
 from ..data import hold_out, load_questions
@@ -241,6 +242,7 @@ def describe_stage(stage: ProbeStage, recipe: Recipe) -> str:
         [
             "locedit probe",
             f"  model        {recipe.model.model_name_or_path} ({stage.layout.model_type}, {stage.layout.shape})",
+            f"  threads      {threads.describe()}",
             f"  examples     {len(stage.examples)} from {len(questions['train']) + len(questions['validation'])} "
             f"training questions of {recipe.edit.dataset}: probes train on {examples['train']} "
             f"({len(questions['train'])} questions), score on {examples['validation']} "

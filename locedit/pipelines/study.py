@@ -32,6 +32,7 @@ from pathlib import Path
 
 from .. import processes
 from ..config import parse_recipe
+from ..core import threads
 from ..core.errors import RecipeError
 from ..core.plugins import load_plugins
 from ..core.recipe import STUDY_CHECKS, Recipe
@@ -289,6 +290,7 @@ def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
 
     if main:
         print(f"locedit study: {recipe.name}: model {recipe.model.model_name_or_path}, data {recipe.edit.dataset}")
+        print(f"locedit study: threads {threads.describe()}")
     if recipe.edit.dry_run:
         with contextlib.nullcontext() if main else contextlib.redirect_stdout(io.StringIO()):
             return _dry_run(recipe, options, spec, stage)
