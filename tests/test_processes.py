@@ -90,14 +90,34 @@ def test_iti_with_two_processes_probes_together_and_writes_what_one_writes(tmp_p
     assert same_files(made[1], made[2], "probe.json") == ["tiny_probe/probe/probe.json"]
 
 
+SLOW_FIRST_BUILD = """
+import os, time
+if os.environ.get("LOCAL_RANK") == "0" and os.environ.get("WORLD_SIZE", "1") != "1":
+    import locedit.core.cache as cache
+    build_cached = cache.build_cached
+    def slow(target, build):
+        return build_cached(target, lambda tmp: (time.sleep(5), build(tmp))[1])
+    cache.build_cached = slow
+"""
+
+
 def test_two_processes_on_a_cold_cache_build_the_model_once_and_whole(tmp_path):
     """With a process group up, transformers saves a model's weights on the main process only: the first process
     builds what is cached, the others wait for it (a second copy would have no weights)."""
     cwd = work_dir(tmp_path, "cold")
     cache = tmp_path / "cache"
-    env = {**environment(), "LOCEDIT_CACHE": str(cache)}
+    # The first process builds slowly, so that the other surely finds the model unbuilt (a tiny model builds in a
+    # second: the other process, started later by a loaded machine, found it built 1 time in 5, and had no wait to
+    # report). Python runs `sitecustomize` at start-up, before locedit binds `build_cached`.
+    slow = tmp_path / "slow_first_build"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(SLOW_FIRST_BUILD)
+    path = os.pathsep.join(filter(None, [str(slow), os.environ.get("PYTHONPATH")]))
+    env = {**environment(), "LOCEDIT_CACHE": str(cache), "PYTHONPATH": path}
     args = [TINY_PROBE, "--probe_output_dir", "probe"]
-    result = subprocess.run(command("locedit.probe", args, 2), cwd=cwd, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        command("locedit.probe", args, 2), cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "waiting for the launch's first process to build" in result.stderr
     (model,) = (cache / "tiny").iterdir()
