@@ -70,6 +70,9 @@ def test_study_recipe_is_checked_before_any_work():
         study_pipeline.check_study_recipe(parse_recipe([TOY, "--eval_judge_info", "toy:x"]))
     # Model settings may differ from the data's: only the world must be the same.
     study_pipeline.check_study_recipe(parse_recipe([TOY, "--model_name_or_path", "toy:layers=2"]))
+    # One directory for every stage's runs: the second stage found the first's run there, after the probe and ITI.
+    with pytest.raises(RecipeError, match="output_dir 'mine' names one run's directory.*under outputs/toy/"):
+        study_pipeline.check_study_recipe(parse_recipe([TOY, "--output_dir", "mine"]))
 
 
 def test_a_plugins_heuristic_is_a_study_heuristic(monkeypatch):

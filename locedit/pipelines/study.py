@@ -122,6 +122,12 @@ def check_study_recipe(recipe: Recipe) -> HeadSpec:
         raise RecipeError(
             f"the study compares edits at the probe heads with others: set heads to probe:K, not '{recipe.edit.heads}'"
         )
+    if recipe.training.output_dir_was_given:  # every stage would write its runs into that one directory
+        raise RecipeError(
+            f"output_dir '{recipe.training.output_dir}' names one run's directory; the study names each stage's own "
+            f"under outputs/{recipe.name}/ (after the recipe file's name): run it from another directory, or copy the "
+            "recipe under another name"
+        )
     load_plugins()  # a plugin's heuristics and checks register when it is imported
     heuristics = StudyOptions.of(recipe).heuristics
     unknown = [name for name in heuristics if name not in LOCATORS or name == "probe"]
