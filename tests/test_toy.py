@@ -403,3 +403,29 @@ def test_a_rebuild_here_is_the_shipped_toy_model_bit_for_bit():
     if build_environment() != built_with:
         pytest.skip(f"pre-training's bits depend on the CPU and the libraries: built with {built_with}")
     assert check_shipped() == []
+
+
+def test_pre_training_shows_its_progress_in_order_through_a_pipe(tmp_path):
+    """A study piped to a log: its header (stdout) comes before the pre-training's lines (stderr), which are not kept
+    back by the study's planning, and the pre-training prints its progress."""
+    import subprocess
+    import sys
+
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "toy.yaml")
+    env = {**os.environ, "LOCEDIT_CACHE": str(tmp_path / "cache")}
+    argv = ["study", recipe, "--model_name_or_path", "toy:epochs=2", "--dry_run", "true"]
+    result = subprocess.run(
+        [sys.executable, "-m", "locedit.cli", *argv],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:]
+    header = out.index("locedit study: toy: model toy:epochs=2")
+    start = out.index("locedit toy: pre-training a 4-layer x 4-head Llama")
+    progress = out.index("locedit toy:   epoch 2/2, loss ")
+    assert header < start < progress < out.index("locedit toy: pre-trained in")
