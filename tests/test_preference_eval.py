@@ -51,17 +51,19 @@ def train_argv(model: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def evaluated(tiny_model_dir, tmp_path_factory):
     """arch -> (base model dir, run dir, base eval dir): an edit trained on the 40-row file, then `locedit eval` of it
-    and of the base model. The Llama run goes through `locedit train` and `locedit eval RUN --base`; the GPT-2 run
-    is evaluated at the end of training (eval_after_train), its base model by `locedit eval` after."""
+    and of the base model. The Llama runs go through `locedit train` and `locedit eval RUN --base` ("llama-chat": with
+    the tokenizer's chat template); the GPT-2 run is evaluated at the end of training (eval_after_train), its base
+    model by `locedit eval` after."""
     made = {}
 
     def make(arch: str):
         if arch not in made:
-            model = tiny_model_dir(arch)
+            model = tiny_model_dir(arch.removesuffix("-chat"))
             root = tmp_path_factory.mktemp(f"pref-{arch}")
             run = root / "run"
-            if arch == "llama":
-                train_main(parse_recipe(train_argv(model, run)))
+            if arch.startswith("llama"):
+                chat = ["--chat_template", "true"] if arch.endswith("-chat") else []
+                train_main(parse_recipe(train_argv(model, run, *chat)))
                 assert eval_cli([str(run), "--base", *eval_flags()]) == 0
             else:
                 train_main(parse_recipe(train_argv(model, run, "--eval_after_train", "true", *eval_flags())))
@@ -257,13 +259,16 @@ def test_a_preference_file_trains_evaluates_and_reports_its_held_out_pairs(arch,
     assert "IPO loss (held out)" not in capsys.readouterr().err
 
 
-def test_the_held_out_ipo_loss_and_rewards_are_those_trls_evaluate_reports(evaluated, tmp_path):
+@pytest.mark.parametrize("chat", [False, True], ids=["text", "chat-template"])
+def test_the_held_out_ipo_loss_and_rewards_are_those_trls_evaluate_reports(chat, evaluated, tmp_path):
     """TRL's DPOTrainer (loss_type ipo) evaluating the edit against its base model on the held-out pairs in one batch
-    reports the loss, reward accuracy and margin the evaluation wrote."""
+    (text pairs, or the conversational pairs of a run with `chat_template`) reports the loss, reward accuracy and
+    margin the evaluation wrote."""
     from trl import DPOConfig, DPOTrainer
 
-    model_dir, run, _ = evaluated("llama")
-    test = load_preference_splits(str(PAIRS_FILE))["test"].select_columns(["prompt", "chosen", "rejected"])
+    model_dir, run, _ = evaluated("llama-chat" if chat else "llama")
+    test = load_preference_splits(str(PAIRS_FILE), chat_template=chat)["test"]
+    test = test.select_columns(["prompt", "chosen", "rejected"])
     policy = load_edit(AutoModelForCausalLM.from_pretrained(model_dir), str(run))
     config = DPOConfig(
         output_dir=str(tmp_path / "trl"),
@@ -284,6 +289,7 @@ def test_the_held_out_ipo_loss_and_rewards_are_those_trls_evaluate_reports(evalu
     )
     trl = trainer.evaluate()
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert trl["eval_rewards/margins"] != 0  # the edit moved the pairs: the comparison can fail
     assert metrics["heldout_ipo_loss"] == pytest.approx(trl["eval_loss"], rel=1e-5)
     assert metrics["reward_accuracy"] == trl["eval_rewards/accuracies"]
     assert metrics["reward_margin"] == pytest.approx(trl["eval_rewards/margins"], rel=1e-3, abs=1e-6)
