@@ -31,7 +31,11 @@ def make_parser() -> OneLineParser:
     parser.add_argument("--report_to", default="none", choices=["none", "wandb"])
     parser.add_argument("--wandb_project", default="locedit")
     parser.add_argument(
-        "--metric", default=MAIN, choices=scoring_metrics(), help="the score of each head set: its best value of this"
+        "--metric",
+        default=None,
+        choices=scoring_metrics(),
+        help=f"the score of each head set: its best value of this; default {MAIN}, or for runs on preference-style "
+        "data that no judges scored, prefers_chosen",
     )
     parser.add_argument(
         "--max_kl", type=float, default=None, help="edits with KL above this are broken, left out of the verdict"
@@ -49,11 +53,12 @@ def make_parser() -> OneLineParser:
 def report(args: argparse.Namespace) -> dict:
     """Read the evaluated runs below args.run_dirs, write the report and print its table and verdict."""
     from .evaluation.breakage import Breakage
-    from .reporting import find_runs, write_report
+    from .reporting import default_metric, find_runs, write_report
 
     runs = find_runs(args.run_dirs)
     breakage = Breakage(args.max_kl, args.max_degenerate)
-    result = write_report(runs, args.output_dir, args.report_to, args.wandb_project, args.metric, breakage)
+    metric = args.metric or default_metric(runs)
+    result = write_report(runs, args.output_dir, args.report_to, args.wandb_project, metric, breakage)
     print(Path(args.output_dir, "results.md").read_text())
     print(Path(args.output_dir, "verdict.md").read_text())
     print(f"locedit report: {len(runs)} runs; table, figures and verdict in {args.output_dir}")

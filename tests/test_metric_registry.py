@@ -119,6 +119,8 @@ def test_the_registry_holds_every_metric_once_with_its_definition():
     assert len(keys) == len(set(keys))
     # What a report can rank head sets by: the metrics made of per-question values, not KL and CE.
     scores = {"true", "info", "true_info", "mc1", "mc2", "mc2_sc", "degenerate"}
+    # ... and preference-style data's, over its held-out pairs and prompts (KL and CE per prompt are per question).
+    scores |= {"prefers_chosen", "reward_accuracy", "reward_margin", "heldout_ipo_loss", "kl_prompts", "ce_prompts"}
     assert {metric.key for metric in per_question_metrics()} == scores | set(SIMILARITY_FIELDS)
     assert (
         get_metric("true_info").fields == ("truthful", "informative") and get_metric("true_info").label == "True*Info"

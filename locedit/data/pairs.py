@@ -417,6 +417,77 @@ def question_counts(splits: datasets.DatasetDict) -> dict[str, int]:
     return {name: len(set(split["question_id"])) for name, split in splits.items()}
 
 
+def data_layout(dataset: str, dataset_config: str | None = "generation", seed: int = 0) -> str:
+    """Whether a data set is "question"-style (question, correct_answers, incorrect_answers) or "preference"-style
+    (prompt, chosen, rejected): what an evaluation of it can score.
+
+    Raises:
+        DataFileNotFoundError: If a local data file does not exist.
+        DataError: For a source that cannot be read or has neither layout's columns.
+    """
+    rows, _ = load_rows(dataset, dataset_config, seed)
+    return detect_layout(column_names(rows), dataset)
+
+
+def load_prompt_pairs(
+    dataset: str,
+    dataset_config: str | None = "generation",
+    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
+    seed: int = 0,
+    group_by: str | None = None,
+    bad_rows: str = "refuse",
+) -> dict[str, list[dict]]:
+    """The prompts of a preference-style source with their own pairs, split exactly as `load_preference_splits`
+    splits the pairs (it makes them): what evaluating preference data scores.
+
+    Every pair of a split is kept (`max_pairs_per_question` caps only what a run trains on), as it is: its text
+    prompt, chosen and rejected. Cleaning and `bad_rows` are as for the pairs, and silent here (training reported
+    them).
+
+    Returns:
+        {split name: records}, one record per prompt of the split, in source order: question_id (its unit, as in the
+        pairs), question (the prompt itself), category ("" where the source has none), correct_answers and
+        incorrect_answers (its chosen and rejected completions, unique, in source order), best_answer (its first
+        chosen completion) and pairs ([chosen, rejected] of each of its pairs, in source order).
+
+    Raises:
+        DataError: For question-style data, chat-message pairs (evaluation needs text prompts and completions), or
+            what `load_preference_splits` raises.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        splits = load_preference_splits(
+            dataset, dataset_config, split_fractions, seed, group_by=group_by, bad_rows=bad_rows
+        )
+    records: dict[str, list[dict]] = {}
+    for name, split in splits.items():
+        by_prompt: dict[tuple, dict] = {}
+        for pair in split:
+            if not all(isinstance(pair[column], str) for column in PREFERENCE_COLUMNS):
+                raise DataError(
+                    f"dataset {dataset!r}: evaluating preference data needs text prompts and completions, not chat "
+                    "messages (chat_template: true makes the turns from text)"
+                )
+            record = by_prompt.setdefault(
+                (pair["question_id"], pair["prompt"]),
+                {
+                    "question_id": pair["question_id"],
+                    "question": pair["prompt"],
+                    "category": str(pair.get("category") or ""),
+                    "correct_answers": [],
+                    "incorrect_answers": [],
+                    "best_answer": pair["chosen"],
+                    "pairs": [],
+                },
+            )
+            for key, column in (("correct_answers", "chosen"), ("incorrect_answers", "rejected")):
+                if pair[column] not in record[key]:
+                    record[key].append(pair[column])
+            record["pairs"].append([pair["chosen"], pair["rejected"]])
+        records[name] = list(by_prompt.values())
+    return records
+
+
 def load_question_details(dataset: str, dataset_config: str | None = "generation", seed: int = 0) -> dict[str, dict]:
     """The category and best answer of each question of a question-style source, keyed by question text.
 
@@ -425,14 +496,14 @@ def load_question_details(dataset: str, dataset_config: str | None = "generation
     where it has no category, the category is "".
 
     Raises:
-        DataError: For preference-style data (it has no questions to generate answers for), or a source that
+        DataError: For preference-style data (its prompts and pairs are `load_prompt_pairs`'), or a source that
             cannot be read.
     """
     rows, _ = load_rows(dataset, dataset_config, seed)
     if detect_layout(column_names(rows), dataset) != "question":
         raise DataError(
-            f"dataset {dataset!r} is preference-style (prompt/chosen/rejected); evaluating generations needs "
-            "question-style data (question, correct_answers, incorrect_answers)"
+            f"dataset {dataset!r} is preference-style (prompt/chosen/rejected): it has no question details; its "
+            "prompts and pairs are load_prompt_pairs'"
         )
     details: dict[str, dict] = {}
     for row in rows:

@@ -19,6 +19,7 @@ _EXPORTS = {
     "evaluate_model": ".run",
     "get_metric": ".metric_registry",
     "plan_evaluation": ".plan",
+    "preference_data": ".plan",
     "register_metric": ".metric_registry",
     "run_evaluation": ".run",
 }

@@ -4,7 +4,10 @@ and verdict) and the study's tables and plot all read them from here.
 
 A metric is the product of the means over questions of its per-question fields (the records of generations.jsonl):
 True*Info is the mean of `truthful` times the mean of `informative` (not the mean of per-question products), MC1 the
-mean of `mc1`. A metric without per-question fields is one number per run: KL and CE from the corpus scores, or a
+mean of `mc1`. A metric over pairs (`over_pairs`, preference-style data) is a mean over all pairs, not over prompts:
+its two fields are a prompt's sum over its pairs and its number of pairs, and the metric is the ratio of their means
+(the sum over all pairs over the number of pairs), which a bootstrap over prompts resamples as it resamples any
+metric's fields. A metric without per-question fields is one number per run: KL and CE from the corpus scores, or a
 `value` computed from the run's directory (plugins' study metrics, `register_study_metric`). Only a metric with
 per-question fields can score head sets (`locedit report --metric`): the verdict's paired bootstrap resamples
 questions.
@@ -48,16 +51,24 @@ class Metric:
     per_question: Callable[[dict], float | None] | None = None
     # A run's number from its directory and data set (None where it does not apply), computed when a run is read.
     value: Callable[[str, str | None], float | None] | None = None
+    # A mean over pairs: its fields are (a prompt's sum over its pairs, its number of pairs), the metric their ratio.
+    over_pairs: bool = False
 
     def combine(self, means):
-        """The metric from its fields' means (numbers, or numpy arrays of resampled means)."""
+        """The metric from its fields' means (numbers, or numpy arrays of resampled means): their product, or for a
+        metric over pairs the ratio of the sum's mean to the count's (the mean over all pairs)."""
+        if self.over_pairs:
+            return means[0] / means[1]
         return functools.reduce(operator.mul, means)
 
     def of_records(self, records: Sequence[dict]) -> float | None:
         """The metric of per-question records; None when a field has no value (a judge that did not run). Missing
-        or NaN values are left out of a field's mean."""
+        or NaN values are left out of a field's mean; a metric over pairs takes only the records that have both of
+        its fields, so that the sum and the count are of the same pairs."""
         if not self.fields:
             return None
+        if self.over_pairs:
+            records = [r for r in records if all(_number(r.get(name)) for name in self.fields)]
         means = []
         for name in self.fields:
             values = [float(r[name]) for r in records if r.get(name) is not None and not math.isnan(float(r[name]))]
@@ -73,6 +84,10 @@ class Metric:
         return value > than if self.higher_is_better else value < than
 
 
+def _number(value) -> bool:
+    return value is not None and not math.isnan(float(value))
+
+
 # Every metric by key, in the order of the tables' columns.
 METRICS: dict[str, Metric] = {}
 
@@ -81,6 +96,8 @@ def register_metric(metric: Metric, after: str | None = None) -> None:
     """Add `metric` (or replace the one of its key), last or right after the metric `after`."""
     if metric.per_question is not None and len(metric.fields) != 1:
         raise ValueError(f"metric '{metric.key}' is computed per question: it needs exactly one field")
+    if metric.over_pairs and len(metric.fields) != 2:
+        raise ValueError(f"metric '{metric.key}' is over pairs: its fields are a sum over pairs and their count")
     METRICS.pop(metric.key, None)
     entries = list(METRICS.items())
     at = len(entries) if after is None else [key for key, _ in entries].index(after) + 1
@@ -138,6 +155,49 @@ for name in ("mc1", "mc2"):
     register_metric(Metric(name, name.upper(), fields=(name,), needs="eval_mc", against_kl="fig1c_5_mc_vs_kl"))
 # MC2 on the questions where a "no" style cannot win (`locedit.evaluation.style`): a gain only in MC2 is a style.
 register_metric(Metric("mc2_sc", "MC2-SC", fields=("mc2_sc",), needs="eval_mc", against_kl="fig1c_5_mc_vs_kl"))
+# Preference-style data (prompt/chosen/rejected): its held-out pairs scored as TRL's DPOTrainer scores a pair
+# (`locedit.evaluation.preference`), each a mean over pairs. The model prefers chosen: log p(chosen | prompt) >
+# log p(rejected | prompt), for any model; TRL's rewards/accuracies, rewards/margins and IPO loss compare the edited
+# model with its base model (the reference), so only an edit has them.
+# The per-question fields: a prompt's number of held-out pairs, and its counts and sums over them.
+PAIRS, PREFERRING_CHOSEN, REWARD_ACCURATE = "pairs", "pairs_preferring_chosen", "pairs_reward_accurate"
+REWARD_MARGIN, IPO_LOSS = "reward_margin_sum", "ipo_loss_sum"
+PREFERENCE = "preference-style data (prompt/chosen/rejected)"
+EDITED_PREFERENCE = "an edit evaluated on preference-style data (prompt/chosen/rejected)"
+PREFERENCE_MAIN = "prefers_chosen"  # preference data's score where no judge ran (the report's, the study's verdict)
+register_metric(
+    Metric(
+        PREFERENCE_MAIN,
+        "Prefers chosen",
+        fields=(PREFERRING_CHOSEN, PAIRS),
+        over_pairs=True,
+        study_bar=True,
+        needs=PREFERENCE,
+    )
+)
+register_metric(
+    Metric(
+        "reward_accuracy",
+        "Reward accuracy",
+        fields=(REWARD_ACCURATE, PAIRS),
+        over_pairs=True,
+        study_bar=True,
+        needs=EDITED_PREFERENCE,
+    )
+)
+register_metric(
+    Metric("reward_margin", "Reward margin", fields=(REWARD_MARGIN, PAIRS), over_pairs=True, needs=EDITED_PREFERENCE)
+)
+register_metric(
+    Metric(
+        "heldout_ipo_loss",
+        "IPO loss (held out)",
+        fields=(IPO_LOSS, PAIRS),
+        over_pairs=True,
+        higher_is_better=False,
+        needs=EDITED_PREFERENCE,
+    )
+)
 # TruthfulQA's similarity numbers (`similarity` truth judge): scores a report can rank by, not table columns.
 SIMILARITY_NAMES = {"bleu": "BLEU", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}
 for name in SIMILARITY_FIELDS:
@@ -146,6 +206,12 @@ for name in SIMILARITY_FIELDS:
     register_metric(Metric(name, label, fields=(name,), table=False, needs="the similarity truth judge"))
 register_metric(Metric(KL, "KL", higher_is_better=False, needs="an edit and an eval_corpus"))
 register_metric(Metric("ce", "CE", higher_is_better=False, needs="an eval_corpus"))
+# KL and CE as on the corpus, on each held-out prompt of preference-style data: per-question fields, so a bootstrap
+# over prompts can compare them.
+register_metric(
+    Metric("kl_prompts", "KL (prompts)", fields=("kl_prompt",), higher_is_better=False, needs=EDITED_PREFERENCE)
+)
+register_metric(Metric("ce_prompts", "CE (prompts)", fields=("ce_prompt",), higher_is_better=False, needs=PREFERENCE))
 # The share of answers that are no answer (`locedit.evaluation.breakage`): one of the break detector's signs.
 register_metric(
     Metric(
@@ -160,9 +226,15 @@ register_metric(
 
 
 __all__ = [
+    "IPO_LOSS",
     "KL",
     "MAIN",
     "METRICS",
+    "PAIRS",
+    "PREFERENCE_MAIN",
+    "PREFERRING_CHOSEN",
+    "REWARD_ACCURATE",
+    "REWARD_MARGIN",
     "Metric",
     "add_per_question_values",
     "all_metrics",

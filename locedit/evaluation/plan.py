@@ -14,7 +14,7 @@ from ..core.args import EvalArguments, ModelArguments, result_settings
 from ..core.errors import DamagedFileError, DataError, RecipeError
 from ..core.files import check_safetensors
 from ..core.recipe import Recipe
-from ..data import load_question_details, load_questions, validate_dataset_arg
+from ..data import data_layout, load_prompt_pairs, load_question_details, load_questions, validate_dataset_arg
 from ..data.sources import MC_CONFIG, MC_FILE_EXTENSIONS, is_mc_targets_file, load_mc_targets, truthfulqa_hub_id
 from ..models.layout import AttentionLayout
 from ..models.loading import read_config
@@ -52,10 +52,20 @@ class Target:
     # Its eval/ holds this evaluation but for the judges (this says which changed): its saved generations, MC and
     # corpus scores are kept and judged again; None: evaluated afresh (or not at all, when done).
     rejudge: str | None = None
+    # Preference-style data: its held-out pairs are scored as TRL scores them (`locedit.evaluation.preference`),
+    # with the run's tau (`beta`, an edit's) and `max_length`; its prompts are used as they are.
+    preference: bool = False
+    beta: float | None = None
+    max_length: int | None = None
 
     def __post_init__(self):
         if self.chat_template:  # an MC choice is the answer itself, right after the assistant header
             self.completion_template = "{answer}"
+
+    def use_preference_data(self) -> None:
+        """The data is preference-style: its prompts and completions are used as they are, as in training."""
+        self.preference = True
+        self.prompt_template, self.completion_template = "{question}", "{answer}"
 
     @property
     def eval_dir(self) -> str:
@@ -80,12 +90,17 @@ class EvalPlan:
     questions: dict[tuple, dict[int, list[dict]]]  # source -> question id -> question records
     resources: EvalResources
     # source -> where MC1/MC2's choices come from: "answers" (the data's own), "hub:ID" or "file:PATH" (TruthfulQA's
-    # multiple_choice targets, put in each question record as mc1_targets / mc2_targets); empty without eval_mc
+    # multiple_choice targets, put in each question record as mc1_targets / mc2_targets), "pairs" (preference-style
+    # data: each prompt's chosen against its rejected completions); empty without eval_mc
     mc_sources: dict[tuple, str] = field(default_factory=dict)
+    layouts: dict[tuple, str] = field(default_factory=dict)  # source -> "question" or "preference"
 
 
-def check_settings(args: EvalArguments) -> EvalResources:
-    """Validate the eval settings, check the judges (config only, or one endpoint request) and load the corpus."""
+def check_settings(args: EvalArguments, preference: bool = False) -> EvalResources:
+    """Validate the eval settings, check the judges (config only, or one endpoint request) and load the corpus.
+
+    With `preference` (the data is preference-style), a judge left at `auto` is none: the judges judge TruthfulQA's
+    truth and informativeness, which such data does not ask about; a judge the recipe names is used."""
     if args.eval_prompt not in PROMPT_PREFIXES:
         raise RecipeError(f"eval_prompt '{args.eval_prompt}' is not valid; choose one of {', '.join(PROMPT_PREFIXES)}")
     if args.eval_judge_dtype not in ("auto", "bfloat16", "float16", "float32"):
@@ -106,7 +121,9 @@ def check_settings(args: EvalArguments) -> EvalResources:
     judges = {}
     for aspect in ASPECTS:
         # `auto` is recorded as the judge it stands for on this machine (the settings say which judged).
-        spec = resolve_judge_spec(getattr(args, f"eval_judge_{aspect}"), aspect)
+        spec = getattr(args, f"eval_judge_{aspect}")
+        auto = spec is not None and spec.strip().lower() == "auto"
+        spec = "none" if preference and auto else resolve_judge_spec(spec, aspect)
         setattr(args, f"eval_judge_{aspect}", spec)
         judge = make_judge(
             spec, aspect, batch_size=args.eval_batch_size, dtype=args.eval_judge_dtype, judge_data=args.eval_judge_data
@@ -156,6 +173,8 @@ def _edit_target(run_dir: str, settings: dict, split: dict, heads: dict) -> Targ
         completion_template=settings.get("completion_template", " {answer}"),
         heads=heads,
         chat_template=bool(settings.get("chat_template", False)),
+        beta=settings.get("beta"),
+        max_length=settings.get("max_length"),
     )
 
 
@@ -209,9 +228,13 @@ def plan_evaluation(
     targets = [_edit_target(run_dir, settings, split, heads) for run_dir, settings, split, heads in runs]
 
     sources = {target.source for target in targets} | ({_recipe_source(recipe)} if base and not runs else set())
-    questions, test_ids = {}, {}
+    questions, test_ids, layouts = {}, {}, {}
     for source in sources:
-        questions[source], test_ids[source] = _load_source(source)
+        layouts[source] = source_layout(source)
+        questions[source], test_ids[source] = _load_source(source, layouts[source])
+    for target in targets:
+        if layouts[target.source] == "preference":
+            target.use_preference_data()
     for target in targets:
         if set(target.question_ids) != test_ids[target.source]:
             raise RecipeError(
@@ -220,6 +243,8 @@ def plan_evaluation(
             )
     if base:
         targets.insert(0, _base_target(recipe, targets, run_dirs, test_ids))
+        if layouts[targets[0].source] == "preference":
+            targets[0].use_preference_data()
     if recipe.eval.eval_max_questions is not None:
         for target in targets:
             target.question_ids = target.question_ids[: recipe.eval.eval_max_questions]
@@ -230,7 +255,8 @@ def plan_evaluation(
             _check_edit_fits(target.run_dir, AttentionLayout.from_config(config))
     if any(target.chat_template for target in targets):
         chat_tokenizer(model_path, model_args, trust_remote_code)  # one line if it has no chat template
-    resources = resources if resources is not None else check_settings(recipe.eval)
+    preference = all(layout == "preference" for layout in layouts.values())
+    resources = resources if resources is not None else check_settings(recipe.eval, preference)
     mc_sources = _attach_mc_targets(recipe.eval, targets, questions) if recipe.eval.eval_mc else {}
     for target in targets:
         target.done = _check_earlier_evaluation(target, recipe.eval, model_args.model_name_or_path)
@@ -243,6 +269,7 @@ def plan_evaluation(
         questions=questions,
         resources=resources,
         mc_sources=mc_sources,
+        layouts=layouts,
     )
 
 
@@ -252,10 +279,30 @@ def _recipe_source(recipe: Recipe) -> tuple:
     return tuple(recipe.edit.split_source().values())
 
 
-def _load_source(source: tuple) -> tuple[dict[int, list[dict]], set[int]]:
-    """Question records (with category and best answer) by question id, and the ids of the test split."""
+def source_layout(source: tuple) -> str:
+    """Whether a source's data is "question"- or "preference"-style."""
+    dataset, dataset_config, _, seed, _, _ = source
+    validate_dataset_arg(dataset)
+    return data_layout(dataset, dataset_config, seed)
+
+
+def preference_data(recipe: Recipe) -> bool:
+    """Whether the recipe's data is preference-style (prompt/chosen/rejected): what its evaluation can score."""
+    return source_layout(_recipe_source(recipe)) == "preference"
+
+
+def _load_source(source: tuple, layout: str | None = None) -> tuple[dict[int, list[dict]], set[int]]:
+    """Question records (with category and best answer) by question id, and the ids of the test split. For
+    preference-style data (`layout`), a record is a prompt with its pairs (`load_prompt_pairs`)."""
     dataset, dataset_config, fractions, seed, group_by, bad_rows = source
     validate_dataset_arg(dataset)
+    if (layout or data_layout(dataset, dataset_config, seed)) == "preference":
+        splits = load_prompt_pairs(dataset, dataset_config, fractions, seed, group_by, bad_rows)
+        by_id: dict[int, list[dict]] = {}
+        for records in splits.values():
+            for record in records:
+                by_id.setdefault(int(record["question_id"]), []).append(record)
+        return by_id, {int(record["question_id"]) for record in splits["test"]}
     details = load_question_details(dataset, dataset_config, seed)
     splits = load_questions(dataset, dataset_config, fractions, seed, group_by, bad_rows)
     by_id: dict[int, list[dict]] = {}
@@ -269,6 +316,7 @@ def _load_source(source: tuple) -> tuple[dict[int, list[dict]], set[int]]:
 
 
 MC_KEYWORDS = ("auto", "answers", "none")
+PAIRS_MC_SOURCE = "pairs"  # the mc_source of preference-style data: each prompt's chosen against its rejected
 
 
 def mc_targets_spec(args: EvalArguments, source: tuple) -> str | None:
@@ -289,6 +337,15 @@ def _attach_mc_targets(args: EvalArguments, targets: list[Target], questions: di
     loaded: dict[str, dict] = {}
     for target in targets:
         spec = mc_targets_spec(args, target.source)
+        if target.preference:
+            if spec is not None and is_mc_targets_file(spec):
+                raise RecipeError(
+                    f"eval_mc_targets '{spec}' is for question-style data; MC1/MC2 of preference-style data "
+                    f"({target.source[0]}) compare each prompt's chosen and rejected completions: give "
+                    "eval_mc_targets auto"
+                )
+            sources[target.source] = PAIRS_MC_SOURCE
+            continue
         if spec is None:
             sources[target.source] = "answers"
             continue

@@ -19,6 +19,12 @@ Per model:
   OpenWebText documents cut at 128 tokens by default), the original being the same model with the edit disabled;
 - the fields of the metrics registered with a `per_question` function (`locedit.evaluation.metric_registry`), from
   each judged answer. The summary holds every registered metric the records give.
+
+Preference-style data (prompt/chosen/rejected) has no questions and no reference answers to judge against, so its
+held-out prompts are generated for as they are (and judged only by judges the recipe names), and its held-out pairs
+are scored as TRL scores them (`locedit.evaluation.preference`): whether the model prefers chosen, TRL's reward
+accuracy, reward margin and IPO loss for an edit, and MC1/MC2 with each prompt's chosen completions as the correct
+choices; KL and CE are measured on each held-out prompt too.
 """
 
 from __future__ import annotations
@@ -42,9 +48,10 @@ from .breakage import Breakage, judge_rule
 from .judges import Judge, verdicts
 from .metric_registry import add_per_question_values, all_metrics, per_question_fields
 from .metrics import mc1, mc2, per_category, summarise
-from .plan import EvalPlan, EvalResources, Target, plan_evaluation
+from .plan import PAIRS_MC_SOURCE, EvalPlan, EvalResources, Target, plan_evaluation
+from .preference import PAIR_FIELDS, PROMPT_FIELDS, held_out_pairs, prompt_texts, score_pairs, turn_stops
 from .prompts import build_prompt, close_answer
-from .scoring import answer_logprobs, can_merge, corpus_scores, generate_answers, merged
+from .scoring import answer_logprobs, can_merge, corpus_scores, document_scores, generate_answers, merged
 from .style import style_controlled
 
 
@@ -76,6 +83,7 @@ def evaluate_model(model, tokenizer, questions: list[dict], target: Target, args
             args.eval_batch_size,
             chat=target.chat_template,
             cut_off=cut_off,
+            stops=turn_stops(prompts) if target.preference and not target.chat_template else (),
         )
     timings["generation"] = time.perf_counter() - started
     records = [
@@ -88,7 +96,9 @@ def evaluate_model(model, tokenizer, questions: list[dict], target: Target, args
         }
         for q, answer, cut in zip(questions, answers, cut_off, strict=True)
     ]
-    if args.eval_mc:
+    if target.preference:
+        preference_scores(model, tokenizer, questions, records, target, args, edited, timings)
+    elif args.eval_mc:
         # Each distinct choice of a question is scored once, as the completion after the question's prompt.
         sets = [mc_choices(q) for q in questions]
         choices = [list(dict.fromkeys([best, *right, *wrong1, *wrong2])) for best, wrong1, right, wrong2 in sets]
@@ -115,6 +125,32 @@ def evaluate_model(model, tokenizer, questions: list[dict], target: Target, args
         )
         timings["corpus"] = time.perf_counter() - started
     return records, scores
+
+
+def preference_scores(model, tokenizer, questions, records, target: Target, args: EvalArguments, edited, timings):
+    """Preference-style data: each held-out pair scored as TRL scores it (and MC1/MC2 from the same log-probs), and
+    KL and CE on each held-out prompt, put into the prompts' records (`locedit.evaluation.preference`)."""
+    reference = " and its base model" if edited else ""
+    print(
+        f"locedit eval: {target.name}: {held_out_pairs(questions)} held-out pairs of {len(questions)} prompts, "
+        f"scored as TRL scores them, by the model{reference}",
+        flush=True,
+    )
+    started = time.perf_counter()
+    score_pairs(model, tokenizer, questions, records, target, args, edited)
+    timings["pairs"] = time.perf_counter() - started
+    measures = "KL/CE" if edited else "CE"
+    print(f"locedit eval: {target.name}: {measures} on {len(questions)} held-out prompts", flush=True)
+    started = time.perf_counter()
+    texts = prompt_texts(questions, target, tokenizer)
+    scored = document_scores(
+        model, tokenizer, texts, args.eval_corpus_max_tokens, args.eval_batch_size, edited, "the held-out prompts"
+    )
+    for record, score in zip(records, scored, strict=True):
+        record["ce_prompt"] = score["ce"] if score else None
+        if edited:
+            record["kl_prompt"] = score["kl"] if score else None
+    timings["prompts"] = time.perf_counter() - started
 
 
 def mc_choices(question: dict) -> tuple[str, list[str], list[str], list[str]]:
@@ -216,16 +252,20 @@ def metrics_of(
     (`timings`, saved as eval/timings.json; metrics.json holds the rest)."""
     summary = summarise(records)
     mc_source = plan.mc_sources.get(target.source, "answers") if args.eval_mc else None
+    # Preference-style data: how many held-out pairs, and the tau of an edit's rewards and IPO loss.
+    pairs = {"pairs": sum(int(record.get("pairs") or 0) for record in records), "beta": target.beta}
     return {
         "model": plan.model_name,
         "edit": target.run_dir,
         "heads": target.heads.get("heads"),
         "head_spec": target.heads.get("spec"),
         **summary,
+        **(pairs if target.preference else {}),
         **scores,
         "per_category": per_category(records),
         "judges": {aspect: (judge.spec if judge else None) for aspect, judge in plan.resources.judges.items()},
         "dataset": target.source[0],
+        "data_layout": "preference" if target.preference else "question",
         "split_seed": target.source[3],
         "mc_source": mc_source,
         "timings": {phase: round(seconds, 3) for phase, seconds in (timings or {}).items()},
@@ -374,7 +414,11 @@ def _run_evaluation(
 
 # What an evaluation's records hold of the evaluated model itself (evaluate_model); the rest comes from the judges
 # and the per-question metrics, and is made again when the saved generations are judged again.
-GENERATION_FIELDS = ("question_id", "question", "category", "answer", "cut_off", "mc1", "mc2", "mc2_sc")
+GENERATION_FIELDS = (
+    *("question_id", "question", "category", "answer", "cut_off", "mc1", "mc2", "mc2_sc"),
+    *PAIR_FIELDS,
+    *PROMPT_FIELDS,
+)
 # The corpus scores of metrics.json (corpus_scores).
 CORPUS_SCORES = ("ce", "corpus_docs", "kl", "ce_original")
 
@@ -386,7 +430,7 @@ def saved_generations(target: Target) -> tuple[list[dict], dict, dict]:
     records = [{key: record[key] for key in GENERATION_FIELDS if key in record} for record in records]
     scores = {key: earlier[key] for key in CORPUS_SCORES if key in earlier}
     saved = read_json(os.path.join(target.eval_dir, TIMINGS), fix="remove it (only wall times are lost)")
-    timings = {key: value for key, value in saved.items() if key in ("generation", "mc", "corpus")}
+    timings = {key: value for key, value in saved.items() if key in ("generation", "mc", "pairs", "prompts", "corpus")}
     print(
         f"locedit eval: {target.name}: judging its {len(records)} saved answers again ({target.rejudge}); its "
         "generations, MC and corpus scores are kept",
@@ -418,6 +462,11 @@ def _finish(plan: EvalPlan, recipe: Recipe, args: EvalArguments, result: tuple, 
 
 def describe_mc_source(dataset: str, mc_source: str) -> str:
     """Which answers MC1 and MC2 compare, in one line (printed once per evaluation)."""
+    if mc_source == PAIRS_MC_SOURCE:
+        return (
+            f"MC1: each prompt's first chosen completion against its rejected ones; MC2: its chosen completions "
+            f"against its rejected ones, from {dataset}, scored as TRL scores a pair (EOS appended)"
+        )
     if mc_source == "answers":
         return (
             "MC1: Best Answer against Incorrect Answers; MC2: Correct Answers against Incorrect Answers, from "
@@ -430,7 +479,14 @@ def describe_mc_source(dataset: str, mc_source: str) -> str:
 
 
 TIMINGS = "timings.json"  # eval/timings.json: the wall time of each phase, in seconds
-PHASES = {"generation": "generation", "mc": "MC", "corpus": "corpus", "judging": "judging"}
+PHASES = {
+    "generation": "generation",
+    "mc": "MC",
+    "pairs": "pairs",
+    "prompts": "prompts",
+    "corpus": "corpus",
+    "judging": "judging",
+}
 
 
 def describe_timings(timings: dict) -> str:
@@ -463,9 +519,19 @@ def describe_plan(plan: EvalPlan, args: EvalArguments) -> list[str]:
         done = " (evaluated already with these settings: left as it is)" if target.done else ""
         if target.rejudge:
             done = f" (evaluated already; its saved answers are judged again: {target.rejudge})"
-        lines.append(f"  {target.name}: {len(target.question_ids)} test questions -> {target.eval_dir}{done}")
+        asked = f"{len(_target_questions(plan, target))} test prompts" if target.preference else None
+        asked = asked or f"{len(target.question_ids)} test questions"
+        lines.append(f"  {target.name}: {asked} -> {target.eval_dir}{done}")
     judges = {aspect: judge.describe() if judge else "none" for aspect, judge in plan.resources.judges.items()}
     lines.append(f"  judges: truth {judges.get('truth', 'none')}, info {judges.get('info', 'none')} (checked)")
+    for source in dict.fromkeys(target.source for target in plan.targets if target.preference):
+        first = next(target for target in plan.targets if target.source == source)
+        prompts = _target_questions(plan, first)
+        lines.append(
+            f"  preference-style data ({source[0]}): {held_out_pairs(prompts)} held-out pairs of {len(prompts)} "
+            "prompts, scored as TRL scores them: prefers chosen, and for an edit reward accuracy, reward margin and "
+            "IPO loss (the run's tau); KL/CE on the held-out prompts"
+        )
     if args.eval_mc:
         for source in dict.fromkeys(target.source for target in plan.targets):
             lines.append(f"  {describe_mc_source(source[0], plan.mc_sources.get(source, 'answers'))}")

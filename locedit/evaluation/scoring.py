@@ -24,10 +24,12 @@ def generate_answers(
     batch_size: int = 16,
     chat: bool = False,
     cut_off: list | None = None,
+    stops: tuple[str, ...] = (),
 ):
     """Greedy answers to `prompts`, batched with left padding, stopped at the end of the model's turn (and, for the
-    Q/A prompt, at the next `Q:`) and cut where it goes on past its answer (`cut_answer`). With a `cut_off` list,
-    whether each generation ran to max_new_tokens without ending is appended to it."""
+    Q/A prompt, at the next `Q:`; at any of `stops`, e.g. the next turn of a preference prompt's dialogue) and cut
+    where it goes on past its answer (`cut_answer`). With a `cut_off` list, whether each generation ran to
+    max_new_tokens without ending is appended to it."""
     import torch
 
     config = copy.deepcopy(model.generation_config)
@@ -38,7 +40,7 @@ def generate_answers(
         temperature=None,
         top_p=None,
         top_k=None,
-        stop_strings=None if chat else [STOP],
+        stop_strings=None if chat else [STOP, *stops],
         pad_token_id=pad_id(tokenizer),
     )
     eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
@@ -55,13 +57,14 @@ def generate_answers(
                 output = model.generate(**batch, generation_config=config, tokenizer=tokenizer)
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            answers += [cut_answer(text, chat, stops=(tokenizer.eos_token or "",)) for text in texts]
+            answers += [cut_answer(text, chat, stops=(tokenizer.eos_token or "", *stops)) for text in texts]
             if cut_off is not None:
                 # A row that ended (end of turn, or the stop string) is padded after it; one that ran on is not.
                 ends = torch.tensor(list({*(config.eos_token_id or []), config.pad_token_id} - {None}))
                 ran_on = ~torch.isin(new_tokens, ends).any(-1) & (new_tokens.shape[1] == max_new_tokens)
                 cut_off += [
-                    bool(r) and (chat or STOP not in text) for r, text in zip(ran_on.tolist(), texts, strict=True)
+                    bool(r) and (chat or not any(stop in text for stop in (STOP, *stops)))
+                    for r, text in zip(ran_on.tolist(), texts, strict=True)
                 ]
     finally:
         tokenizer.padding_side = side
@@ -85,15 +88,26 @@ def answer_logprobs(
         whole = tokenizer(prompt + completion)["input_ids"]
         rows.append(whole)
         targets.append([0] * len(context) + [1] * (len(whole) - len(context)))
+    prompts = [prompt for prompt, _ in pairs]
+    return completion_logprobs(model, tokenizer, rows, targets, prompts, batch_size, share_prompts)
+
+
+def completion_logprobs(
+    model, tokenizer, rows: list[list[int]], targets: list[list[int]], prompts: list, batch_size=16, share_prompts=True
+) -> list[float]:
+    """The sum of the log-probs of each row's tokens where its `targets` is 1 (a completion after its prompt), each
+    token given the row's tokens before it: `answer_logprobs` of token rows. `prompts` names each row's prompt:
+    consecutive rows with the same prompt (and the same tokens up to their first target) are scored in one packed
+    sequence that runs the prompt once, with `share_prompts` (as `answer_logprobs` says)."""
     flash = str(getattr(model.config, "_attn_implementation", "")).startswith("flash")  # takes no block mask
     if not share_prompts or flash:
         return _row_logprobs(model, tokenizer, rows, targets, batch_size)
-    groups, start = [], 0  # runs of consecutive pairs with one prompt that tokenizes the same in every row
-    for end in range(1, len(pairs) + 1):
-        if end == len(pairs) or pairs[end][0] != pairs[start][0]:
+    groups, start = [], 0  # runs of consecutive rows with one prompt that tokenizes the same in every row
+    for end in range(1, len(rows) + 1):
+        if end == len(rows) or prompts[end] != prompts[start]:
             groups.append(range(start, end))
             start = end
-    scores: list[float | None] = [None] * len(pairs)
+    scores: list[float | None] = [None] * len(rows)
     shared, alone = [], []
     for group in groups:
         p = targets[group[0]].index(1) if 1 in targets[group[0]] else len(targets[group[0]])
@@ -162,15 +176,32 @@ def _row_logprobs(model, tokenizer, rows, targets, batch_size: int) -> list[floa
 
 def corpus_scores(model, tokenizer, docs: list[str], max_tokens: int = 128, batch_size: int = 16, edited=True):
     """Cross-entropy on `docs` cut at `max_tokens` tokens; for an edit (a PEFT model) also KL(original || edited)
-    per token and the original's cross-entropy, the original being the model with its edit disabled."""
+    per token and the original's cross-entropy, the original being the model with its edit disabled: the means of
+    `document_scores` over the documents of two tokens or more."""
+    scored = [score for score in document_scores(model, tokenizer, docs, max_tokens, batch_size, edited) if score]
+    if not scored:
+        raise DataError("no eval_corpus document has two tokens or more")
+    ce = [score["ce"] for score in scored]
+    scores = {"ce": sum(ce) / len(ce), "corpus_docs": len(scored)}
+    if edited:
+        kl, ce_original = [score["kl"] for score in scored], [score["ce_original"] for score in scored]
+        scores.update(kl=sum(kl) / len(kl), ce_original=sum(ce_original) / len(ce_original))
+    return scores
+
+
+def document_scores(
+    model, tokenizer, docs: list[str], max_tokens: int = 128, batch_size: int = 16, edited=True, label="the corpus"
+) -> list[dict | None]:
+    """Each document's cross-entropy (`ce`), cut at `max_tokens` tokens; for an edit also its KL(original || edited)
+    per token (`kl`) and the original's cross-entropy (`ce_original`); None for a document of fewer than two tokens
+    (nothing to predict)."""
     import torch
 
     rows = [tokenizer(doc, truncation=True, max_length=max_tokens)["input_ids"] for doc in docs]
-    rows = [row for row in rows if len(row) >= 2]
-    if not rows:
-        raise DataError("no eval_corpus document has two tokens or more")
+    kept = [index for index, row in enumerate(rows) if len(row) >= 2]
+    rows = [rows[index] for index in kept]
     kl, ce, ce_original = [], [], []
-    for start in batches(len(rows), batch_size, "KL and CE on the corpus"):
+    for start in batches(len(rows), batch_size, f"KL and CE on {label}"):
         ids, mask = pad_right(rows[start : start + batch_size], pad_id(tokenizer), model_input_device(model))
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask).logits
@@ -180,9 +211,11 @@ def corpus_scores(model, tokenizer, docs: list[str], max_tokens: int = 128, batc
                     reference = model(input_ids=ids, attention_mask=mask).logits
                 kl += next_token_kl(reference, logits, mask).tolist()
                 ce_original += token_cross_entropy(reference, ids, mask).tolist()
-    scores = {"ce": sum(ce) / len(ce), "corpus_docs": len(rows)}
-    if edited:
-        scores.update(kl=sum(kl) / len(kl), ce_original=sum(ce_original) / len(ce_original))
+    scores: list[dict | None] = [None] * len(docs)
+    for position, index in enumerate(kept):
+        scores[index] = {"ce": ce[position]}
+        if edited:
+            scores[index].update(kl=kl[position], ce_original=ce_original[position])
     return scores
 
 

@@ -37,9 +37,9 @@ from ..core.errors import RecipeError
 from ..core.plugins import load_plugins
 from ..core.recipe import STUDY_CHECKS, Recipe
 from ..core.tracking import reports_to_wandb
-from ..evaluation import check_settings, evaluate
+from ..evaluation import check_settings, evaluate, preference_data
 from ..evaluation.breakage import Breakage
-from ..evaluation.metric_registry import per_question_metrics
+from ..evaluation.metric_registry import PREFERENCE_MAIN, per_question_metrics
 from ..heads import HeadSpec
 from ..locate import LOCATORS, probe_recipe
 from ..models.sources import resolve_model_path
@@ -364,7 +364,7 @@ def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
     with timer("report"):
         # The study's table and the paper's report read the same runs from their directories.
         runs = [read_run(Path(run_dir), family) for family, run_dir in [("base", base_dir), *edits]]
-        metric = verdict_metric(recipe)
+        metric = verdict_metric(recipe, runs)
         report = write_study_report(runs, recipe, study_dir, metric)
         report["verdict"] = write_paper_report(runs, recipe, study_dir, metric)
     report["timings"] = {**timings, "report": timer.stages["report"]}
@@ -389,7 +389,8 @@ def _dry_run(recipe: Recipe, options: StudyOptions, spec: HeadSpec, stage) -> di
         make_iti_edits(stage("iti", random_heads_flags(spec, options)))
     for _, flags in family_flags(recipe, options, spec):
         train_recipe(stage("train", flags))
-    check_settings(stage("eval", []).eval)  # the judges load (config, or one endpoint request) and the corpus reads
+    eval_recipe = stage("eval", [])  # the judges load (config, or one endpoint request) and the corpus reads
+    check_settings(eval_recipe.eval, preference_data(eval_recipe))
     print(
         "\nlocedit study: dry run: every stage's recipe is checked, and the judges and corpus; eval and the report "
         "need the runs",
@@ -408,13 +409,17 @@ def random_heads_flags(spec: HeadSpec, options: StudyOptions) -> list[str]:
     return ["--heads", f"random:{spec.count}", "--heads_draws", str(options.random)]
 
 
-def verdict_metric(recipe: Recipe) -> str:
+def verdict_metric(recipe: Recipe, runs: list[Run] = ()) -> str:
     """The recipe's study_metric; else True*Info, which needs both judges; with a truth judge alone the verdict runs
-    on True, with none on MC2."""
+    on True, with none on MC2. Where no evaluated run has that score but they have the preference metric
+    (preference-style data, whose `auto` judges are none), on the share of held-out pairs whose chosen completion
+    the model prefers."""
     if recipe.study.study_metric:
         return recipe.study.study_metric
     judged = {aspect: getattr(recipe.eval, f"eval_judge_{aspect}") not in ("", "none") for aspect in ("truth", "info")}
-    return "true_info" if all(judged.values()) else ("true" if judged["truth"] else "mc2")
+    metric = "true_info" if all(judged.values()) else ("true" if judged["truth"] else "mc2")
+    has = {key for run in runs for key, value in run.metrics.items() if value is not None}
+    return PREFERENCE_MAIN if runs and metric not in has and PREFERENCE_MAIN in has else metric
 
 
 def write_paper_report(runs: list[Run], recipe: Recipe, study_dir: str, metric: str) -> dict:

@@ -10,7 +10,7 @@ import os
 from .. import processes
 from ..core.recipe import Recipe
 from ..core.tracking import wandb_tracking
-from ..evaluation import check_settings, evaluate_after_training
+from ..evaluation import check_settings, evaluate_after_training, preference_data
 from ..heads import HeadSpec
 from ..models.loading import load_model_and_tokenizer
 from ..plan import RunPlan, make_plan
@@ -29,7 +29,7 @@ def train_recipe(recipe: Recipe) -> dict | RunPlan:
         print(plan.describe(model_args, edit_args, training_args), flush=True)
     # eval_after_train: the judges and the corpus are checked now (in every process, so all stop alike), not after
     # hours of training; the main process evaluates.
-    eval_resources = check_settings(recipe.eval) if recipe.eval.eval_after_train else None
+    eval_resources = check_settings(recipe.eval, preference_data(recipe)) if recipe.eval.eval_after_train else None
     if edit_args.dry_run:
         return plan
 

@@ -15,9 +15,11 @@ run's `heads.json`, `recipe.yaml` and `metrics.json`) and writes to the report d
   the all-heads optimum within a paired bootstrap confidence interval over test questions.
 
 A head set's score is its best value of one metric over the hyperparameters it was run with (tau, learning rate,
-alpha), as the paper compares the best edit each location allows: True*Info by default (the paper's), or any metric
-made of per-question values (True alone where no info judge ran, MC1, MC2, TruthfulQA's BLEU/ROUGE `bleu_acc`, ...;
-`locedit.evaluation.metric_registry`), the best being the highest or, for a lower-is-better one, the lowest. With
+alpha), as the paper compares the best edit each location allows: True*Info by default (the paper's; for runs on
+preference-style data that no judges scored, the share of held-out pairs whose chosen completion the model prefers,
+`prefers_chosen`), or any metric made of per-question values (True alone where no info judge ran, MC1, MC2,
+TruthfulQA's BLEU/ROUGE `bleu_acc`, the preference metrics, ...; `locedit.evaluation.metric_registry`), the best
+being the highest or, for a lower-is-better one, the lowest. With
 `max_kl`, edits whose KL from the base model is above it are broken: flagged in the table and left out of the scores
 and the verdict, as a high score from a broken model is no evidence.
 """
@@ -34,7 +36,7 @@ from ..core.errors import RecipeError
 from ..core.files import write_text_atomic
 from ..core.tracking import offline_without_credentials
 from ..evaluation.breakage import Breakage
-from ..evaluation.metric_registry import MAIN, all_metrics, get_metric, per_question_metrics
+from ..evaluation.metric_registry import MAIN, PREFERENCE_MAIN, all_metrics, get_metric, per_question_metrics
 from .figures import write_figures
 from .runs import SETTINGS, Run
 from .stats import best_per_head_set, verdict
@@ -43,6 +45,13 @@ from .stats import best_per_head_set, verdict
 def scoring_metrics() -> list[str]:
     """The metrics a report can rank head sets by (`--metric`): those made of per-question values."""
     return [metric.key for metric in per_question_metrics()]
+
+
+def default_metric(runs: list[Run]) -> str:
+    """The score of head sets unless one is named: True*Info, or, where no run has it but some has the preference
+    metric (preference-style data, no judges), `prefers_chosen`."""
+    has = {key for run in runs for key, value in run.metrics.items() if value is not None}
+    return PREFERENCE_MAIN if MAIN not in has and PREFERENCE_MAIN in has else MAIN
 
 
 def check_metric(runs: list[Run], metric: str) -> None:

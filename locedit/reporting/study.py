@@ -302,16 +302,18 @@ FAMILY_TITLES = {
 
 
 def write_plot(rows: list[dict], path: str, title: str) -> None:
-    """Bars of the metrics registered as `study_bar` (True, Info and True*Info) per family (the mean over its edits;
-    each edit is a dot)."""
+    """Bars of the metrics registered as `study_bar` that some row has (True, Info and True*Info; on preference-style
+    data the shares of pairs preferring chosen and reward-accurate) per family (the mean over its edits; each edit is
+    a dot)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [(metric.key, metric.label) for metric in all_metrics() if metric.study_bar]
+    shown = [m for m in all_metrics() if m.study_bar and any(row.get(m.key) is not None for row in rows)]
+    keys = [(metric.key, metric.label) for metric in shown]
     families = family_order(row["family"] for row in rows)
-    width = 0.8 / len(keys)
+    width = 0.8 / max(len(keys), 1)
     fig, ax = plt.subplots(figsize=(1.4 * len(families) + 2.5, 4.5))
     for i, (key, name) in enumerate(keys):
         for x, family in enumerate(families):
@@ -326,7 +328,7 @@ def write_plot(rows: list[dict], path: str, title: str) -> None:
         fontsize="small",
     )
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("fraction of test questions")
+    ax.set_ylabel("fraction of test " + ("questions or pairs" if any(m.over_pairs for m in shown) else "questions"))
     ax.set_title(title, fontsize="medium")
     ax.legend(loc="upper left", fontsize="small", ncols=len(keys))
     fig.tight_layout()
