@@ -17,9 +17,12 @@ import os
 import sys
 
 from .core.errors import RecipeError, run_cli
+from .core.flags import precheck
 from .core.recipe import Recipe
 
 __all__ = ["cli", "main", "split_argv"]
+
+PROG = "locedit eval"
 
 
 def main(recipe: Recipe, run_dirs: list[str] | tuple = (), base: bool = False) -> list[dict]:
@@ -62,10 +65,11 @@ def cli(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         # The libraries load here, inside run_cli, after it has quieted their notices.
+        run_dirs, base, recipe_argv = split_argv(argv)
+        precheck(recipe_argv, PROG)  # a missing recipe, a mistyped flag or key: one line before TRL loads
         from .config import parse_recipe
 
-        run_dirs, base, recipe_argv = split_argv(argv)
-        main(parse_recipe(recipe_argv, prog="locedit eval"), run_dirs, base=base)
+        main(parse_recipe(recipe_argv, prog=PROG), run_dirs, base=base)
 
     return run_cli(run)
 

@@ -27,8 +27,11 @@ from __future__ import annotations
 import sys
 
 from .core.errors import run_cli
+from .core.flags import precheck
 
 __all__ = ["cli", "main"]
+
+PROG = "locedit study"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -47,7 +50,12 @@ def cli(argv: list[str] | None = None) -> int:
     if any(arg in ("-h", "--help") for arg in argv):
         print(__doc__)
         return 0
-    return run_cli(lambda: main(argv))
+
+    def run():
+        precheck(argv, PROG)  # a missing recipe, a mistyped flag or key: one line before TRL loads
+        return main(argv)
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":
