@@ -211,3 +211,106 @@ def test_every_recipe_in_the_repository_passes_the_type_check():
     assert len(recipes) > 5
     for path in recipes:
         check_recipe_types(parser, read_recipe_file(str(path)), str(path), [])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Help: each command's own flags by purpose, on a screen, then the pointer to every field
+# ---------------------------------------------------------------------------------------------------------------------
+
+HELP_COMMANDS = ["train", "probe", "iti", "eval", "study"]
+
+
+@pytest.mark.parametrize("command", HELP_COMMANDS)
+def test_a_commands_help_fits_a_screen_and_ends_with_the_pointer_to_every_field(command, capsys):
+    assert locedit([command, "--help"]) == 0
+    lines = capsys.readouterr().out.rstrip("\n").splitlines()
+    assert lines[0].startswith(f"usage: locedit {command} "), lines[0]
+    assert lines[-1] == f"all training fields: locedit {command} --help-all"
+    assert len(lines) - 1 <= 60, len(lines)
+    assert max(len(line) for line in lines) <= 118
+
+
+def test_train_help_leads_with_its_own_flags_grouped_by_purpose(capsys):
+    assert locedit(["train", "-h"]) == 0
+    out = capsys.readouterr().out
+    groups = [line for line in out.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert groups == ["model and data:", "heads and edit:", "IPO training:", "evaluation:", "tracking:"]
+    for flag in ["learning_rate LR", "beta TAU", "num_train_epochs N", "max_steps N", "output_dir DIR"]:
+        assert f"  --{flag} " in out, flag
+    assert "  --beta TAU                      IPO's tau: the target log-ratio margin is 1/(2 tau) (default 0.1)" in out
+    assert "--gradient_checkpointing" not in out  # TRL's other fields are --help-all's
+
+
+def test_study_help_lists_every_study_flag(capsys):
+    import dataclasses
+
+    from locedit.core.args import StudyArguments
+
+    assert locedit(["study", "--help"]) == 0
+    out = capsys.readouterr().out
+    for field in dataclasses.fields(StudyArguments):
+        assert f"\n  --{field.name} " in out, field.name
+
+
+def test_sweep_help_points_to_the_recipe_fields(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        locedit(["sweep", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: locedit sweep") and "--gpus" in out and "--log_dir" in out
+    assert out.rstrip().endswith("all training fields: locedit train --help-all")
+
+
+def test_help_all_prints_every_field_with_the_commands_name(capsys):
+    assert locedit(["train", "--help-all"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: locedit train ")
+    assert "--gradient_checkpointing" in out and "--study_random" in out and "--eval_judge_truth" in out
+    assert "'importance:16' the 16 heads of highest gradient importance" in " ".join(out.split())
+
+
+def test_the_head_spec_help_lists_every_registered_selector(monkeypatch):
+    from locedit import heads
+    from locedit.pipelines.usage import command_help
+
+    text = command_help("train")
+    for selector in heads.SELECTORS.values():
+        assert f"    {selector.form} " in text, selector.form
+    assert len(heads.SELECTORS) >= 7
+    monkeypatch.setitem(
+        heads.SELECTORS,
+        "first",
+        heads.Selector("first", "first:4", lambda spec, layout, scores: [], lambda spec: "first", help="the first K"),
+    )
+    assert "first:4" in command_help("train") and "'first:4' the first K" in heads.heads_help()
+
+
+def test_the_short_helps_training_defaults_are_the_configs():
+    import dataclasses
+
+    from locedit.config import LocEditConfig
+    from locedit.pipelines.usage import TRAINING_DEFAULTS
+
+    fields = {field.name: field for field in dataclasses.fields(LocEditConfig)}
+    for name, shown in TRAINING_DEFAULTS.items():
+        field = fields[name]
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        assert str(getattr(default, "value", default)) == str(shown), name
+
+
+HELP_IN_A_FRESH_PROCESS = """
+import sys
+from locedit.cli import main
+
+code = main(sys.argv[1:])
+heavy = {"torch", "transformers", "trl", "peft", "datasets", "accelerate"} & set(sys.modules)
+print(code, sorted(heavy), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("command", ["train", "study"])
+def test_a_commands_help_imports_no_model_library(command):
+    result = subprocess.run(
+        [sys.executable, "-c", HELP_IN_A_FRESH_PROCESS, command, "--help"], capture_output=True, text=True, timeout=300
+    )
+    assert result.stderr.strip().splitlines()[-1] == "0 []", result.stderr
