@@ -193,6 +193,10 @@ class LocEditConfig(DPOConfig):
             )
         if self.bf16 is None:
             self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.fp16
+        if self.dataloader_pin_memory and not torch.accelerator.is_available():
+            # Pinned memory only speeds up copies to an accelerator; without one torch's data loader warns on every
+            # loader (twice per tiny run) that it pins nothing.
+            self.dataloader_pin_memory = False
         if str(self.optim).startswith("paged") and not torch.cuda.is_available():
             # bitsandbytes' paged optimizers need CUDA; on a CPU the same update is plain AdamW.
             warn_once(f"locedit: optim '{self.optim}' needs a GPU; using adamw_torch instead")

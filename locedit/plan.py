@@ -92,7 +92,10 @@ class RunPlan:
         heads = format_heads(self.heads)
         if len(heads) > 80:
             heads = heads[:77] + "..."
-        line = f"{spec}{self._draws()} -> {len(self.heads)} heads in {len(heads_by_layer(self.heads))} layers: {heads}"
+        count = f"{len(self.heads)} heads in {len(heads_by_layer(self.heads))} layers"
+        if len(self.heads) == 1:
+            count = "1 head"  # its name says its layer
+        line = f"{spec}{self._draws()} -> {count}: {heads}"
         if locator is not None and self.located.get(locator) is not None:
             scores = LOCATORS[locator].scores(self.located[locator])
             picked = [float(scores[layer][head]) for layer, head in self.heads]

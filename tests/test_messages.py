@@ -314,3 +314,92 @@ def test_a_commands_help_imports_no_model_library(command):
         [sys.executable, "-c", HELP_IN_A_FRESH_PROCESS, command, "--help"], capture_output=True, text=True, timeout=300
     )
     assert result.stderr.strip().splitlines()[-1] == "0 []", result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Noise: what a user cannot act on is said once, or not at all
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def evaluated_run(root: Path, name: str, method: str, family: str, truth: float) -> Path:
+    """A finished, evaluated run (or the base model's evaluation) of 10 questions."""
+    import yaml
+
+    run = root / name
+    (run / "eval").mkdir(parents=True)
+    verdicts = [(q < truth * 10, True) for q in range(10)]
+    if method != "base":
+        (run / "heads.json").write_text(json.dumps({"spec": "all", "heads_seed": 0, "family": family}))
+        (run / "recipe.yaml").write_text(yaml.safe_dump({"beta": 0.1, "learning_rate": 5e-4}))
+        (run / "metrics.json").write_text(json.dumps({"train_loss": 1.0}))
+    metrics = {"true": truth, "info": 1.0, "true_info": truth, "mc1": truth / 2, "mc2": truth / 2, "ce": 3.0}
+    if method != "base":
+        metrics["kl"] = 0.1
+    (run / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    lines = [json.dumps({"question_id": q, "truthful": t, "informative": i}) for q, (t, i) in enumerate(verdicts)]
+    (run / "eval" / "generations.jsonl").write_text("\n".join(lines) + "\n")
+    return run
+
+
+def test_a_report_draws_only_the_figures_it_has_data_for(tmp_path, capsys):
+    runs, report = tmp_path / "runs", tmp_path / "report"
+    evaluated_run(runs, "base", "base", "base", 0.3)
+    assert locedit(["report", str(runs), "--output_dir", str(report)]) == 0
+    # The base model alone: its point in the truth-info plane and at KL 0; no ITI edit, no single heads.
+    assert sorted(path.name for path in report.glob("*.png")) == [
+        "fig1c_5_mc_vs_kl.png",
+        "fig2_3_truth_info_tradeoff.png",
+    ]
+    (runs / "base" / "eval" / "metrics.json").write_text(json.dumps({"mc1": 0.2, "mc2": 0.3, "ce": 3.0}))
+    assert locedit(["report", str(runs), "--output_dir", str(report), "--metric", "mc2"]) == 0
+    assert sorted(path.name for path in report.glob("*.png")) == ["fig1c_5_mc_vs_kl.png"]  # not judged
+
+    evaluated_run(runs, "all", "ipo", "all-heads", 0.8)  # no ITI edit, no single heads
+    assert locedit(["report", str(runs), "--output_dir", str(report)]) == 0
+    assert sorted(path.name for path in report.glob("*.png")) == [
+        "fig1c_5_mc_vs_kl.png",
+        "fig2_3_truth_info_tradeoff.png",
+    ]
+    capsys.readouterr()
+
+
+def test_a_report_removes_a_figure_its_runs_no_longer_have_data_for(tmp_path):
+    runs, report = tmp_path / "runs", tmp_path / "report"
+    evaluated_run(runs, "base", "base", "base", 0.3)
+    report.mkdir()
+    (report / "fig4a_single_heads.png").write_bytes(b"an earlier report's figure")
+    assert locedit(["report", str(runs), "--output_dir", str(report)]) == 0
+    assert not (report / "fig4a_single_heads.png").exists()
+
+
+def test_truthfulqas_cleaning_notice_is_one_line_said_once_in_a_study_dry_run(shared_data_dir, capsys):
+    """Every stage of the study reads the data (6 times here): the notice that 31 empty answers were dropped was
+    printed each time with Python's file, line and source line (`_warn(...)`); it is one line, once."""
+    csv = shared_data_dir / "truthfulqa" / "TruthfulQA.csv"
+    argv = ["study", "recipes/tiny_probe.yaml", "--dataset", str(csv), "--dry_run", "true"]
+    argv += ["--eval_judge_truth", "none", "--eval_judge_info", "none", "--eval_corpus", "none"]
+    assert locedit(argv) == 0
+    err = capsys.readouterr().err
+    notices = [line for line in err.splitlines() if "dropped 31 empty answer(s)" in line]
+    assert notices == [f"locedit: {csv}: dropped 31 empty answer(s) in 29 question(s)"], err
+    assert "_warn(" not in err and "DataWarning" not in err
+
+
+def test_a_tiny_run_on_a_cpu_warns_of_no_pinned_memory(capsys):
+    import warnings
+
+    from locedit.train import main as train
+
+    recipe = parse_recipe([TINY, "--dataset", "synthetic:40", "--max_steps", "4", "--save_strategy", "no"])
+    assert recipe.training.dataloader_pin_memory is False  # pinning needs an accelerator; this machine has none
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(recipe)
+    assert not [w for w in caught if "pin_memory" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_a_plan_of_one_head_says_one_head(capsys):
+    assert locedit(["train", TINY, "--heads", "single:2", "--dry_run", "true"]) == 0
+    out = capsys.readouterr().out
+    assert "single:2 (2 edits trained in one pass; the first) -> 1 head: L" in out
+    assert "1 heads" not in out and "in 1 layers" not in out

@@ -65,6 +65,33 @@ def quiet_library_notices() -> None:
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
+_said: set[str] = set()
+
+
+def show_locedit_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning` for the commands: locedit's own warnings (data cleaned, ...) are one line `locedit:
+    MESSAGE`, said once per process however often the data is read (a study's dry run reads it once per stage), without
+    Python's file, line and source line; any other library's warning is shown as Python shows it."""
+    if not category.__module__.startswith("locedit."):
+        _shown_before[0](message, category, filename, lineno, file, line)
+        return
+    text = f"locedit: {message}"
+    if text not in _said:
+        _said.add(text)
+        print(text, file=file or sys.stderr)
+
+
+# How warnings were shown before the commands' display took over (Python's own, or a test runner's).
+_shown_before = [warnings.showwarning]
+
+
+def show_warnings_as_lines() -> None:
+    """Make the commands show locedit's warnings as `show_locedit_warning` does (others as they were shown)."""
+    if warnings.showwarning is not show_locedit_warning:
+        _shown_before[0] = warnings.showwarning
+        warnings.showwarning = show_locedit_warning
+
+
 def run_cli(main: Callable[[], object]) -> int:
     """Run a command; a user's mistake prints one line `locedit: error: ...` and returns 2 (no traceback).
 
@@ -73,6 +100,7 @@ def run_cli(main: Callable[[], object]) -> int:
     """
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     quiet_library_notices()
+    show_warnings_as_lines()
     try:
         result = main()
     except USER_ERRORS as err:
