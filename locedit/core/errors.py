@@ -68,28 +68,29 @@ def quiet_library_notices() -> None:
 _said: set[str] = set()
 
 
-def show_locedit_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """`warnings.showwarning` for the commands: locedit's own warnings (data cleaned, ...) are one line `locedit:
-    MESSAGE`, said once per process however often the data is read (a study's dry run reads it once per stage), without
-    Python's file, line and source line; any other library's warning is shown as Python shows it."""
+def format_locedit_warning(message, category, filename, lineno, line=None) -> str:
+    """`warnings.formatwarning` for the commands: a warning of locedit's own (data cleaned, ...) is one line `locedit:
+    MESSAGE`, said once per process however often the data is read (a study's dry run reads it once per stage),
+    without Python's file, line and source line; any other library's warning is formatted as Python formats it.
+    (Formatting, not showing, is replaced: whatever records warnings, as a test runner does, still sees them all.)"""
     if not category.__module__.startswith("locedit."):
-        _shown_before[0](message, category, filename, lineno, file, line)
-        return
+        return _formatted_before[0](message, category, filename, lineno, line)
     text = f"locedit: {message}"
-    if text not in _said:
-        _said.add(text)
-        print(text, file=file or sys.stderr)
+    if text in _said:
+        return ""
+    _said.add(text)
+    return text + "\n"
 
 
-# How warnings were shown before the commands' display took over (Python's own, or a test runner's).
-_shown_before = [warnings.showwarning]
+# How warnings were formatted before the commands' format took over (Python's own, or another's).
+_formatted_before = [warnings.formatwarning]
 
 
-def show_warnings_as_lines() -> None:
-    """Make the commands show locedit's warnings as `show_locedit_warning` does (others as they were shown)."""
-    if warnings.showwarning is not show_locedit_warning:
-        _shown_before[0] = warnings.showwarning
-        warnings.showwarning = show_locedit_warning
+def format_warnings_as_lines() -> None:
+    """Make the commands format locedit's warnings as `format_locedit_warning` does (others as they were)."""
+    if warnings.formatwarning is not format_locedit_warning:
+        _formatted_before[0] = warnings.formatwarning
+        warnings.formatwarning = format_locedit_warning
 
 
 def run_cli(main: Callable[[], object]) -> int:
@@ -100,7 +101,7 @@ def run_cli(main: Callable[[], object]) -> int:
     """
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     quiet_library_notices()
-    show_warnings_as_lines()
+    format_warnings_as_lines()
     try:
         result = main()
     except USER_ERRORS as err:
