@@ -419,3 +419,24 @@ def test_a_missing_data_file_is_named_before_the_model_is_built(command, capsys,
     monkeypatch.setattr(loading, "resolve_model_path", no_model)  # what reading a model's config resolves first
     code = locedit([command, "recipes/tiny_probe.yaml", "--dataset", "/no/such.csv", "--dry_run", "true"])
     one_error_line(capsys, code, "dataset file not found: /no/such.csv")
+
+
+@pytest.mark.parametrize("command", ["train", "study"])
+def test_help_into_a_closed_pipe_ends_without_a_traceback(command):
+    """`locedit train --help-all | head`: the reader goes away before the help is written."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "locedit.cli", command, "--help"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        os.close(write)
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr
+    assert result.returncode == 1

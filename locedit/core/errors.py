@@ -97,13 +97,19 @@ def run_cli(main: Callable[[], object]) -> int:
     """Run a command; a user's mistake prints one line `locedit: error: ...` and returns 2 (no traceback).
 
     Returns the command's own exit code when it returns an int (a sweep with failed runs: 1), else 0; 130 after
-    Ctrl-C, with one line instead of a traceback.
+    Ctrl-C, with one line instead of a traceback; 1, silently, when the reader of its output went away (`locedit
+    train --help-all | head`).
     """
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     quiet_library_notices()
     format_warnings_as_lines()
     try:
         result = main()
+        sys.stdout.flush()  # here, where a closed pipe can still be answered without a traceback
+    except BrokenPipeError:
+        # Nothing more can be said to the reader; what is left in the buffer goes nowhere, not to a shutdown error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except USER_ERRORS as err:
         print(f"locedit: error: {err}", file=sys.stderr)
         return 2
