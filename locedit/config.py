@@ -8,8 +8,9 @@ they make are `locedit.core.args` and `locedit.core.recipe` (core imports nothin
 
 from __future__ import annotations
 
+import argparse
 import copy
-import os
+import re
 import sys
 import types
 import warnings
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-import yaml
 from trl import DPOConfig, TrlParser
 
 from . import processes
@@ -36,6 +36,15 @@ from .core.args import (
     warn_once,
 )
 from .core.errors import RecipeError
+from .core.flags import (
+    EXTRA_KEYS,
+    check_names,
+    config_argv,
+    given_flags,
+    read_recipe_file,
+    recipe_path,
+    remember_names,
+)
 from .core.recipe import Recipe
 
 
@@ -184,6 +193,10 @@ class LocEditConfig(DPOConfig):
             )
         if self.bf16 is None:
             self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.fp16
+        if self.dataloader_pin_memory and not torch.accelerator.is_available():
+            # Pinned memory only speeds up copies to an accelerator; without one torch's data loader warns on every
+            # loader (twice per tiny run) that it pins nothing.
+            self.dataloader_pin_memory = False
         if str(self.optim).startswith("paged") and not torch.cuda.is_available():
             # bitsandbytes' paged optimizers need CUDA; on a CPU the same update is plain AdamW.
             warn_once(f"locedit: optim '{self.optim}' needs a GPU; using adamw_torch instead")
@@ -195,7 +208,7 @@ class RecipeParser(TrlParser):
     """TrlParser whose argument errors (a bad value, an unknown flag) are one RecipeError line, not a usage dump."""
 
     def error(self, message: str):
-        raise RecipeError(message)
+        raise RecipeError(_flag_value_error(message) or message)
 
     @staticmethod
     def _parse_dataclass_field(parser, field):
@@ -207,49 +220,120 @@ class RecipeParser(TrlParser):
         return TrlParser._parse_dataclass_field(parser, field)
 
 
+# argparse's own words for a value its type refused: "argument --x/--x-y: invalid float value: 'two'", and those of
+# transformers' string_to_bool: "argument --x/--x-y: Truthy value expected: got maybe but expected one of ...".
+_INVALID_VALUE = re.compile(r"^argument (--[\w-]+)(?:/--[\w-]+)*: invalid (\w+) value: (.*)$")
+_INVALID_BOOL = re.compile(r"^argument (--[\w-]+)(?:/--[\w-]+)*: Truthy value expected: got (.*) but expected")
+# What each of the parser's value types takes, in a user's words.
+_EXPECTED = {"float": "a number", "int": "an integer", "string_to_bool": "true or false"}
+
+
+def _flag_value_error(message: str) -> str | None:
+    """A flag's value of the wrong type, as one line naming the flag and the type it takes; None for other errors."""
+    match = _INVALID_BOOL.match(message)
+    if match is not None:
+        flag, value = match.groups()
+        return f"{flag} '{value}' is not valid: it must be {_EXPECTED['string_to_bool']}"
+    match = _INVALID_VALUE.match(message)
+    if match is None or match.group(2) not in _EXPECTED:
+        return None
+    flag, kind, value = match.groups()
+    return f"{flag} {value} is not valid: it must be {_EXPECTED[kind]}"
+
+
+def parser_names(parser: argparse.ArgumentParser) -> tuple[set[str], set[str]]:
+    """(option strings, recipe keys) of a parser: every flag it takes and every field a recipe file may set."""
+    options = {option for action in parser._actions for option in action.option_strings}
+    keys = {action.dest for action in parser._actions if action.dest != "help"} | set(EXTRA_KEYS)
+    return options, keys
+
+
 def make_parser(prog: str = "locedit") -> TrlParser:
     # No abbreviations: argparse would otherwise take a typo such as --learning_rat for --learning_rate.
     dataclass_types = (EditArguments, ModelArguments, ProbeArguments, EvalArguments, LocEditConfig, StudyArguments)
-    return RecipeParser(dataclass_types, prog=prog, allow_abbrev=False)
+    parser = RecipeParser(dataclass_types, prog=prog, allow_abbrev=False)
+    remember_names(*parser_names(parser))  # for the next command's check of its flags before TRL loads
+    return parser
 
 
-def config_argv(argv: list[str]) -> list[str]:
-    """A leading positional `.yaml` is taken as `--config`, so `python -m locedit.train recipes/x.yaml` works."""
-    if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
-        return ["--config", *argv]
-    return list(argv)
-
-
-def parse_dataclasses(parser: TrlParser, argv: list[str]) -> tuple:
-    """TrlParser's recipe file + flags parse; its errors become one RecipeError line."""
+def parse_dataclasses(parser: TrlParser, argv: list[str], recipe: dict | None = None) -> tuple:
+    """TrlParser's recipe file + flags parse; its errors become one RecipeError line: an unknown flag or recipe key
+    with the closest valid names, a value of the wrong type with the flag (or file and key) and the type it takes.
+    `recipe`: the recipe file's mapping, when the caller has read it."""
+    path = recipe_path(argv)
+    if path is not None and recipe is None:
+        recipe = read_recipe_file(path)
+    check_names(argv, *parser_names(parser), parser.prog, recipe)
+    if recipe:
+        check_recipe_types(parser, recipe, path, given_flags(argv))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             return parser.parse_args_and_config(argv)
     except ValueError as err:
-        raise RecipeError(str(err).splitlines()[0]) from None
+        message = str(err).splitlines()[0]
+        if message.startswith("Some specified arguments are not used"):  # flags are known: these are positional
+            extra = message.partition(": ")[2]
+            raise RecipeError(
+                f"unexpected arguments {extra}: give the recipe file first, then --key value flags "
+                f"({parser.prog} --help)"
+            ) from None
+        raise RecipeError(message) from None
+
+
+def check_recipe_types(parser: argparse.ArgumentParser, recipe: dict, path: str, flags: list[str]) -> None:
+    """Each value of a recipe file is of its field's type (a flag given on the command line replaces the file's
+    value, so its key is not checked): else one line naming the file, the key and the type. argparse converts a
+    text value as it would a flag's, and would name only the flag."""
+    for action in parser._actions:
+        if action.dest not in recipe or action.dest == "help" or set(action.option_strings) & set(flags):
+            continue
+        kind = getattr(action.type, "__name__", "")  # TRL's wrapper of an optional field's type keeps its name
+        expected = _EXPECTED.get(kind)
+        value = recipe[action.dest]
+        if expected is None or value is None:
+            continue
+        several = action.nargs in ("+", "*")
+        for item in value if several and isinstance(value, list) else [value]:
+            if not _is_of_type(item, action.type, kind):
+                shown = f"'{item}'" if isinstance(item, str) else repr(item)
+                what = f"each of its values must be {expected}" if several else f"it must be {expected}"
+                raise RecipeError(f"{action.dest} {shown} in recipe '{path}' is not valid: {what}")
+
+
+def _is_of_type(value, convert, kind: str) -> bool:
+    """Whether a recipe value reads as its field's type (`convert`, named `kind`: float, int, string_to_bool) as
+    argparse would read it: a text value through `convert`, another as the YAML value it is."""
+    if isinstance(value, str):
+        try:
+            convert(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            return False
+        return True
+    if kind == "float":
+        return isinstance(value, int | float)
+    if kind == "int":
+        return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    return isinstance(value, bool)
 
 
 def parse_recipe(argv: list[str] | None = None, prog: str = "locedit") -> Recipe:
     """Parse a recipe file and CLI flags (flags override the file)."""
     argv = config_argv(list(sys.argv[1:] if argv is None else argv))
-    name, keys = "cli", set()
-    if "--config" in argv:
-        index = argv.index("--config") + 1
-        config_path = argv[index] if index < len(argv) else ""
-        if not os.path.isfile(config_path):
-            raise RecipeError(f"recipe file '{config_path}' does not exist")
-        name = Path(config_path).stem
-        keys = _check_recipe_keys(config_path, prog)
+    name, recipe = "cli", None
+    path = recipe_path(argv)
+    if path is not None:
+        recipe = read_recipe_file(path)
+        name = Path(path).stem
     if processes.count() > 1:
         # The launch's process group first: the training arguments' own device setup would otherwise take every CPU
         # process of a launch for a lone one (locedit.processes.state).
         processes.state()
-    edit, model, probe, evaluation, training, study = parse_dataclasses(make_parser(prog), argv)
+    edit, model, probe, evaluation, training, study = parse_dataclasses(make_parser(prog), argv, recipe)
     if edit.chat_template:
         # Set at all, even to its default, a template says the user expects it to shape the prompts: it does not.
-        flags = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
-        given = [key for key in ("prompt_template", "completion_template") if key in keys | flags]
+        flags = {flag[2:] for flag in given_flags(argv)}
+        given = [key for key in ("prompt_template", "completion_template") if key in set(recipe or {}) | flags]
         if given:
             them = "them" if len(given) > 1 else "it"
             raise RecipeError(
@@ -257,22 +341,3 @@ def parse_recipe(argv: list[str] | None = None, prog: str = "locedit") -> Recipe
                 f"tokenizer's chat template; {' and '.join(given)} would not be used: remove {them} from the recipe"
             )
     return Recipe(edit=edit, model=model, probe=probe, eval=evaluation, training=training, study=study, name=name)
-
-
-def _check_recipe_keys(config_path: str, prog: str) -> set[str]:
-    """Unknown recipe keys are an error naming them (TrlParser's own message is a list dump). Returns the keys."""
-    try:
-        with open(config_path) as f:
-            recipe = yaml.safe_load(f)
-    except yaml.YAMLError as err:
-        raise RecipeError(f"recipe '{config_path}' is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(recipe, dict):
-        raise RecipeError(f"recipe '{config_path}' must be a YAML mapping of keys to values")
-    known = {action.dest for action in make_parser(prog)._actions} | {"env"}
-    unknown = sorted(set(recipe) - known)
-    if unknown:
-        raise RecipeError(
-            f"unknown recipe key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in '{config_path}' "
-            f"(see {prog} --help)"
-        )
-    return set(recipe)

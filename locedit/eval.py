@@ -17,9 +17,13 @@ import os
 import sys
 
 from .core.errors import RecipeError, run_cli
+from .core.flags import precheck
 from .core.recipe import Recipe
+from .pipelines.usage import answer_help
 
 __all__ = ["cli", "main", "split_argv"]
+
+PROG = "locedit eval"
 
 
 def main(recipe: Recipe, run_dirs: list[str] | tuple = (), base: bool = False) -> list[dict]:
@@ -27,13 +31,6 @@ def main(recipe: Recipe, run_dirs: list[str] | tuple = (), base: bool = False) -
     from .evaluation import evaluate
 
     return evaluate(recipe, run_dirs, base=base)
-
-
-USAGE = """usage: locedit eval [RECIPE.yaml] [RUN_DIR ...] [--base] [--key value ...]
-
-Evaluates the edits in RUN_DIRs (one base model, loaded once) on their test questions, and with --base the base
-model too (on the runs' test questions, or on the recipe's split when no RUN_DIR is given). A multi-edit run
-directory stands for all its edits. Settings are the eval_* keys of a recipe or flags (see below)."""
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], bool, list[str]]:
@@ -57,15 +54,16 @@ def split_argv(argv: list[str]) -> tuple[list[str], bool, list[str]]:
 def cli(argv: list[str] | None = None) -> int:
     """`locedit eval ...`: a user's mistake prints one line and exits 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(arg in ("-h", "--help") for arg in argv):
-        print(USAGE + "\n")
 
-    def run() -> None:
+    def run() -> int | None:
+        if answer_help("eval", argv):  # its own flags by purpose; --help-all: every field
+            return 0
         # The libraries load here, inside run_cli, after it has quieted their notices.
+        run_dirs, base, recipe_argv = split_argv(argv)
+        precheck(recipe_argv, PROG)  # a missing recipe, a mistyped flag or key: one line before TRL loads
         from .config import parse_recipe
 
-        run_dirs, base, recipe_argv = split_argv(argv)
-        main(parse_recipe(recipe_argv, prog="locedit eval"), run_dirs, base=base)
+        main(parse_recipe(recipe_argv, prog=PROG), run_dirs, base=base)
 
     return run_cli(run)
 

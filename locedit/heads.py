@@ -41,7 +41,8 @@ class Selector:
     resolve(spec, layout, scores) gives the heads (unsorted is fine); check(spec, layout) raises HeadSpecError on a
     spec that cannot resolve on the layout whatever the scores (default: resolve it, when it needs no scores);
     family(spec) names its family; `locator` is the locator whose per-head scores it ranks (None: it needs none);
-    `uses_seed` says heads_seed draws it; `edits(spec, layout)`, when given, makes it several edits.
+    `uses_seed` says heads_seed draws it; `edits(spec, layout)`, when given, makes it several edits; `help` says
+    which heads its form picks, for the commands' help (`selector_help`).
     """
 
     kind: str
@@ -52,6 +53,7 @@ class Selector:
     locator: str | None = None
     uses_seed: bool = False
     edits: Callable[[HeadSpec, AttentionLayout], list[HeadSpec]] | None = None
+    help: str = ""
 
 
 SELECTORS: dict[str, Selector] = {}
@@ -64,6 +66,18 @@ def register_selector(selector: Selector) -> None:
 def valid_forms() -> str:
     forms = [f"'{selector.form}'" for selector in SELECTORS.values()]
     return ", ".join(forms[:-1]) + f" or {forms[-1]}"
+
+
+def selector_help() -> list[tuple[str, str]]:
+    """(form, which heads it picks) of every registered selector, plugins' included, for the commands' help."""
+    load_plugins()
+    return [(selector.form, selector.help) for selector in SELECTORS.values()]
+
+
+def heads_help() -> str:
+    """The help of the `heads` field, from the registry: every form and which heads it picks."""
+    forms = "; ".join(f"'{form}'" + (f" {what}" if what else "") for form, what in selector_help())
+    return f"Heads to edit (0-based): {forms}."
 
 
 @dataclass(frozen=True)
@@ -298,9 +312,10 @@ def _explicit_family(spec: HeadSpec) -> str:
     return "single-head" if count == 1 else f"explicit-{count}"
 
 
-def top_k_selector(locator: str, missing: str) -> Selector:
+def top_k_selector(locator: str, missing: str, score: str = "") -> Selector:
     """`locator:K`, the K heads of highest score in a locator's layers x heads table (ties: the lower layer, then
-    the lower head). `missing` says how to get the scores when a spec is resolved without them."""
+    the lower head). `missing` says how to get the scores when a spec is resolved without them; `score` names the
+    score, for the help (default: the locator's name)."""
 
     def resolve(spec: HeadSpec, layout: AttentionLayout, scores) -> Heads:
         count = head_count(spec, layout)
@@ -319,6 +334,7 @@ def top_k_selector(locator: str, missing: str) -> Selector:
         family=lambda spec: f"{locator}-{spec.arg}",
         check=lambda spec, layout: head_count(spec, layout) and None,
         locator=locator,
+        help=f"the 16 heads of highest {score or locator + ' score'}",
     )
 
 
@@ -328,10 +344,17 @@ register_selector(
         "all",
         lambda spec, layout, scores: [(lay, h) for lay in range(layout.num_layers) for h in range(layout.num_heads)],
         lambda spec: "all-heads",
+        help="every head of every layer",
     )
 )
 register_selector(
-    Selector("heads", "L12H3,L14H0", lambda spec, layout, scores: _explicit_heads(spec.arg, layout), _explicit_family)
+    Selector(
+        "heads",
+        "L12H3,L14H0",
+        lambda spec, layout, scores: _explicit_heads(spec.arg, layout),
+        _explicit_family,
+        help="these heads (layer 12 head 3, layer 14 head 0)",
+    )
 )
 register_selector(
     Selector(
@@ -341,6 +364,7 @@ register_selector(
             (lay, h) for lay in _parse_layers(spec.arg, layout) for h in range(layout.num_heads)
         ],
         lambda spec: "layers",
+        help="every head of these layers",
     )
 )
 register_selector(
@@ -350,6 +374,7 @@ register_selector(
         lambda spec, layout, scores: _random_heads(spec.arg, layout, spec.seed),
         lambda spec: "single-head" if spec.arg == "1" else f"random-{spec.arg}",
         uses_seed=True,
+        help="16 heads drawn at random with heads_seed",
     )
 )
 register_selector(
@@ -361,16 +386,22 @@ register_selector(
         check=lambda spec, layout: _single_edits(spec, layout) and None,
         uses_seed=True,
         edits=_single_edits,
+        help="24 random single heads, each its own edit",
     )
 )
 register_selector(
-    top_k_selector("probe", "a probe result: set probe_results to a directory written by `locedit probe`")
+    top_k_selector(
+        "probe",
+        "a probe result: set probe_results to a directory written by `locedit probe`",
+        "probe accuracy (ITI's; locedit probe)",
+    )
 )
 register_selector(
     top_k_selector(
         "importance",
         "importance scores: the importance stage computes them on the recipe's training pairs "
         "(`locedit.locate.importance`; train, iti and study run it first when none are saved)",
+        "gradient importance under the IPO loss",
     )
 )
 

@@ -9,9 +9,13 @@ from __future__ import annotations
 import sys
 
 from .core.errors import run_cli
+from .core.flags import precheck
 from .core.recipe import Recipe
+from .pipelines.usage import answer_help
 
 __all__ = ["cli", "main"]
+
+PROG = "locedit iti"
 
 
 def main(recipe: Recipe):
@@ -34,12 +38,16 @@ def main(recipe: Recipe):
 
 def cli(argv: list[str] | None = None) -> int:
     """`python -m locedit.iti RECIPE [--key value ...]`: a user's mistake prints one line and exits 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
 
     def run():
+        if answer_help("iti", argv):  # its own flags by purpose; --help-all: every field
+            return 0
+        precheck(argv, PROG)  # a missing recipe, a mistyped flag or key: one line before TRL loads
         # The libraries load here, inside run_cli, after it has quieted their notices.
         from .config import parse_recipe
 
-        return main(parse_recipe(argv, prog="python -m locedit.iti"))
+        return main(parse_recipe(argv, prog=PROG))
 
     return run_cli(run)
 

@@ -93,7 +93,10 @@ class RunPlan:
         heads = format_heads(self.heads)
         if len(heads) > 80:
             heads = heads[:77] + "..."
-        line = f"{spec}{self._draws()} -> {len(self.heads)} heads in {len(heads_by_layer(self.heads))} layers: {heads}"
+        count = f"{len(self.heads)} heads in {len(heads_by_layer(self.heads))} layers"
+        if len(self.heads) == 1:
+            count = "1 head"  # its name says its layer
+        line = f"{spec}{self._draws()} -> {count}: {heads}"
         if locator is not None and self.located.get(locator) is not None:
             scores = LOCATORS[locator].scores(self.located[locator])
             picked = [float(scores[layer][head]) for layer, head in self.heads]
@@ -232,8 +235,9 @@ def make_plan(recipe: Recipe, need_probe: bool = False, output_dir: str | None =
             "needs precompute_ref_log_probs: true"
         )
     check_pair_scoring(recipe)
-    finished = check_output_dir(output_dir, recipe)  # creatable, writable, and no other run's
     check_cache_writable()  # models built, reference log-probs and frozen prefixes are kept there
+    # What the run reads (data, model) is checked before where it writes: a missing data file or model is named as
+    # such, never hidden behind a run directory that holds a run on other data.
     validate_dataset_arg(edit_args.dataset)
     model_path, config, layout = read_model_config(recipe.model, recipe.training.trust_remote_code)
     tokenizer = None
@@ -252,6 +256,7 @@ def make_plan(recipe: Recipe, need_probe: bool = False, output_dir: str | None =
             f"data set '{edit_args.dataset}' gives no test questions with split_fractions "
             f"{list(edit_args.split_fractions)}: too few questions for a test split"
         )
+    finished = check_output_dir(output_dir, recipe)  # creatable, writable, and no other run's
     plan = RunPlan(
         model_path=model_path,
         layout=layout,

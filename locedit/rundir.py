@@ -341,6 +341,9 @@ def read_adapter_config(run_dir: str) -> dict:
 # refused (it would resume, or overwrite, another run's results). How long it trains is not among them: a run
 # started again with more steps or epochs goes on from its last checkpoint.
 LENGTH_SETTINGS = ("num_train_epochs", "max_steps")
+# The settings that name the data a run trains on. The default run directory's name leaves them out (a name holds
+# no file path), so a run on other data is told that the data is what differs, and how to give it its own directory.
+DATA_SETTINGS = ("dataset", "dataset_config")
 
 
 @functools.cache
@@ -376,7 +379,8 @@ def check_output_dir(output_dir: str, recipe) -> bool:
     if not os.path.isfile(os.path.join(output_dir, RECIPE)):
         return False
     old, new = read_recipe(output_dir), resolved_recipe(recipe, output_dir)
-    difference = settings_difference(old, new)
+    data_difference = settings_difference(old, new, DATA_SETTINGS)
+    difference = data_difference or settings_difference(old, new)
     if difference and not is_finished(output_dir) and not has_checkpoints(output_dir):
         # A run that stopped before it saved anything (a crash after the weights loaded) left only its description:
         # nothing of it can be resumed, so the corrected command starts over in its place.
@@ -386,6 +390,17 @@ def check_output_dir(output_dir: str, recipe) -> bool:
             file=sys.stderr,
         )
         return False
+    if data_difference and recipe.training.output_dir_was_given:
+        raise RecipeError(
+            f"output_dir '{output_dir}' holds a run on other data ({data_difference}); give another output_dir "
+            "or remove that one"
+        )
+    if data_difference:
+        raise RecipeError(
+            f"output_dir '{output_dir}' holds a run on other data ({data_difference}): the default run directory's "
+            "name leaves the data out; give this run its own with --output_dir DIR (or a recipe file of another "
+            "name: runs go to outputs/<recipe name>/), or remove that one"
+        )
     if difference:
         raise RecipeError(
             f"output_dir '{output_dir}' holds a run with other settings ({difference}); give another output_dir "

@@ -27,8 +27,12 @@ from __future__ import annotations
 import sys
 
 from .core.errors import run_cli
+from .core.flags import precheck
+from .pipelines.usage import answer_help
 
 __all__ = ["cli", "main"]
+
+PROG = "locedit study"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -44,10 +48,14 @@ def cli(argv: list[str] | None = None) -> int:
     """`locedit study RECIPE [--key value ...] [--study_random N] [--study_single N] [--study_lr_all LR]
     [--study_lr_single LR]`: a user's mistake prints one line and exits 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(arg in ("-h", "--help") for arg in argv):
-        print(__doc__)
-        return 0
-    return run_cli(lambda: main(argv))
+
+    def run():
+        if answer_help("study", argv):  # its own flags by purpose; --help-all: every field
+            return 0
+        precheck(argv, PROG)  # a missing recipe, a mistyped flag or key: one line before TRL loads
+        return main(argv)
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,11 @@ __all__ = ["cli", "main", "make_parser"]
 
 def make_parser() -> OneLineParser:
     parser = OneLineParser(
-        prog="locedit sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="locedit sweep",
+        description=__doc__,
+        epilog="a sweep's parameters are recipe keys: locedit train --help\n"
+        "all training fields: locedit train --help-all",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("sweep", help="a W&B grid sweep file, e.g. recipes/sweeps/lr_single_head.yaml")
     parser.add_argument(

@@ -48,7 +48,8 @@ class EditArguments:
         default="all",
         metadata={
             RESULT_KEY: True,
-            "help": "Heads to edit: 'all', 'L12H3,L14H0', 'layers:12-15' or 'random:16' (0-based).",
+            "help": "Heads to edit (0-based), e.g. 'all', 'L12H3,L14H0' or 'random:16'; `locedit train --help` "
+            "lists every form (the selector registry, locedit.heads).",
         },
     )
     heads_seed: int = field(

@@ -67,14 +67,44 @@ def quiet_library_notices() -> None:
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
+_said: set[str] = set()
+
+
+def format_locedit_warning(message, category, filename, lineno, line=None) -> str:
+    """`warnings.formatwarning` for the commands: a warning of locedit's own (data cleaned, ...) is one line `locedit:
+    MESSAGE`, said once per process however often the data is read (a study's dry run reads it once per stage),
+    without Python's file, line and source line; any other library's warning is formatted as Python formats it.
+    (Formatting, not showing, is replaced: whatever records warnings, as a test runner does, still sees them all.)"""
+    if not category.__module__.startswith("locedit."):
+        return _formatted_before[0](message, category, filename, lineno, line)
+    text = f"locedit: {message}"
+    if text in _said:
+        return ""
+    _said.add(text)
+    return text + "\n"
+
+
+# How warnings were formatted before the commands' format took over (Python's own, or another's).
+_formatted_before = [warnings.formatwarning]
+
+
+def format_warnings_as_lines() -> None:
+    """Make the commands format locedit's warnings as `format_locedit_warning` does (others as they were)."""
+    if warnings.formatwarning is not format_locedit_warning:
+        _formatted_before[0] = warnings.formatwarning
+        warnings.formatwarning = format_locedit_warning
+
+
 def run_cli(main: Callable[[], object]) -> int:
     """Run a command; a user's mistake prints one line `locedit: error: ...` and returns 2 (no traceback).
 
     Returns the command's own exit code when it returns an int (a sweep with failed runs: 1), else 0; 130 after
-    Ctrl-C, with one line instead of a traceback.
+    Ctrl-C, with one line instead of a traceback; 1, silently, when the reader of its output went away (`locedit
+    train --help-all | head`).
     """
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     quiet_library_notices()
+    format_warnings_as_lines()
     threads.apply()  # before the libraries load: torch reads OMP_NUM_THREADS once
     # Each line as it is printed, also into a pipe or a log file: the stages' headers (stdout) in order with the
     # libraries' progress bars (stderr).
@@ -82,6 +112,11 @@ def run_cli(main: Callable[[], object]) -> int:
         sys.stdout.reconfigure(line_buffering=True)
     try:
         result = main()
+        sys.stdout.flush()  # here, where a closed pipe can still be answered without a traceback
+    except BrokenPipeError:
+        # Nothing more can be said to the reader; what is left in the buffer goes nowhere, not to a shutdown error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except USER_ERRORS as err:
         print(f"locedit: error: {err}", file=sys.stderr)
         return 2

@@ -93,7 +93,8 @@ def validate_dataset_arg(dataset: str) -> None:
 
     Raises:
         DataFileNotFoundError: If it names a local file that does not exist.
-        DataError: If it is a malformed named source ("synthetic:N", ...), or a local file of an unsupported type.
+        DataError: If it is a malformed named source ("synthetic:N", ...), a local file of an unsupported type, or one
+            that cannot be read.
     """
     if not isinstance(dataset, str) or not dataset.strip():
         raise DataError(f"dataset must be a non-empty string, got {dataset!r}")
@@ -110,6 +111,11 @@ def validate_dataset_arg(dataset: str) -> None:
         raise DataFileNotFoundError(f"dataset file not found: {dataset}")
     if path.suffix.lower() not in SUPPORTED_EXTENSIONS:
         raise DataError(f"dataset file {path} has an unsupported type; use one of {', '.join(SUPPORTED_EXTENSIONS)}")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as err:
+        raise DataError(f"dataset file {dataset} cannot be read ({err.strerror or err})") from None
 
 
 # Each reader gives the rows and where each row is, for messages about one row: "FILE:LINE" for text files whose

@@ -21,7 +21,7 @@ from .. import processes
 from ..core import threads
 from ..core.errors import DataError, RecipeError
 from ..core.recipe import Recipe
-from ..data import hold_out, load_questions
+from ..data import hold_out, load_questions, validate_dataset_arg
 from ..heads import format_heads
 from ..models.layout import AttentionLayout
 from ..models.loading import load_model_and_tokenizer, place_for_inference, read_model_config
@@ -263,6 +263,7 @@ def describe_result(result: ProbeResult, top: int = 10) -> str:
 
 def probe_recipe(recipe: Recipe) -> ProbeResult | ProbeStage:
     """Probe every head of the recipe's model on its training questions and save the result."""
+    validate_dataset_arg(recipe.edit.dataset)  # a missing data file now, not after the model is built or converted
     model_path, _, layout = read_model_config(recipe.model, recipe.training.trust_remote_code)
     stage = make_probe_stage(recipe, model_path, layout)
     main = processes.is_main()  # under `accelerate launch`, every process takes part and the main one speaks

@@ -37,6 +37,7 @@ from ..core.errors import RecipeError
 from ..core.plugins import load_plugins
 from ..core.recipe import STUDY_CHECKS, Recipe
 from ..core.tracking import reports_to_wandb
+from ..data import validate_dataset_arg
 from ..evaluation import check_settings, evaluate, preference_data
 from ..evaluation.breakage import Breakage
 from ..evaluation.metric_registry import PREFERENCE_MAIN, per_question_metrics
@@ -117,6 +118,7 @@ def family_flags(recipe: Recipe, options: StudyOptions, spec: HeadSpec | None = 
 
 def check_study_recipe(recipe: Recipe) -> HeadSpec:
     """The study needs `probe:K` heads; plugins add their own checks. Returns the recipe's head spec."""
+    validate_dataset_arg(recipe.edit.dataset)  # a missing data file now, not after the model is built or converted
     spec = HeadSpec.of(recipe.edit)
     if spec.locator != "probe":
         raise RecipeError(

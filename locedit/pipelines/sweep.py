@@ -120,7 +120,7 @@ def plan_sweep(path: str) -> list[SweepRun]:
     for index, params in enumerate(grid(sweep["parameters"])):
         command = command_line(sweep, params)
         try:
-            recipe = parse_recipe(train_arguments(command), prog="locedit.train")
+            recipe = parse_recipe(train_arguments(command), prog="locedit train")
         except USER_ERRORS as err:
             raise RecipeError(f"run {index} of '{path}' ({params}): {err}") from None
         output_dir = output_dir_of(recipe)
