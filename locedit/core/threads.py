@@ -88,7 +88,7 @@ def describe() -> str:
     """The plan's line: the threads torch uses here and why (`apply`'s choice, or torch's own number)."""
     if _chosen is not None:
         return f"{_chosen[0]} ({_chosen[1]})"
-    import torch
-
-    threads = torch.get_num_threads()
-    return f"{threads} (torch's default{'' if 'OMP_NUM_THREADS' not in os.environ else ', OMP_NUM_THREADS'})"
+    torch = sys.modules.get("torch")  # the core never imports torch itself (`lint-imports`)
+    if torch is None:
+        return f"{choose()[0]} (when torch loads, unless a caller sets another number)"
+    return f"{torch.get_num_threads()} (torch's own number: set by the caller, or its default)"
