@@ -93,7 +93,8 @@ class RunPlan:
         heads = format_heads(self.heads)
         if len(heads) > 80:
             heads = heads[:77] + "..."
-        count = f"{len(self.heads)} heads in {len(heads_by_layer(self.heads))} layers"
+        layers = len(heads_by_layer(self.heads))
+        count = f"{len(self.heads)} heads in {layers} layer{'s' if layers != 1 else ''}"
         if len(self.heads) == 1:
             count = "1 head"  # its name says its layer
         line = f"{spec}{self._draws()} -> {count}: {heads}"

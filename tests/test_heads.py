@@ -208,7 +208,7 @@ def test_a_registered_selector_works_everywhere_a_spec_is_read(capsys):
             HeadSpec.parse("first:99").check(layout)
         assert locedit_cli.main(["train", "recipes/tiny.yaml", "--heads", "first:3", "--dry_run", "true"]) == 0
         out = capsys.readouterr().out
-        assert "first:3 -> 3 heads in 1 layers: L0H0,L0H1,L0H2" in out and "outputs/tiny/first3-lr" in out
+        assert "first:3 -> 3 heads in 1 layer: L0H0,L0H1,L0H2" in out and "outputs/tiny/first3-lr" in out
     finally:
         SELECTORS.pop("first")
     with pytest.raises(HeadSpecError, match="bad head spec 'first:3'"):
