@@ -384,7 +384,9 @@ def test_a_damaged_or_stale_shipped_model_is_never_used(tmp_path, monkeypatch, c
     weights = shipped / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # cut short
     (tmp_path / "out").mkdir()
-    with pytest.raises(RuntimeError, match=r"damaged \(model.safetensors differ.*python -m locedit.toy.model rebuild"):
+    from locedit.core.errors import DamagedFileError
+
+    with pytest.raises(DamagedFileError, match=r"damaged \(model.safetensors differ.*locedit.toy.model rebuild"):
         copy_shipped_model(tmp_path / "out", shipped)
     assert shipped_model_of(ToySettings(), shipped)
     assert not shipped_model_of(parse_toy_spec("toy:layers=2"), shipped)  # another model: pre-trained, silently

@@ -33,6 +33,7 @@ import torch
 
 from .. import processes
 from ..core.cache import build_cached, cache_key, cache_root
+from ..core.errors import DamagedFileError
 from ..models.tiny import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, build_tokenizer, tiny_config
 from . import world as world_module
 from .world import ToySettings, make_world, parse_toy_spec
@@ -236,7 +237,7 @@ def copy_shipped_model(output_dir: Path, shipped: Path = SHIPPED_DIR) -> None:
     found = _file_hashes(shipped)
     if not expected or found != expected:
         damaged = sorted(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
-        raise RuntimeError(
+        raise DamagedFileError(
             f"the toy model shipped in '{shipped}' is damaged ({', '.join(damaged) or 'no file hashes'} differ from "
             f"its {TOY_INFO}); reinstall locedit or rebuild it with `{REBUILD_COMMAND}`"
         )
