@@ -240,7 +240,9 @@ def make_plan(recipe: Recipe, need_probe: bool = False, output_dir: str | None =
     # What the run reads (data, model) is checked before where it writes: a missing data file or model is named as
     # such, never hidden behind a run directory that holds a run on other data.
     validate_dataset_arg(edit_args.dataset)
-    model_path, config, layout = read_model_config(recipe.model, recipe.training.trust_remote_code)
+    # A dry run loads no weights: a GGUF model is not converted for it (its config and tokenizer are read instead).
+    weights = not edit_args.dry_run
+    model_path, config, layout = read_model_config(recipe.model, recipe.training.trust_remote_code, weights)
     tokenizer = None
     if edit_args.chat_template:  # the tokenizer must have one: one line now, not TRL's error after the weights load
         tokenizer = chat_tokenizer(model_path, recipe.model, recipe.training.trust_remote_code)

@@ -160,3 +160,29 @@ def test_probes_and_mc_on_a_handful_of_real_questions(smollm2, model_and_tokeniz
     records = [json.loads(line) for line in (tmp_path / "b" / "eval" / "generations.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(record["answer"] for record in records)
     assert all(0 <= record["mc2"] <= 1 and record["mc1"] in (0.0, 1.0) for record in records)
+
+
+def test_a_dry_run_reads_the_gguf_models_config_and_tokenizer_and_converts_nothing(
+    smollm2, shared_data_dir, tmp_path, monkeypatch, capsys
+):
+    """README: a dry run loads no weights. On a cache holding only the fetched GGUF file, `locedit train --dry_run`
+    plans from the config and tokenizer read out of the file (seconds), and the model is not converted (42 s)."""
+    import shutil
+
+    import locedit.models.gguf as gguf_module
+    from locedit.models.gguf import CONFIG_ONLY, is_config_only
+
+    cache = tmp_path / "cache"
+    shutil.copytree(smollm2.parent / "gguf", cache / "smollm2" / "gguf")  # what the session's fetch kept
+    monkeypatch.setenv("LOCEDIT_CACHE", str(cache))
+    monkeypatch.setattr(gguf_module, "convert_gguf", lambda *a, **k: pytest.fail("the model was converted"))
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "smollm2.yaml")
+    data = str(shared_data_dir / "truthfulqa" / "TruthfulQA.csv")
+    train(parse_recipe([recipe, "--dataset", data, "--dry_run", "true"]))
+    assert "smollm2 (llama, 30 layers x 9 heads, head_dim 64)" in capsys.readouterr().out
+    (folder,) = [path for path in (cache / "smollm2").iterdir() if path.name != "gguf"]
+    assert is_config_only(str(folder)) and (folder / CONFIG_ONLY).is_file()
+    assert not list(folder.glob("*.safetensors"))
+    # Once converted, a dry run uses the converted folder.
+    monkeypatch.setenv("LOCEDIT_CACHE", str(smollm2.parent.parent))
+    assert resolve_model_path("smollm2", weights=False) == str(smollm2)

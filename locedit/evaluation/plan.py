@@ -249,7 +249,7 @@ def plan_evaluation(
         for target in targets:
             target.question_ids = target.question_ids[: recipe.eval.eval_max_questions]
 
-    model_path, config = read_config(model_args, trust_remote_code)
+    model_path, config = read_config(model_args, trust_remote_code, weights=not recipe.edit.dry_run)
     for target in targets:
         if target.run_dir is not None:
             _check_edit_fits(target.run_dir, AttentionLayout.from_config(config))

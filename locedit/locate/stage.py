@@ -264,7 +264,8 @@ def describe_result(result: ProbeResult, top: int = 10) -> str:
 def probe_recipe(recipe: Recipe) -> ProbeResult | ProbeStage:
     """Probe every head of the recipe's model on its training questions and save the result."""
     validate_dataset_arg(recipe.edit.dataset)  # a missing data file now, not after the model is built or converted
-    model_path, _, layout = read_model_config(recipe.model, recipe.training.trust_remote_code)
+    weights = not recipe.edit.dry_run  # a dry run converts no GGUF model
+    model_path, _, layout = read_model_config(recipe.model, recipe.training.trust_remote_code, weights)
     stage = make_probe_stage(recipe, model_path, layout)
     main = processes.is_main()  # under `accelerate launch`, every process takes part and the main one speaks
     if main:

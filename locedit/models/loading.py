@@ -12,6 +12,7 @@ from pathlib import Path
 from ..core.args import ModelArguments
 from ..core.errors import DamagedFileError, RecipeError
 from ..core.files import check_safetensors, read_json
+from .gguf import is_config_only
 from .layout import AttentionLayout
 from .sources import resolve_model_path
 
@@ -24,18 +25,19 @@ def check_quantization(model_args: ModelArguments) -> None:
             raise RecipeError("load_in_4bit/load_in_8bit need a CUDA GPU (bitsandbytes); none is available")
 
 
-def read_model_config(model_args: ModelArguments, trust_remote_code: bool = False):
+def read_model_config(model_args: ModelArguments, trust_remote_code: bool = False, weights: bool = True):
     """The model's path (a named source built and resolved), its config and its attention layout; no weights."""
-    model_path, config = read_config(model_args, trust_remote_code)
+    model_path, config = read_config(model_args, trust_remote_code, weights)
     return model_path, config, AttentionLayout.from_config(config)
 
 
-def read_config(model_args: ModelArguments, trust_remote_code: bool = False):
-    """The model's path (a named source built and resolved) and its config; no weights."""
+def read_config(model_args: ModelArguments, trust_remote_code: bool = False, weights: bool = True):
+    """The model's path (a named source built and resolved) and its config; no weights are loaded. With
+    `weights=False` (a dry run) a GGUF model is not converted: its path is a folder of its config and tokenizer."""
     from transformers import AutoConfig
 
     check_quantization(model_args)
-    model_path = resolve_model_path(model_args.model_name_or_path)
+    model_path = resolve_model_path(model_args.model_name_or_path, weights=weights)
     check_local_path(model_path)
     try:
         config = AutoConfig.from_pretrained(
@@ -46,7 +48,8 @@ def read_config(model_args: ModelArguments, trust_remote_code: bool = False):
         raise RecipeError(
             f"cannot read the config of model '{model_args.model_name_or_path}': {str(err).splitlines()[0]}{offline}"
         ) from None
-    check_local_weights(model_path)
+    if not is_config_only(model_path):
+        check_local_weights(model_path)
     return model_path, config
 
 

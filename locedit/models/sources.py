@@ -16,11 +16,17 @@ from ..core.plugins import load_plugins
 from .gguf import is_gguf_path, resolve_gguf_file, resolve_smollm2
 
 MODEL_SOURCES: dict[str, Callable[[str], str]] = {}
+# Sources that can give a model's config and tokenizer without its weights (for dry runs), as `resolve(name,
+# weights=False)`: those whose weights take long to build.
+CONFIG_SOURCES: set[str] = set()
 
 
-def register_model_source(prefix: str, resolve: Callable[[str], str]) -> None:
-    """Make `PREFIX` and `PREFIX:SETTINGS` model names resolve to the directory `resolve(name)` returns."""
+def register_model_source(prefix: str, resolve: Callable[..., str], config_only: bool = False) -> None:
+    """Make `PREFIX` and `PREFIX:SETTINGS` model names resolve to the directory `resolve(name)` returns; with
+    `config_only`, `resolve(name, weights=False)` may return a folder of the config and tokenizer only."""
     MODEL_SOURCES[prefix] = resolve
+    if config_only:
+        CONFIG_SOURCES.add(prefix)
 
 
 def source_of(name: str) -> Callable[[str], str] | None:
@@ -31,13 +37,19 @@ def source_of(name: str) -> Callable[[str], str] | None:
     return MODEL_SOURCES.get(prefix)
 
 
-def resolve_model_path(name_or_path: str) -> str:
+def resolve_model_path(name_or_path: str, weights: bool = True) -> str:
     """The local directory of a named source's model or of a GGUF file (built on first use); any other name
-    unchanged."""
+    unchanged. With `weights=False` (a dry run), a GGUF model's config and tokenizer alone where its converted
+    folder is not built yet (`locedit.models.gguf.is_config_only`)."""
     if is_gguf_path(name_or_path):
-        return resolve_gguf_file(name_or_path)
+        return resolve_gguf_file(name_or_path, weights=weights)
     source = source_of(name_or_path)
-    return name_or_path if source is None else source(name_or_path.strip())
+    if source is None:
+        return name_or_path
+    name = name_or_path.strip()
+    if not weights and name.partition(":")[0] in CONFIG_SOURCES:
+        return source(name, weights=False)
+    return source(name)
 
 
 def tiny_cache_dir() -> Path:
@@ -60,4 +72,4 @@ def resolve_tiny_model(name: str) -> str:
 
 
 register_model_source("tiny", resolve_tiny_model)
-register_model_source("smollm2", resolve_smollm2)
+register_model_source("smollm2", resolve_smollm2, config_only=True)
