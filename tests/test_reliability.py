@@ -313,7 +313,7 @@ def uninterrupted(tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["sigint", "sigterm", "sigkill"])
 @pytest.mark.parametrize("kind", ["single", "multi"])
 def test_an_interrupted_training_run_resumes_to_the_same_edit(kind, sig, uninterrupted, own_working_directory):
     extra = ["--heads", "single:2"] if kind == "multi" else []
@@ -322,6 +322,9 @@ def test_an_interrupted_training_run_resumes_to_the_same_edit(kind, sig, uninter
     code, err = interrupt(argv, own_working_directory, lambda: (out / "checkpoint-4").is_dir(), sig)
     if sig == signal.SIGINT:
         assert code == 130 and "Traceback" not in err and "interrupted; run the same command again" in err
+    elif sig == signal.SIGTERM:  # what a job scheduler sends before it kills: the same as Ctrl-C, its own line
+        assert code == 143 and "Traceback" not in err and "stopped by SIGTERM; run the same command again" in err
+        assert not (out / LOCK).exists()  # the run lock released on the way out, not left for the next run
     else:
         assert code == -signal.SIGKILL
     assert not (out / "metrics.json").exists()

@@ -5,9 +5,12 @@ The subclasses say which stage found the mistake; commands never need to know th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -95,12 +98,34 @@ def format_warnings_as_lines() -> None:
         warnings.formatwarning = format_locedit_warning
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what Slurm, Kubernetes and torchrun send before they kill), raised where the process is, as Ctrl-C's
+    KeyboardInterrupt is: every `finally` runs (run locks released, nothing half-written) on the way out."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+@contextlib.contextmanager
+def terminated_as_interrupt():
+    """SIGTERM ends the command as Ctrl-C does (a `Terminated`), in the main thread where a handler can be set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_cli(main: Callable[[], object]) -> int:
     """Run a command; a user's mistake prints one line `locedit: error: ...` and returns 2 (no traceback).
 
     Returns the command's own exit code when it returns an int (a sweep with failed runs: 1), else 0; 130 after
-    Ctrl-C, with one line instead of a traceback; 1, silently, when the reader of its output went away (`locedit
-    train --help-all | head`).
+    Ctrl-C and 143 after SIGTERM, with one line instead of a traceback (the same command resumes); 1, silently, when
+    the reader of its output went away (`locedit train --help-all | head`).
     """
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     quiet_library_notices()
@@ -111,7 +136,8 @@ def run_cli(main: Callable[[], object]) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
     try:
-        result = main()
+        with terminated_as_interrupt():
+            result = main()
         sys.stdout.flush()  # here, where a closed pipe can still be answered without a traceback
     except BrokenPipeError:
         # Nothing more can be said to the reader; what is left in the buffer goes nowhere, not to a shutdown error.
@@ -120,6 +146,9 @@ def run_cli(main: Callable[[], object]) -> int:
     except USER_ERRORS as err:
         print(f"locedit: error: {err}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("\nlocedit: stopped by SIGTERM; run the same command again to resume", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as a shell reports a process it ended
     except KeyboardInterrupt:
         # Ctrl-C: what was written is whole (results are written atomically, checkpoints checked on resume).
         print("\nlocedit: interrupted; run the same command again to resume", file=sys.stderr)
