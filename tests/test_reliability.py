@@ -600,3 +600,34 @@ def test_a_crashed_training_run_leaves_no_spilled_frozen_prefix(own_working_dire
         locedit([*argv, "--frozen_prefix_max_memory_gb", "1e-9", "--output_dir", "run"])
     assert "the rest goes to" in capsys.readouterr().err  # it did spill
     assert spilled() == before
+
+
+def test_a_damaged_cached_model_is_built_again_with_one_line(tmp_path, monkeypatch, capsys):
+    """A cached model cut short (a crash, a full disk) or missing a file is found by its manifest's sizes, set aside
+    and built again, saying so; a whole one is used as it is, and an entry from before manifests is taken as whole."""
+    import json
+
+    from locedit.core.cache import MANIFEST
+    from locedit.models.sources import resolve_model_path
+
+    monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path / "cache"))
+    model = Path(resolve_model_path("tiny:llama"))
+    sizes = json.loads((model / MANIFEST).read_text())
+    assert sizes["model.safetensors"] == (model / "model.safetensors").stat().st_size and "config.json" in sizes
+    whole = (model / "model.safetensors").read_bytes()
+    assert resolve_model_path("tiny:llama") == str(model) and "damaged" not in capsys.readouterr().err
+
+    (model / "model.safetensors").write_bytes(whole[: len(whole) // 2])
+    assert resolve_model_path("tiny:llama") == str(model)
+    err = capsys.readouterr().err
+    assert f"the cached '{model}' is damaged (model.safetensors is {len(whole) // 2} bytes, not {len(whole)})" in err
+    assert (model / "model.safetensors").read_bytes() == whole  # the same model, built again (seeded)
+    assert not [path for path in model.parent.iterdir() if ".damaged-" in path.name]
+
+    (model / "tokenizer.json").unlink()
+    resolve_model_path("tiny:llama")
+    assert "(tokenizer.json is missing)" in capsys.readouterr().err and (model / "tokenizer.json").is_file()
+
+    (model / MANIFEST).unlink()  # an entry built before manifests: used as it is
+    (model / "config.json").write_text((model / "config.json").read_text() + " ")
+    assert resolve_model_path("tiny:llama") == str(model) and "damaged" not in capsys.readouterr().err

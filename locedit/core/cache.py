@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -58,6 +59,37 @@ def local_launch_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
 
 
+MANIFEST = ".locedit-manifest.json"  # each file of a built entry and its size, written as the entry is built
+
+
+def damage(directory: Path) -> str | None:
+    """What is wrong with a built entry, by its manifest (a file missing, or of another size: cut short by a crash or
+    a full disk, or edited), or None when it is whole. An entry from before manifests is taken as whole."""
+    manifest = Path(directory) / MANIFEST
+    try:
+        sizes = json.loads(manifest.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return f"its {MANIFEST} cannot be read"
+    for name, size in sizes.items():
+        path = Path(directory) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, not {size}"
+    return None
+
+
+def _write_manifest(directory: Path) -> None:
+    sizes = {
+        str(path.relative_to(directory)): path.stat().st_size
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+    (directory / MANIFEST).write_text(json.dumps(sizes, indent=1))
+
+
 def build_cached(target: Path, build: Callable[[Path], object]) -> Path:
     """`target`, built by `build(directory)` first if it does not exist yet; returns `target`.
 
@@ -65,20 +97,30 @@ def build_cached(target: Path, build: Callable[[Path], object]) -> Path:
     and renames it into place; a loser of the race discards its copy and uses the winner's. Under `accelerate
     launch` only the first process of each node builds and the others wait for its copy: with a process group up,
     transformers' `save_pretrained` writes the weights on the main process only, so another process's copy would
-    have none.
+    have none. Each entry records its files' sizes (`MANIFEST`); an entry found damaged (`damage`) is set aside and
+    built again, with one line saying so.
     """
     target = Path(target)
     if target.is_dir():
-        return target
+        wrong = damage(target)
+        if wrong is None:
+            return target
+        if local_launch_rank() == 0:
+            print(f"locedit: the cached '{target}' is damaged ({wrong}); building it again", file=sys.stderr)
+            aside = target.with_name(f".{target.name}.damaged-{os.getpid()}")
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(target, aside)  # out of the way at once; another process may have moved it first
+            shutil.rmtree(aside, ignore_errors=True)
     if local_launch_rank() > 0:
         print(f"locedit: waiting for the launch's first process to build '{target}'", file=sys.stderr, flush=True)
-        while not target.is_dir():
+        while not target.is_dir() or damage(target) is not None:
             time.sleep(0.5)  # if that process fails, the launcher stops this one
         return target
     check_cache_writable(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         build(tmp)
+        _write_manifest(tmp)
         try:
             # Renaming a directory is atomic and fails if the target exists and is not empty.
             os.rename(tmp, target)

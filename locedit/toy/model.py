@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .. import processes
-from ..core.cache import build_cached, cache_key, cache_root
+from ..core.cache import MANIFEST, build_cached, cache_key, cache_root
 from ..core.errors import DamagedFileError
 from ..models.tiny import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, build_tokenizer, tiny_config
 from . import world as world_module
@@ -226,7 +226,7 @@ def _file_hashes(directory: Path) -> dict[str, str]:
     return {
         path.name: hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(directory.iterdir())
-        if path.is_file() and path.name != TOY_INFO
+        if path.is_file() and path.name not in (TOY_INFO, MANIFEST)
     }
 
 
