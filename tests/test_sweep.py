@@ -63,6 +63,24 @@ def test_bad_sweep_files_are_one_line_errors(tmp_path):
     assert "learning_rat" in str(info.value)
 
 
+def test_an_empty_list_of_values_or_broken_yaml_says_where(tmp_path):
+    """A grid with an empty list of values ran nothing and said '0 runs'; a YAML error names its line and column."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(yaml.safe_dump({"parameters": {"beta": {"values": []}, "heads_seed": {"value": 1}}}))
+    with pytest.raises(RecipeError, match="sweep parameter 'beta' has no values: give a list of one or more values"):
+        plan_sweep(str(empty))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("program: locedit.train\nparameters:\n  beta: {values: [0.1, 0.2\n")
+    with pytest.raises(RecipeError, match=r"'.*broken.yaml' is not valid YAML, at line 4, column 1: expected ','"):
+        plan_sweep(str(broken))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("beta: 0.1\nheads: [L0H1\n")
+    from locedit.config import parse_recipe
+
+    with pytest.raises(RecipeError, match=r"recipe '.*recipe.yaml' is not valid YAML, at line 3, column 1"):
+        parse_recipe([str(recipe)])
+
+
 def write_sweep(path: Path, extra_params: dict | None = None) -> Path:
     sweep = {
         "program": "locedit.train",

@@ -84,3 +84,12 @@ def file_digest(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def yaml_problem(err) -> str:
+    """A YAML parser's error as 'line L, column C: what' (PyYAML's marks count from 0), for one error line."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    what = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if getattr(err, "context", None) and getattr(err, "problem", None):
+        what = f"{what} ({err.context})"
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark is not None else what

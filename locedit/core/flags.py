@@ -23,7 +23,7 @@ import yaml
 
 from .cache import cache_root
 from .errors import RecipeError
-from .files import write_json_atomic
+from .files import write_json_atomic, yaml_problem
 
 # The help flags the commands answer themselves, before any recipe is read.
 HELP_FLAGS = ("-h", "--help")
@@ -60,7 +60,7 @@ def read_recipe_file(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             recipe = yaml.safe_load(f)
     except yaml.YAMLError as err:
-        raise RecipeError(f"recipe '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise RecipeError(f"recipe '{path}' is not valid YAML, at {yaml_problem(err)}") from None
     except UnicodeDecodeError:
         raise RecipeError(f"recipe '{path}' cannot be read: it is not UTF-8 text") from None
     except OSError as err:

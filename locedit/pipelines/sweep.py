@@ -31,7 +31,7 @@ import yaml
 from .. import processes
 from ..config import parse_recipe
 from ..core.errors import USER_ERRORS, RecipeError
-from ..core.files import write_text_atomic
+from ..core.files import write_text_atomic, yaml_problem
 from ..rundir import is_finished, output_dir_of
 
 PROGRAM = "locedit.train"
@@ -62,7 +62,7 @@ def load_sweep(path: str) -> dict:
         with open(path) as f:
             sweep = yaml.safe_load(f)
     except yaml.YAMLError as err:
-        raise RecipeError(f"sweep file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise RecipeError(f"sweep file '{path}' is not valid YAML, at {yaml_problem(err)}") from None
     if not isinstance(sweep, dict) or not isinstance(sweep.get("parameters"), dict):
         raise RecipeError(f"sweep file '{path}' needs a 'parameters' mapping (a W&B sweep file)")
     if sweep.get("method", "grid") != "grid":
@@ -81,8 +81,14 @@ def grid(parameters: dict) -> list[dict]:
     for name, spec in parameters.items():
         if not isinstance(spec, dict) or not ({"value", "values"} & set(spec)):
             raise RecipeError(f"sweep parameter '{name}' needs 'value' or 'values' (grid search)")
+        values = spec["values"] if "values" in spec else [spec["value"]]
+        if not isinstance(values, list) or not values:
+            given = "no values" if values == [] else f"values {values!r}"
+            raise RecipeError(
+                f"sweep parameter '{name}' has {given}: give a list of one or more values (or 'value: X' for one)"
+            )
         names.append(name)
-        choices.append(spec["values"] if "values" in spec else [spec["value"]])
+        choices.append(values)
     return [dict(zip(names, combination, strict=True)) for combination in itertools.product(*choices)]
 
 
