@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from ..core.cache import build_cached, cache_root
@@ -48,14 +49,21 @@ def resolve_gguf_file(name: str, weights: bool = True) -> str:
         raise RecipeError(f"GGUF file '{name}' does not exist")
     digest = file_digest(path)
     target = cache_root() / "gguf" / f"{path.stem}-{digest[:12]}"
-    source = {"file": str(path), "sha256": digest}
+    return _converted_or_config(target, lambda: (path, {"file": str(path), "sha256": digest}), weights)
+
+
+def _converted_or_config(target: Path, gguf_file: Callable[[], tuple[Path, dict]], weights: bool) -> str:
+    """The converted model folder `target`, converted from `gguf_file()` (its path and source stamp) on first use;
+    with `weights=False` and no converted folder yet, a config folder beside it instead."""
+    make = convert_gguf
     if not weights and not target.is_dir():
-        return str(build_cached(_config_dir(target), lambda tmp: save_gguf_config(path, tmp, source)))
-    return str(build_cached(target, lambda tmp: convert_gguf(path, tmp, source)))
+        target, make = target.with_name(target.name + "-config"), save_gguf_config
 
+    def build(tmp: Path) -> Path:
+        path, source = gguf_file()
+        return make(path, tmp, source)
 
-def _config_dir(converted: Path) -> Path:
-    return converted.with_name(converted.name + "-config")
+    return str(build_cached(target, build))
 
 
 def is_config_only(model_path: str) -> bool:
@@ -143,15 +151,7 @@ def resolve_smollm2(name: str, weights: bool = True) -> str:
     if name.strip() != "smollm2":
         raise RecipeError(f"unknown model {name!r}; the SmolLM2 model is named 'smollm2'")
     target = cache_root() / "smollm2" / "SmolLM2-135M-Instruct-Q4_1"
-    if not weights and not target.is_dir():
-        gguf_path, source = _smollm2_gguf()
-        return str(build_cached(_config_dir(target), lambda tmp: save_gguf_config(gguf_path, tmp, source)))
-
-    def convert(tmp: Path) -> Path:
-        gguf_path, source = _smollm2_gguf()
-        return convert_gguf(gguf_path, tmp, source)
-
-    return str(build_cached(target, convert))
+    return _converted_or_config(target, _smollm2_gguf, weights)
 
 
 def _smollm2_gguf() -> tuple[Path, dict]:

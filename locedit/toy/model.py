@@ -34,6 +34,7 @@ import torch
 from .. import processes
 from ..core.cache import MANIFEST, build_cached, cache_key, cache_root
 from ..core.errors import DamagedFileError
+from ..core.files import file_digest
 from ..models.tiny import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, build_tokenizer, tiny_config
 from . import world as world_module
 from .world import ToySettings, make_world, parse_toy_spec
@@ -222,12 +223,17 @@ def shipped_model_of(settings: ToySettings, shipped: Path = SHIPPED_DIR) -> bool
     return True
 
 
-def _file_hashes(directory: Path) -> dict[str, str]:
-    return {
-        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(directory.iterdir())
+def _model_files(directory: Path) -> list[str]:
+    """The names of a toy model directory's files, the record of its run and the cache's manifest aside."""
+    return [
+        path.name
+        for path in sorted(Path(directory).iterdir())
         if path.is_file() and path.name not in (TOY_INFO, MANIFEST)
-    }
+    ]
+
+
+def _file_hashes(directory: Path) -> dict[str, str]:
+    return {name: file_digest(Path(directory) / name) for name in _model_files(directory)}
 
 
 def copy_shipped_model(output_dir: Path, shipped: Path = SHIPPED_DIR) -> None:
@@ -275,7 +281,7 @@ def compare_models(built: Path, shipped: Path = SHIPPED_DIR) -> list[str]:
     from safetensors.torch import load_file
 
     differences = []
-    for name in sorted(_file_hashes(built).keys() | _file_hashes(shipped).keys()):
+    for name in sorted(set(_model_files(built)) | set(_model_files(shipped))):
         ours, theirs = Path(built) / name, shipped / name
         if not ours.is_file() or not theirs.is_file():
             differences.append(f"{name}: only in {'the rebuild' if ours.is_file() else 'the shipped model'}")
