@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from .core.args import EditArguments, ModelArguments, ProbeArguments, result_settings
+from .core.disk import writes_to
 from .core.errors import DamagedFileError, RecipeError
 from .core.files import read_json, write_json_atomic, write_text_atomic
 from .heads import HeadSpec, format_heads
@@ -435,6 +436,7 @@ def run_lock(directory: str) -> Iterator[None]:
     in the same process is a no-op; a directory the lock created and that is still empty is removed at the end."""
     created = not os.path.isdir(directory)
     os.makedirs(directory, exist_ok=True)
+    writes_to(directory)
     path = os.path.join(directory, LOCK)
     while True:
         try:
@@ -456,8 +458,12 @@ def run_lock(directory: str) -> Iterator[None]:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
             continue
-        with os.fdopen(handle, "w") as f:
-            f.write(str(os.getpid()))
+        try:
+            with os.fdopen(handle, "w") as f:
+                f.write(str(os.getpid()))
+        except OSError:
+            os.remove(path)  # a full disk: an empty lock would read as busy to the command run again
+            raise
         break
     try:
         yield

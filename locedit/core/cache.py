@@ -14,6 +14,7 @@ from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
+from .disk import writes_to
 from .errors import RecipeError
 
 
@@ -117,6 +118,7 @@ def build_cached(target: Path, build: Callable[[Path], object]) -> Path:
             time.sleep(0.5)  # if that process fails, the launcher stops this one
         return target
     check_cache_writable(target.parent)
+    writes_to(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         build(tmp)

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable
 
 from . import threads
+from .disk import disk_full_problem
 
 
 class LocEditError(ValueError):
@@ -120,12 +121,18 @@ def terminated_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _speaks_for_the_launch() -> bool:
+    """Whether this process is the first of its launch (torchrun's RANK), or runs alone."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run_cli(main: Callable[[], object]) -> int:
     """Run a command; a user's mistake prints one line `locedit: error: ...` and returns 2 (no traceback).
 
     Returns the command's own exit code when it returns an int (a sweep with failed runs: 1), else 0; 130 after
-    Ctrl-C and 143 after SIGTERM, with one line instead of a traceback (the same command resumes); 1, silently, when
-    the reader of its output went away (`locedit train --help-all | head`).
+    Ctrl-C and 143 after SIGTERM, with one line instead of a traceback (the same command resumes); 1 with one line when
+    the disk is full (the same command resumes once there is room); 1, silently, when the reader of its output went
+    away (`locedit train --help-all | head`).
     """
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     quiet_library_notices()
@@ -147,10 +154,21 @@ def run_cli(main: Callable[[], object]) -> int:
         print(f"locedit: error: {err}", file=sys.stderr)
         return 2
     except Terminated:
-        print("\nlocedit: stopped by SIGTERM; run the same command again to resume", file=sys.stderr)
+        # The launcher forwards SIGTERM to each process of a launch; one of them says so.
+        if _speaks_for_the_launch():
+            print("\nlocedit: stopped by SIGTERM; run the same command again to resume", file=sys.stderr)
         return 143  # 128 + SIGTERM, as a shell reports a process it ended
     except KeyboardInterrupt:
         # Ctrl-C: what was written is whole (results are written atomically, checkpoints checked on resume).
-        print("\nlocedit: interrupted; run the same command again to resume", file=sys.stderr)
+        if _speaks_for_the_launch():
+            print("\nlocedit: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as err:
+        # A full disk is not a bug to show a traceback for: where, and that the same command resumes. What was
+        # written is whole (results atomically, checkpoints checked on resume).
+        problem = disk_full_problem(err)
+        if problem is None:
+            raise
+        print(f"\nlocedit: error: {problem}", file=sys.stderr)  # on a line of its own after a progress bar
+        return 1
     return result if type(result) is int else 0

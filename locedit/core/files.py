@@ -11,10 +11,12 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import struct
 import tempfile
 from collections.abc import Iterator
 
+from .disk import writes_to
 from .errors import DamagedFileError
 
 
@@ -24,6 +26,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
+    writes_to(directory)
     suffix = os.path.splitext(path)[1]  # some writers (matplotlib, safetensors) read the format off the name
     handle, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.tmp-", suffix=suffix)
     os.close(handle)
@@ -34,6 +37,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def staged_directory(directory: str | os.PathLike, writes: bool = True) -> Iterator[str]:
+    """A staging directory inside `directory` for a writer that writes several files (`save_pretrained`): when the
+    block ends without an error they are moved into `directory` one by one, each rename atomic, so a writer that
+    fails midway (a full disk) leaves no file of `directory` cut short. `writes=False` (a launch's other processes,
+    which write nothing) only names the same path."""
+    directory = os.fspath(directory)
+    staging = os.path.join(directory, ".locedit-staging")
+    if writes:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a crash
+        os.makedirs(staging)
+        writes_to(directory)
+    try:
+        yield staging
+        if writes:
+            for name in os.listdir(staging):
+                target = os.path.join(directory, name)
+                if os.path.isdir(target) and not os.path.islink(target):
+                    shutil.rmtree(target)
+                os.replace(os.path.join(staging, name), target)
+    finally:
+        if writes:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+from ..core.files import staged_directory
 from ..core.recipe import Recipe
 from ..plan import RunPlan
 from ..rundir import write_metrics
@@ -21,8 +24,12 @@ def train_edits(recipe: Recipe, plan: RunPlan, model, tokenizer, **share) -> dic
         peft_config=plan.edit_config,
     )
     metrics = {**train_and_validate(trainer, plan.output_dir), "data_rows_skipped": plan.data_rows_skipped}
-    trainer.save_model(plan.output_dir)
-    trainer.save_state()
+    # The edit and the trainer's state staged, then moved into place: a write that fails midway (a full disk) cuts
+    # no file of the run directory short, and the same command resumes from the last checkpoint.
+    with staged_directory(plan.output_dir, writes=trainer.is_world_process_zero()) as staging:
+        trainer.save_model(staging)
+        if trainer.is_world_process_zero():
+            trainer.state.save_to_json(os.path.join(staging, "trainer_state.json"))  # as Trainer.save_state does
     if trainer.is_world_process_zero():
         write_metrics(plan.output_dir, metrics)  # last: marks the run finished
     if hasattr(trainer, "end"):

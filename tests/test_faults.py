@@ -1,0 +1,231 @@
+"""Faults around a run, injected for real: a full disk at each kind of write, SIGTERM at several points of train,
+eval and the study (in one process and under a launch). Each is followed by the same command again, and the final
+files are compared with an uninterrupted run's.
+
+The full disk is a small tmpfs mounted in a mount namespace of the test's own (`unshare --map-root-user --mount`),
+so nothing is mounted on the machine and nothing needs root; where the kernel refuses such namespaces the disk tests
+are skipped, saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from locedit.core import cache, disk
+from locedit.core.files import check_safetensors
+from locedit.rundir import LOCK, expand_run_dirs
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "recipes/tiny.yaml"
+# A short run of the tiny recipe, a checkpoint every 2 steps (as tests/test_reliability.py's).
+FAST = ["--dataset", "synthetic:40", "--max_steps", "30", "--save_strategy", "steps", "--save_steps", "2"]
+FAST += ["--logging_steps", "1", "--per_device_train_batch_size", "4", "--report_to", "none"]
+NO_JUDGES = ["--eval_corpus", "none", "--eval_judge_truth", "none", "--eval_judge_info", "none"]
+DISK_FULL = "locedit: error: the disk is full: writing '"
+
+
+def adapters(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter_model.safetensors"))
+
+
+def max_difference(a: Path, b: Path) -> float:
+    left, right = adapters(a), adapters(b)
+    assert left.keys() == right.keys()
+    return max(float((left[key] - right[key]).abs().max()) for key in left)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A full disk
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_full_disk_is_recognised_in_each_librarys_words(monkeypatch, tmp_path):
+    """Python's files say ENOSPC; safetensors quotes the OS error in its text; torch.save's writer only says that a
+    stream position is off, which is a full disk when the disk it writes to is (nearly) full."""
+    disk.writes_to(tmp_path)
+    plain = OSError(28, "No space left on device", str(tmp_path / "metrics.json"))
+    assert f"writing '{tmp_path / 'metrics.json'}' failed" in disk.disk_full_problem(plain)
+    quoted = RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert disk.disk_full_problem(quoted) is not None
+    torch_writer = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    assert disk.disk_full_problem(torch_writer) is None  # room left: some other fault, its traceback stays
+    monkeypatch.setattr(disk, "free_bytes", lambda path: 4096)
+    problem = disk.disk_full_problem(torch_writer)
+    assert problem is not None and "4.0 KB free there now" in problem
+    assert disk.disk_full_problem(ValueError("a bug")) is None
+    wrapped = RuntimeError("saving failed")
+    wrapped.__cause__ = plain
+    assert disk.disk_full_problem(wrapped) is not None  # also when a library raised its own error from it
+
+
+def _can_mount_a_small_disk() -> str | None:
+    if shutil.which("unshare") is None:
+        return "no unshare command"
+    probe = subprocess.run(
+        ["unshare", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+        capture_output=True,
+        text=True,
+    )
+    return None if probe.returncode == 0 else f"cannot mount a tmpfs in a namespace here: {probe.stderr.strip()}"
+
+
+_NO_SMALL_DISK = _can_mount_a_small_disk()
+needs_small_disk = pytest.mark.skipif(_NO_SMALL_DISK is not None, reason=str(_NO_SMALL_DISK))
+
+# Runs in the namespace, in one interpreter (the libraries import once): each step fills the small disk to leave
+# `room` bytes (a filler file), runs a locedit command as the command line does, and records its exit code, its
+# stderr and the files it left, and copies what `keep` names out of the tmpfs (to `kept/`, on the ordinary disk);
+# `copy` copies a directory onto the tmpfs first, `env` sets environment variables.
+DRIVER = textwrap.dedent(
+    """
+    import contextlib, io, json, os, shutil, sys
+    from locedit.cli import main
+
+    disk, steps, report = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    filler = os.path.join(disk, "filler")
+    results = []
+    for step in steps:
+        os.environ.update(step.get("env", {}))
+        if step.get("copy"):
+            shutil.copytree(step["copy"][0], os.path.join(disk, step["copy"][1]))
+        if os.path.exists(filler):
+            os.remove(filler)
+        if step.get("room") is not None:
+            free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+            with open(filler, "wb") as f:
+                f.write(b"\\0" * max(0, free - step["room"]))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main(step["argv"])
+        left = sorted(os.path.relpath(os.path.join(d, n), disk) for d, _, ns in os.walk(disk) for n in ns)
+        results.append({"code": code, "err": err.getvalue(), "files": [f for f in left if f != "filler"]})
+        if step.get("keep"):
+            shutil.copytree(os.path.join(disk, step["keep"][0]), os.path.join("kept", step["keep"][1]))
+    with open(report, "w") as f:
+        json.dump(results, f)
+    """
+)
+
+
+def on_a_small_disk(steps: list[dict], work: Path, size: str = "32m") -> list[dict]:
+    """Run `steps` (DRIVER's) with `work/disk` a tmpfs of `size` (gone with the namespace: what a test compares is
+    copied out by `keep`: [path on the disk, name under work/kept])."""
+    (work / "disk").mkdir(exist_ok=True)
+    (work / "driver.py").write_text(DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    script = f'mount -t tmpfs -o size={size} tmpfs disk && exec "{sys.executable}" driver.py disk "$0" report.json'
+    process = subprocess.run(
+        ["unshare", "--map-root-user", "--mount", "sh", "-c", script, json.dumps(steps)],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    return json.loads((work / "report.json").read_text())
+
+
+def assert_disk_full_line(result: dict) -> None:
+    lines = [line for line in result["err"].replace("\r", "\n").splitlines() if line.startswith("locedit: error:")]
+    assert result["code"] == 1, result["err"][-3000:]
+    assert "Traceback" not in result["err"], result["err"][-3000:]
+    assert len(lines) == 1 and lines[0].startswith(DISK_FULL), lines
+    assert "run the same command again to resume" in lines[0]
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory):
+    """An uninterrupted run of the tiny recipe on an ordinary disk (in a subprocess, as the ones it is compared to)."""
+    root = tmp_path_factory.mktemp("whole")
+    (root / "recipes").symlink_to(REPO / "recipes")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.run(
+        [sys.executable, "-m", "locedit.cli", "train", TINY, *FAST, "--output_dir", "run"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    return root / "run"
+
+
+@needs_small_disk
+def test_a_full_disk_while_training_is_one_line_and_the_same_command_resumes(whole_run, own_working_directory):
+    """The disk fills at the run's start (its description), at a checkpoint, and at the end (the edit's files):
+    each time one line naming where, no result file cut short, and, with room again, the same command ends at the
+    edit of an uninterrupted run."""
+    work = own_working_directory
+    # What the run takes on a tmpfs (whole pages), and what its last writes (the edit's files at the top) take.
+    pages = {p: -(-p.stat().st_size // 4096) * 4096 for p in whole_run.rglob("*") if p.is_file()}
+    last = sum(size for p, size in pages.items() if p.parent == whole_run)
+    rooms = {"start": 2048, "checkpoint": sum(pages.values()) // 3, "end": sum(pages.values()) - last // 2}
+    steps = []
+    for name, room in rooms.items():
+        argv = ["train", TINY, *FAST, "--output_dir", f"disk/{name}"]
+        steps.append({"room": room, "argv": argv, "keep": [name, f"{name}-full"]})
+        steps.append({"room": None, "argv": argv, "keep": [name, name]})
+    results = on_a_small_disk(steps, work)
+    for index, name in enumerate(rooms):
+        full, again = results[2 * index], results[2 * index + 1]
+        assert_disk_full_line(full)
+        # What the run directory holds after the fault: whole files only, no staging, no lock, not finished.
+        left = work / "kept" / f"{name}-full"
+        assert not (left / "metrics.json").exists() and not (left / LOCK).exists()
+        for path in left.iterdir():
+            assert ".tmp-" not in path.name and path.name != ".locedit-staging", path
+            if path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix == ".safetensors":
+                check_safetensors(path, "")
+        assert again["code"] == 0, again["err"][-3000:]
+        assert max_difference(work / "kept" / name, whole_run) == 0
+
+
+@needs_small_disk
+def test_a_full_disk_while_building_a_cached_model_or_evaluating_is_one_line_and_resumes(
+    whole_run, own_working_directory
+):
+    """A cached model built on a full disk (LOCEDIT_CACHE there) leaves no entry behind, and is built whole with room
+    again; an evaluation stopped by a full disk reruns to the files of one that had room."""
+    work = own_working_directory
+    train = ["train", TINY, *FAST, "--max_steps", "2", "--output_dir", "disk/cached"]
+    steps = [
+        {"env": {"LOCEDIT_CACHE": "disk/cache"}, "room": 64 * 1024, "argv": train, "keep": ["cache", "cache-full"]},
+        {"room": None, "argv": train, "keep": ["cache", "cache"]},
+        {
+            "copy": [str(whole_run), "roomy"],
+            "room": None,
+            "argv": ["eval", "disk/roomy", *NO_JUDGES],
+            "keep": ["roomy/eval", "roomy"],
+        },
+        {"copy": [str(whole_run), "full"], "room": 8 * 1024, "argv": ["eval", "disk/full", *NO_JUDGES]},
+        {"room": None, "argv": ["eval", "disk/full", *NO_JUDGES], "keep": ["full/eval", "full"]},
+    ]
+    results = on_a_small_disk(steps, work)
+    assert_disk_full_line(results[0])
+    # The build's temporary directory went with the fault: no entry, whole or not, was left in the cache.
+    assert list((work / "kept" / "cache-full" / "tiny").iterdir()) == []
+    assert results[1]["code"] == 0, results[1]["err"][-3000:]
+    entries = list((work / "kept" / "cache" / "tiny").iterdir())
+    assert len(entries) == 1 and (entries[0] / cache.MANIFEST).is_file() and cache.damage(entries[0]) is None
+    assert results[2]["code"] == 0, results[2]["err"][-3000:]
+    assert_disk_full_line(results[3])
+    assert results[4]["code"] == 0, results[4]["err"][-3000:]
+    ours, theirs = work / "kept" / "full", work / "kept" / "roomy"
+    assert (ours / "generations.jsonl").read_text() == (theirs / "generations.jsonl").read_text()
+    mine, other = (json.loads((d / "metrics.json").read_text()) for d in (ours, theirs))
+    assert {k: v for k, v in mine.items() if k != "edit"} == {k: v for k, v in other.items() if k != "edit"}
