@@ -250,9 +250,11 @@ def plan_evaluation(
             target.question_ids = target.question_ids[: recipe.eval.eval_max_questions]
 
     model_path, config = read_config(model_args, trust_remote_code, weights=not recipe.edit.dry_run)
+    # Read for the base model too: it is the edits' baseline, so a model locedit cannot edit is refused here.
+    attention = AttentionLayout.from_config(config, model_args.model_name_or_path)
     for target in targets:
         if target.run_dir is not None:
-            _check_edit_fits(target.run_dir, AttentionLayout.from_config(config))
+            _check_edit_fits(target.run_dir, attention)
     if any(target.chat_template for target in targets):
         chat_tokenizer(model_path, model_args, trust_remote_code)  # one line if it has no chat template
     preference = all(layout == "preference" for layout in layouts.values())
