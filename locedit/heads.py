@@ -287,7 +287,8 @@ def head_count(spec: HeadSpec, layout: AttentionLayout) -> int:
         )
     if int(spec.arg) > total:
         raise HeadSpecError(
-            f"'{spec.kind}:{spec.arg}' asks for {spec.arg} heads, but the model has {layout.shape} = {total} heads"
+            f"'{spec.kind}:{spec.arg}' asks for {spec.arg} heads, but the model has {layout.shape} = {total} heads; "
+            f"give K from 1 to {total}"
         )
     return int(spec.arg)
 
@@ -296,10 +297,7 @@ def _single_edits(spec: HeadSpec, layout: AttentionLayout) -> list[HeadSpec]:
     # Drawn as one set, so no head is trained twice (K independent random:1 draws would repeat heads).
     if not spec.arg.isdigit() or int(spec.arg) < 1:
         raise HeadSpecError(f"bad head spec '{spec.text}': single:K needs a count K >= 1, e.g. single:24")
-    total = layout.num_layers * layout.num_heads
-    if int(spec.arg) > total:
-        raise HeadSpecError(f"bad head count in '{spec.text}': expected 1 to {total} (model has {layout.shape})")
-    heads = _random_heads(spec.arg, layout, spec.seed)
+    heads = _random_heads(str(head_count(spec, layout)), layout, spec.seed)
     return [HeadSpec.parse(format_heads([head]), spec.seed) for head in sorted(heads)]
 
 
@@ -371,7 +369,8 @@ register_selector(
     Selector(
         "random",
         "random:16",
-        lambda spec, layout, scores: _random_heads(spec.arg, layout, spec.seed),
+        # K checked as every kind:K checks it, so all say alike how many heads the model has
+        lambda spec, layout, scores: _random_heads(str(head_count(spec, layout)), layout, spec.seed),
         lambda spec: "single-head" if spec.arg == "1" else f"random-{spec.arg}",
         uses_seed=True,
         help="16 heads drawn at random with heads_seed",

@@ -371,6 +371,12 @@ class EvalArguments:
     )
 
     def __post_init__(self):
+        # Checked as the recipe is read, so every command (a dry run, a training that evaluates later) refuses them.
+        for name in ("eval_max_new_tokens", "eval_batch_size", "eval_corpus_docs"):
+            check_at_least(name, getattr(self, name), 1)
+        if self.eval_max_questions is not None:
+            check_at_least("eval_max_questions", self.eval_max_questions, 1)
+        check_at_least("eval_corpus_max_tokens", self.eval_corpus_max_tokens, 2)  # cross-entropy predicts a token
         if self.eval_max_kl is not None and not (
             isinstance(self.eval_max_kl, int | float) and math.isfinite(self.eval_max_kl) and self.eval_max_kl >= 0
         ):

@@ -10,6 +10,7 @@ matched case-insensitively with spaces read as underscores, so the original Trut
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from collections.abc import Callable
@@ -122,15 +123,34 @@ def validate_dataset_arg(dataset: str) -> None:
 # records are lines (CSV records end on their line), "FILE: record N" otherwise.
 
 
+def _read_text(path: Path, encoding: str = "utf-8") -> str:
+    """The file's text; bytes that are not UTF-8 are named by line and column (Python's error gives only the byte's
+    offset in the file)."""
+    data = path.read_bytes()
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as error:
+        line_start = data.rfind(b"\n", 0, error.start) + 1
+        line = data.count(b"\n", 0, error.start) + 1
+        column = len(data[line_start : error.start].decode(encoding, errors="replace")) + 1
+        byte = f"0x{data[error.start]:02x}"
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte {byte} at column {column}); save the file as UTF-8"
+        ) from None
+
+
+def _invalid_json(path: Path, line: int, error: json.JSONDecodeError) -> DataError:
+    return DataError(f"{path}:{line}: invalid JSON at column {error.colno} ({error.msg}); fix the data there")
+
+
 def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
     # utf-8-sig: spreadsheet exports often start with a byte-order mark, which would rename the first column.
-    with path.open(newline="", encoding="utf-8-sig") as file:
-        reader = csv.DictReader(file)
-        rows, places = [], []
-        for row in reader:
-            rows.append(row)
-            places.append(f"{path}:{reader.line_num}")
-        return rows, places
+    reader = csv.DictReader(io.StringIO(_read_text(path, "utf-8-sig"), newline=""))
+    rows, places = [], []
+    for row in reader:
+        rows.append(row)
+        places.append(f"{path}:{reader.line_num}")
+    return rows, places
 
 
 def _read_json_lines(text: str, path: Path) -> tuple[list[dict], list[str]]:
@@ -141,7 +161,7 @@ def _read_json_lines(text: str, path: Path) -> tuple[list[dict], list[str]]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{line_number}: invalid JSON ({error.msg})") from None
+            raise _invalid_json(path, line_number, error) from None
         places.append(f"{path}:{line_number}")
     return rows, places
 
@@ -151,14 +171,14 @@ def _records(rows: list, path: Path) -> tuple[list, list[str]]:
 
 
 def _read_json(path: Path) -> tuple[list[dict], list[str]]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
         if error.msg == "Extra data":
             # JSON Lines under a .json name, which is what `datasets.Dataset.to_json` writes.
             return _read_json_lines(text, path)
-        raise DataError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
+        raise _invalid_json(path, error.lineno, error) from None
     if isinstance(data, list):
         return _records(data, path)
     if isinstance(data, dict) and data and all(isinstance(value, list) for value in data.values()):
@@ -180,7 +200,7 @@ def _read_local(path: Path) -> tuple[list[dict], list[str]]:
         elif suffix == ".json":
             rows, places = _read_json(path)
         elif suffix == ".jsonl":
-            rows, places = _read_json_lines(path.read_text(encoding="utf-8"), path)
+            rows, places = _read_json_lines(_read_text(path), path)
         else:
             import pyarrow.parquet  # installed with datasets; imported here as only parquet files need it
 
@@ -345,6 +365,11 @@ def load_source(dataset: str, dataset_config: str | None, seed: int, group_by: s
         first = next(iter(bad.values()))
         more = f" ({len(bad)} bad rows in all)" if len(bad) > 1 else ""
         raise DataError(f"{first}{more}; fix the data, or set bad_rows: skip to leave such rows out (counted)")
+    if rows and len(bad) == len(rows):  # said as such, not as a data set that gives no pairs for no stated reason
+        raise DataError(
+            f"every row of '{dataset}' is bad ({len(bad)} of {len(rows)}), so bad_rows: skip leaves none; fix the "
+            f"data (the first: {next(iter(bad.values()))})"
+        )
     return rows, layout, group_by, bad
 
 

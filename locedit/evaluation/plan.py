@@ -105,13 +105,6 @@ def check_settings(args: EvalArguments, preference: bool = False) -> EvalResourc
         raise RecipeError(f"eval_prompt '{args.eval_prompt}' is not valid; choose one of {', '.join(PROMPT_PREFIXES)}")
     if args.eval_judge_dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise RecipeError(f"eval_judge_dtype '{args.eval_judge_dtype}' is not valid")
-    for name in ("eval_max_new_tokens", "eval_batch_size", "eval_corpus_docs", "eval_corpus_max_tokens"):
-        if getattr(args, name) < 1:
-            raise RecipeError(f"{name} must be at least 1, got {getattr(args, name)}")
-    if args.eval_max_questions is not None and args.eval_max_questions < 1:
-        raise RecipeError(f"eval_max_questions must be at least 1, got {args.eval_max_questions}")
-    if args.eval_corpus_max_tokens < 2:
-        raise RecipeError("eval_corpus_max_tokens must be at least 2 (cross-entropy needs a token to predict)")
     mc_spec = (args.eval_mc_targets or "answers").strip()
     if mc_spec.lower() not in MC_KEYWORDS and not is_mc_targets_file(mc_spec):
         raise RecipeError(
@@ -250,9 +243,11 @@ def plan_evaluation(
             target.question_ids = target.question_ids[: recipe.eval.eval_max_questions]
 
     model_path, config = read_config(model_args, trust_remote_code, weights=not recipe.edit.dry_run)
+    # Read for the base model too: it is the edits' baseline, so a model locedit cannot edit is refused here.
+    attention = AttentionLayout.from_config(config, model_args.model_name_or_path)
     for target in targets:
         if target.run_dir is not None:
-            _check_edit_fits(target.run_dir, AttentionLayout.from_config(config))
+            _check_edit_fits(target.run_dir, attention)
     if any(target.chat_template for target in targets):
         chat_tokenizer(model_path, model_args, trust_remote_code)  # one line if it has no chat template
     preference = all(layout == "preference" for layout in layouts.values())

@@ -39,12 +39,12 @@ class AttentionLayout:
     projection_template: str
 
     @classmethod
-    def from_config(cls, config) -> AttentionLayout:
-        """Read the layout from a transformers config alone, so head specs can be checked before loading weights."""
+    def from_config(cls, config, model_name: str | None = None) -> AttentionLayout:
+        """Read the layout from a transformers config alone, so head specs can be checked before loading weights
+        (`model_name`, when known, is named in errors)."""
         model_type = getattr(config, "model_type", None)
         if model_type not in OUTPUT_PROJECTIONS:
-            known = ", ".join(sorted(OUTPUT_PROJECTIONS))
-            raise HeadSpecError(f"model type '{model_type}' has no known attention layout; supported: {known}")
+            raise HeadSpecError(why_not_editable(config, model_name))
         # Multimodal wrappers keep the decoder settings in a text config.
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         return cls(
@@ -98,6 +98,27 @@ class AttentionLayout:
                 f"output projection input size {in_features} is not a multiple of {self.num_heads} heads"
             )
         return in_features // self.num_heads
+
+
+def why_not_editable(config, model_name: str | None = None) -> str:
+    """Why locedit cannot edit a model of this config (its type is not in OUTPUT_PROJECTIONS), and what would do."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    supported = f"use a decoder model of a supported type: {', '.join(sorted(OUTPUT_PROJECTIONS))}"
+    model = f"model '{model_name}' (model type '{model_type}')" if model_name else f"model type '{model_type}'"
+    if getattr(config, "is_encoder_decoder", False):
+        return f"{model} is an encoder-decoder model, and locedit edits decoder models; {supported}"
+    # BERT and its kin: a masked-LM type not configured as a decoder (they also have a causal-LM head class).
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return f"{model} is encoder-only, and locedit edits decoder models; {supported}"
+    if not hasattr(text_config, "num_attention_heads"):  # state-space and recurrent models (Mamba, RWKV)
+        return f"{model} has no attention heads (a state-space or recurrent model?); {supported}"
+    return (
+        f"{model} has no per-head attention output projection that locedit knows (locedit.models.layout."
+        f"OUTPUT_PROJECTIONS); {supported}"
+    )
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

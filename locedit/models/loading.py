@@ -28,7 +28,7 @@ def check_quantization(model_args: ModelArguments) -> None:
 def read_model_config(model_args: ModelArguments, trust_remote_code: bool = False, weights: bool = True):
     """The model's path (a named source built and resolved), its config and its attention layout; no weights."""
     model_path, config = read_config(model_args, trust_remote_code, weights)
-    return model_path, config, AttentionLayout.from_config(config)
+    return model_path, config, AttentionLayout.from_config(config, model_args.model_name_or_path)
 
 
 def read_config(model_args: ModelArguments, trust_remote_code: bool = False, weights: bool = True):
