@@ -54,6 +54,25 @@ class ProbeResultError(RecipeError):
     """A probe result that is missing, unreadable, or made for another model."""
 
 
+class DamagedResultError(ProbeResultError, DamagedFileError):
+    """A saved probe or importance result that is cut short, unreadable or fails its checksum; `problem` says how.
+    The stage that made it computes it again; one given by name is this one line."""
+
+    def __init__(self, message: str, problem: str = ""):
+        super().__init__(message)
+        self.problem = problem or message
+
+
+class DamagedCacheWarning(UserWarning):
+    """A cached result found damaged (cut short, unreadable, failing its checksum) and computed again."""
+
+
+def say_damaged(what: str, problem: str, again: str = "computing it again") -> None:
+    """The one line for a damaged cache entry that is computed again: `locedit: the cached WHAT is damaged
+    (PROBLEM); AGAIN` under the commands, said once per process however often the entry is looked at."""
+    warnings.warn(f"the cached {what} is damaged ({problem}); {again}", DamagedCacheWarning, stacklevel=3)
+
+
 # What a user's mistake raises: locedit's own errors, and a file named on the command line that does not exist.
 USER_ERRORS = (LocEditError, FileNotFoundError)
 

@@ -88,21 +88,33 @@ def read_json(path: str | os.PathLike, fix: str = "restore it or remove it") -> 
     return loaded
 
 
-def check_safetensors(path: str | os.PathLike, fix: str) -> None:
-    """A safetensors file whole: its header parses and the file holds every byte the header promises (a copy that
-    stopped or a full disk cuts it short). Reads the header only."""
-    size = os.path.getsize(path)
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """What keeps a safetensors file from being whole, or None: its header must parse and the file must hold every
+    byte the header promises (a copy that stopped or a full disk cuts it short). Reads the header only."""
     try:
+        size = os.path.getsize(path)
         with open(path, "rb") as f:
             (header_size,) = struct.unpack("<Q", f.read(8))
             if header_size > size - 8:
-                raise ValueError(f"its header says {header_size} bytes, the file has {size}")
+                return f"its header says {header_size} bytes, the file has {size}"
             header = json.loads(f.read(header_size))
         end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
-        raise DamagedFileError(f"'{path}' is damaged ({str(err).splitlines()[0]}); {fix}") from None
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
     if 8 + header_size + end > size:
-        raise DamagedFileError(f"'{path}' is cut short ({size} of {8 + header_size + end} bytes); {fix}")
+        return f"cut short: {size} of {8 + header_size + end} bytes"
+    return None
+
+
+def check_safetensors(path: str | os.PathLike, fix: str) -> None:
+    """A safetensors file whole (`safetensors_problem`), else one DamagedFileError line naming it and `fix`."""
+    os.stat(path)  # a file that is not there is a FileNotFoundError, as before, not a damaged one
+    problem = safetensors_problem(path)
+    if problem is None:
+        return
+    if problem.startswith("cut short: "):
+        raise DamagedFileError(f"'{path}' is cut short ({problem.removeprefix('cut short: ')}); {fix}")
+    raise DamagedFileError(f"'{path}' is damaged ({problem}); {fix}")
 
 
 def file_digest(path: str | os.PathLike) -> str:

@@ -11,7 +11,8 @@ user turn with the other question; the activation is read at its last token (tra
 end-of-turn marker for ChatML templates).
 
 Collected activations are saved in one safetensors file named by a key of everything they depend on (model, data,
-template, split, seed), so probing and ITI never run the model twice for the same examples.
+template, split, seed), so probing and ITI never run the model twice for the same examples. The file's metadata
+holds a SHA-256 of its tensors' bytes: a file cut short, unreadable or overwritten is collected again, with one line.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ import string
 from dataclasses import dataclass
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .. import processes
-from ..core.errors import DataError
-from ..core.files import atomic_path
+from ..core.errors import DataError, say_damaged
+from ..core.files import atomic_path, safetensors_problem
 from ..models.layout import AttentionLayout
 from ..models.loading import model_input_device, pad_id, pad_right
 
@@ -218,34 +219,62 @@ def collect_head_activations(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A SHA-256 of tensors' bytes, by name (what a safetensors file's data section holds, in any order)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def save_activations(path: str, activations: torch.Tensor, examples: ProbeExamples, metadata: dict) -> None:
-    """Write activations, labels and question ids to one safetensors file, atomically (temporary file + rename)."""
+    """Write activations, labels and question ids to one safetensors file, atomically (temporary file + rename),
+    with a checksum of them in its metadata."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tensors = {
         "activations": activations.contiguous(),
         "labels": torch.tensor(examples.labels, dtype=torch.int8),
         "question_ids": torch.tensor(examples.question_ids, dtype=torch.int64),
     }
+    metadata = {**metadata, "sha256": tensors_digest(tensors)}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={key: json.dumps(value) for key, value in metadata.items()})
 
 
+def _read_checked(path: str) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+    """(the file's tensors, None) when it is whole, else (None, what is wrong). A file from before checksums is
+    checked by its size only."""
+    problem = safetensors_problem(path)
+    if problem is not None:
+        return None, problem
+    try:
+        with safe_open(path, "pt") as f:
+            recorded = (f.metadata() or {}).get("sha256")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError) as err:
+        return None, str(err).splitlines()[0]
+    if recorded is not None and json.loads(recorded) != tensors_digest(tensors):
+        return None, "its checksum does not match: overwritten"
+    if not {"activations", "labels", "question_ids"} <= set(tensors) or tensors["activations"].dim() != 4:
+        return None, "it does not hold activations, labels and question ids"
+    return tensors, None
+
+
 def load_activations(path: str, examples: ProbeExamples | None = None) -> torch.Tensor | None:
-    """The cached activations at `path`, or None when there are none (or they do not match `examples`)."""
+    """The cached activations at `path`, or None when there are none (or they do not match `examples`). A damaged
+    file (cut short, unreadable, failing its checksum) is None too, with one line: collected again, never used."""
     if not os.path.isfile(path):
         return None
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError):
-        return None  # a damaged cache file is collected again, not trusted
-    activations = tensors.get("activations")
-    if activations is None or activations.dim() != 4:
+    tensors, problem = _read_checked(path)
+    if tensors is None:
+        say_damaged(f"activations file '{path}'", problem, "collecting the activations again")
         return None
     if examples is not None and (
         tensors["labels"].tolist() != examples.labels or tensors["question_ids"].tolist() != examples.question_ids
     ):
         return None
-    return activations
+    return tensors["activations"]
 
 
 __all__ = [

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.errors import DataError, ProbeResultError
+from ..core.errors import DamagedResultError, DataError, ProbeResultError, say_damaged
 from ..core.files import file_digest, write_json_atomic
 from ..core.recipe import Recipe
 from ..data import load_preference_splits
@@ -77,6 +77,7 @@ class ImportanceResult:
             "num_heads": int(self.scores.shape[1]),
             "ranking": [format_heads([head]) for head in ranking[:64]],
             "scores": [[float(v) for v in row] for row in self.scores],
+            "scores_sha256": scores_digest([[float(v) for v in row] for row in self.scores]),
             "files": {"heatmap": HEATMAP},
         }
         write_json_atomic(os.path.join(directory, IMPORTANCE_JSON), payload)
@@ -92,13 +93,21 @@ class ImportanceResult:
             scores = torch.tensor(payload["scores"], dtype=torch.float64)
             if scores.dim() != 2 or tuple(scores.shape) != (payload["num_layers"], payload["num_heads"]):
                 raise ValueError("its scores are not a layers x heads table")
+            # A result from before checksums is taken as it parses.
+            if payload.get("scores_sha256") not in (None, scores_digest(payload["scores"])):
+                raise ValueError("its scores do not match their checksum: overwritten")
         except (OSError, ValueError, KeyError, TypeError) as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ProbeResultError(
-                f"importance result '{directory}' is unreadable ({reason}); remove it to compute it again"
+            raise DamagedResultError(
+                f"importance result '{directory}' is unreadable ({reason}); remove it to compute it again", reason
             ) from None
         info = {k: v for k, v in payload.items() if k not in ("scores", "ranking")}
         return cls(scores=scores, info=info, path=directory)
+
+
+def scores_digest(scores: list[list[float]]) -> str:
+    """A SHA-256 of a table of scores as JSON writes it (a float reads back as the same text)."""
+    return hashlib.sha256(json.dumps(scores).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -248,7 +257,11 @@ def find_importance_result(recipe: Recipe, model_path: str, layout: AttentionLay
     directory = default_importance_dir(recipe)
     if not os.path.isfile(os.path.join(directory, IMPORTANCE_JSON)):
         return None, directory
-    result = ImportanceResult.load(directory)
+    try:
+        result = ImportanceResult.load(directory)
+    except DamagedResultError as err:  # cut short or overwritten: computed again (and saved over it), said once
+        say_damaged(f"importance result '{directory}'", err.problem)
+        return None, directory
     if result.info.get("importance_key") != importance_info(recipe, model_path, layout)["importance_key"]:
         return None, directory
     result.check_fits(layout)

@@ -9,7 +9,8 @@ fits one probe at a time on the CPU; 1,024 heads of a 7B model are one batched s
 A probe result directory holds `probe.json` (written last: its presence marks a finished result; accuracies by
 layer and head, the ranking, the data and model it was made for), `probe.safetensors` (accuracies, probe weights,
 and per head the mass-mean direction u and the standard deviation sigma of the activations along it: ITI's edit is
-sigma * u), `heatmap.png`, and the cached activations.
+sigma * u), `heatmap.png`, and the cached activations. probe.json records probe.safetensors' size and SHA-256: a
+result whose tensors were cut short, removed or overwritten is found as it is read (`DamagedResultError`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..core.errors import DataError, ProbeResultError
-from ..core.files import atomic_path, write_json_atomic
+from ..core.errors import DamagedResultError, DataError, ProbeResultError
+from ..core.files import atomic_path, file_digest, safetensors_problem, write_json_atomic
 from ..heads import format_heads, rank_heads
 from ..models.layout import AttentionLayout
 from .heatmap import save_score_heatmap
@@ -270,7 +271,8 @@ class ProbeResult:
             "weight": self.weight,
             "bias": self.bias,
         }
-        with atomic_path(os.path.join(directory, PROBE_TENSORS)) as tmp:
+        tensors_path = os.path.join(directory, PROBE_TENSORS)
+        with atomic_path(tensors_path) as tmp:
             save_file({name: t.float().contiguous() for name, t in tensors.items()}, tmp)
         save_heatmap(self, os.path.join(directory, HEATMAP))
         ranking = self.ranking()
@@ -286,6 +288,9 @@ class ProbeResult:
             "val_accuracy": [[round(float(v), 6) for v in row] for row in self.val_accuracy],
             "train_accuracy": [[round(float(v), 6) for v in row] for row in self.train_accuracy],
             "files": {"tensors": PROBE_TENSORS, "heatmap": HEATMAP},
+            # What the tensors were when written: a file cut short or overwritten since is found as it is read.
+            "tensors_bytes": os.path.getsize(tensors_path),
+            "tensors_sha256": file_digest(tensors_path),
         }
         write_json_atomic(json_path, payload)
         self.path = directory
@@ -309,7 +314,9 @@ class ProbeResult:
                 info = json.load(f)
             if not isinstance(info, dict):
                 raise ValueError(f"{PROBE_JSON} is not a JSON object")
-            tensors = load_file(os.path.join(directory, PROBE_TENSORS))
+            tensors_path = os.path.join(directory, PROBE_TENSORS)
+            _check_tensors(tensors_path, info)
+            tensors = load_file(tensors_path)
             result = cls(
                 val_accuracy=tensors["val_accuracy"],
                 train_accuracy=tensors["train_accuracy"],
@@ -330,8 +337,27 @@ class ProbeResult:
                 raise ValueError(f"{PROBE_TENSORS} does not match {PROBE_JSON}")
         except (OSError, ValueError, KeyError, SafetensorError, json.JSONDecodeError) as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ProbeResultError(f"probe result '{path}' is unreadable: {reason}") from None
+            raise DamagedResultError(
+                f"probe result '{path}' is unreadable: {reason}; make it again with `locedit probe` (or remove "
+                f"'{directory}')",
+                reason,
+            ) from None
         return result
+
+
+def _check_tensors(path: str, info: dict) -> None:
+    """probe.safetensors as probe.json recorded it: its size (always), then its SHA-256 (the file is read next
+    anyway). A result from before these records is checked by its safetensors header only."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{PROBE_TENSORS} is missing")
+    size, recorded = os.path.getsize(path), info.get("tensors_bytes")
+    if recorded is not None and size != recorded:
+        raise ValueError(f"{PROBE_TENSORS} is {size} bytes, not {recorded}")
+    problem = safetensors_problem(path)
+    if problem is not None:
+        raise ValueError(f"{PROBE_TENSORS}: {problem}")
+    if info.get("tensors_sha256") not in (None, file_digest(path)):
+        raise ValueError(f"{PROBE_TENSORS} does not match its checksum in {PROBE_JSON}: overwritten")
 
 
 def load_probe_result(path: str, layout: AttentionLayout | None = None) -> ProbeResult:

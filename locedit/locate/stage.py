@@ -19,7 +19,7 @@ import torch
 
 from .. import processes
 from ..core import threads
-from ..core.errors import DataError, RecipeError
+from ..core.errors import DamagedResultError, DataError, RecipeError, say_damaged
 from ..core.recipe import Recipe
 from ..data import hold_out, load_questions, validate_dataset_arg
 from ..heads import format_heads
@@ -59,13 +59,24 @@ class ProbeStage:
     def existing_result(self) -> ProbeResult | None:
         """The result already in output_dir if it was made from exactly these examples and settings."""
         json_path = os.path.join(self.output_dir, PROBE_JSON)
+        if not os.path.isfile(json_path):
+            return None
         try:
             with open(json_path) as f:
-                if json.load(f).get("probe_key") != self.probe_key:
-                    return None
-        except (OSError, ValueError):
+                made = json.load(f)
+            if not isinstance(made, dict):
+                raise ValueError(f"{PROBE_JSON} is not a JSON object")
+        except (OSError, ValueError) as err:
+            # Cut short or overwritten (written atomically, so not by a run that stopped): made again, said once.
+            say_damaged(f"probe result '{self.output_dir}'", str(err).splitlines()[0], "probing again")
             return None
-        return load_probe_result(self.output_dir, self.layout)
+        if made.get("probe_key") != self.probe_key:
+            return None
+        try:
+            return load_probe_result(self.output_dir, self.layout)
+        except DamagedResultError as err:
+            say_damaged(f"probe result '{self.output_dir}'", err.problem, "probing again")
+            return None
 
 
 def default_probe_dir(recipe: Recipe) -> str:

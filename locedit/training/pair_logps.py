@@ -43,6 +43,8 @@ from transformers.utils import ModelOutput
 
 from ..core.args import PAIR_SCORING_SWITCHES
 from ..core.cache import cache_root
+from ..core.errors import DamagedFileError, say_damaged
+from ..core.files import atomic_path
 from ..models.layout import AttentionLayout, unwrap_model
 from ..models.prefix_sharing import (
     PackedSequences,
@@ -81,18 +83,32 @@ class _PassThrough(nn.Module):
 
 
 class PrefixStore:
-    """Hidden states entering the lowest edited layer, per sequence key: in memory up to a budget, then on disk."""
+    """Hidden states entering the lowest edited layer, per sequence key: in memory up to a budget, then on disk.
+
+    A file on disk is this run's own (a directory of its own, removed at the end; one left by a killed run is never
+    read): written whole or not at all, and checked against its size before use. One cut short or removed meanwhile
+    is computed again (`__contains__` says it is not kept), with one line; one that still fails to read is an error
+    line, never states taken as whole."""
 
     def __init__(self, max_memory_bytes: float):
         self.max_memory_bytes = max_memory_bytes
         self.memory: dict[bytes, torch.Tensor] = {}
-        self.on_disk: set[bytes] = set()
+        self.on_disk: dict[bytes, tuple[int, int]] = {}  # key -> (the file's size as written, the states' bytes)
         self.memory_bytes = 0
         self.disk_bytes = 0
         self._dir: str | None = None
 
     def __contains__(self, key: bytes) -> bool:
-        return key in self.memory or key in self.on_disk
+        if key in self.memory:
+            return True
+        if key not in self.on_disk:
+            return False
+        problem = self._damage(key)
+        if problem is None:
+            return True
+        say_damaged(f"frozen prefix file '{self._path(key)}'", problem)
+        self._forget(key)
+        return False
 
     def __len__(self) -> int:
         return len(self.memory) + len(self.on_disk)
@@ -100,6 +116,7 @@ class PrefixStore:
     def put(self, key: bytes, hidden: torch.Tensor) -> None:
         hidden = hidden.detach().to("cpu", copy=True).contiguous()
         size = hidden.numel() * hidden.element_size()
+        self._forget(key)  # stored again (after a damaged file of its unit): counted once
         if self.memory_bytes + size <= self.max_memory_bytes:
             self.memory[key] = hidden
             self.memory_bytes += size
@@ -114,14 +131,38 @@ class PrefixStore:
                 file=sys.stderr,
                 flush=True,
             )
-        torch.save(hidden, self._path(key))
-        self.on_disk.add(key)
+        with atomic_path(self._path(key)) as tmp:  # a write that stops (a full disk) leaves no file behind
+            torch.save(hidden, tmp)
+        self.on_disk[key] = (os.path.getsize(self._path(key)), size)
         self.disk_bytes += size
 
     def get(self, key: bytes) -> torch.Tensor:
         if key in self.memory:
             return self.memory[key]
-        return torch.load(self._path(key), weights_only=True)
+        problem = self._damage(key)
+        if problem is None:
+            try:
+                return torch.load(self._path(key), weights_only=True)
+            except (OSError, RuntimeError, EOFError, ValueError) as err:
+                problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DamagedFileError(
+            f"the frozen prefix file '{self._path(key)}' is damaged ({problem}) after this run wrote it; check the "
+            "disk under LOCEDIT_CACHE and run again"
+        )
+
+    def _damage(self, key: bytes) -> str | None:
+        try:
+            size = os.path.getsize(self._path(key))
+        except OSError:
+            return "it is missing"
+        written = self.on_disk[key][0]
+        return None if size == written else f"{size} bytes, not {written}"
+
+    def _forget(self, key: bytes) -> None:
+        if key in self.memory:
+            self.memory_bytes -= self.memory.pop(key).nbytes
+        if key in self.on_disk:
+            self.disk_bytes -= self.on_disk.pop(key)[1]
 
     def _path(self, key: bytes) -> str:
         return os.path.join(self._dir, key.hex() + ".pt")
@@ -346,10 +387,10 @@ class PairScorer:
     def _fill_missing(self, units: list[Unit], keys) -> int:
         """Store the hidden states entering every start layer above 0 of the units not stored yet."""
         layers = [layer for layer in self.start_layers if layer > 0]
-        last = _layer_key(layers[-1])
         first_seen = {}
         for u, key in enumerate(keys):
-            if key + last not in self.prefix:
+            # Every layer's states, not the last one's only: a file on disk of any of them may be damaged.
+            if any(key + _layer_key(layer) not in self.prefix for layer in layers):
                 first_seen.setdefault(key, u)  # copies of a unit (a multi-edit batch) are computed once
         if not first_seen:
             return 0
