@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ from safetensors.torch import load_file
 
 from locedit.core import cache, disk
 from locedit.core.files import check_safetensors
-from locedit.rundir import LOCK, expand_run_dirs
+from locedit.rundir import LOCK
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "recipes/tiny.yaml"
@@ -137,6 +139,15 @@ def on_a_small_disk(steps: list[dict], work: Path, size: str = "32m") -> list[di
     return json.loads((work / "report.json").read_text())
 
 
+def wait_for(condition, timeout: float = 300.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"ended before it could be stopped ({process.returncode})")
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
 def assert_disk_full_line(result: dict) -> None:
     lines = [line for line in result["err"].replace("\r", "\n").splitlines() if line.startswith("locedit: error:")]
     assert result["code"] == 1, result["err"][-3000:]
@@ -229,3 +240,90 @@ def test_a_full_disk_while_building_a_cached_model_or_evaluating_is_one_line_and
     assert (ours / "generations.jsonl").read_text() == (theirs / "generations.jsonl").read_text()
     mine, other = (json.loads((d / "metrics.json").read_text()) for d in (ours, theirs))
     assert {k: v for k, v in mine.items() if k != "edit"} == {k: v for k, v in other.items() if k != "edit"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SIGTERM (what Slurm and Kubernetes send before they kill), under a launch and in the study
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def stopped_by_sigterm(command: list[str], cwd: Path, when, env: dict | None = None) -> str:
+    """Run `command`, send it SIGTERM once `when()` holds, and return its stderr; it must end with 143 and one line."""
+    env = {**(env or os.environ), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with open(cwd / "stopped.out", "w") as out, open(cwd / "stopped.err", "w+") as err:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=err)
+        wait_for(when, process=process)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=300)
+        err.seek(0)
+        said = err.read()
+    assert code == 143, said[-3000:]
+    assert "Traceback" not in said, said[-3000:]
+    assert said.count("locedit: stopped by SIGTERM; run the same command again to resume") == 1, said[-3000:]
+    return said
+
+
+def test_a_launch_stopped_by_sigterm_resumes_to_the_same_edit(own_working_directory):
+    """torchrun forwards SIGTERM to each process of the launch: each stops at once, the first says so, the run lock
+    is released, and the same launch again ends at the edit of one process trained on the same batches."""
+    from test_processes import command, environment
+
+    work = own_working_directory
+    argv = [TINY, *FAST, "--output_dir", "run"]
+    said = stopped_by_sigterm(
+        command("locedit.train", argv, 2), work, lambda: (work / "run" / "checkpoint-4").is_dir(), environment()
+    )
+    assert not (work / "run" / LOCK).exists() and not (work / "run" / "metrics.json").exists(), said[-2000:]
+    again = subprocess.run(
+        command("locedit.train", argv, 2),
+        cwd=work,
+        env={**environment(), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from run/checkpoint-" in again.stdout
+    # One process with both processes' batches: the same pairs per step, summed in another order.
+    one = subprocess.run(
+        [sys.executable, "-m", "locedit.cli", "train", *argv[:-1], "one", "--per_device_train_batch_size", "8"],
+        cwd=work,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert max_difference(work / "run", work / "one") < 1e-5
+
+
+def without_timings(study_md: str) -> str:
+    """A study's study.md less its wall-time section (the one part that differs from machine to machine)."""
+    return re.sub(r"## Wall time per stage\n.*?(?=\n## )", "", study_md, flags=re.S)
+
+
+def test_a_study_stopped_by_sigterm_resumes_at_the_stage_and_model_where_it_stopped(own_working_directory):
+    """The toy study, stopped while it trains a family and again while it evaluates, then run to its end: what was
+    finished is left as it is, and the study is README's (docs/toy_study)."""
+    work = own_working_directory
+    study = [sys.executable, "-m", "locedit.cli", "study", "recipes/toy.yaml"]
+    toy = work / "outputs" / "toy"
+    stopped_by_sigterm(study, work, lambda: bool(list(toy.glob("probe4-*/metrics.json"))))
+    assert not list(toy.glob("*/" + LOCK)) and not (toy / "study" / "study.md").exists()
+    first = (work / "stopped.out").read_text()
+    stopped_by_sigterm(study, work, lambda: bool(list(toy.glob("*/eval/metrics.json"))))
+    second = (work / "stopped.out").read_text()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    evaluated_before = len(list(toy.rglob("eval/metrics.json")))
+    last = subprocess.run(study, cwd=work, env=env, capture_output=True, text=True, timeout=900).stdout
+    # Each start takes up where the last stopped: a finished family is not trained again, nor an evaluated model
+    # evaluated again.
+    probe_family = "locedit study: locedit train recipes/toy.yaml --heads probe:4\n"
+    assert probe_family in first and probe_family not in second
+    assert "locedit: training took" in second and "locedit: training took" not in last
+    evaluated = len(list(toy.rglob("eval/metrics.json")))  # the base model and 27 edits
+    assert evaluated == 28 and evaluated_before >= 1
+    assert last.count("left as it is") == evaluated_before
+    assert last.count("generating 32 answers") == evaluated - evaluated_before
+    expected = (REPO / "docs" / "toy_study" / "study.md").read_text()
+    assert without_timings((toy / "study" / "study.md").read_text()) == without_timings(expected)

@@ -14,9 +14,19 @@ import os
 from ..core.recipe import Recipe
 from ..edit import add_iti_edit
 from ..heads import HeadSpec, draw_recipe, format_heads
+from ..locate.probes import PROBE_JSON
 from ..models.loading import load_model_and_tokenizer
 from ..plan import make_plan
-from ..rundir import clear_finished, iti_output_dir, run_lock, write_metrics, write_run_description
+from ..rundir import (
+    METRICS,
+    clear_finished,
+    is_finished,
+    iti_output_dir,
+    read_metrics,
+    run_lock,
+    write_metrics,
+    write_run_description,
+)
 from .locate import locate_heads
 
 
@@ -37,6 +47,13 @@ def _draws(recipe: Recipe, spec: HeadSpec, output_dir: str, layout) -> list[tupl
         single = draw_recipe(recipe, draw)
         runs.append((single, draw, os.path.join(output_dir, os.path.basename(iti_run_dir(recipe, draw)))))
     return runs
+
+
+def _made_from(output_dir: str, probe_dir: str) -> bool:
+    """Whether `output_dir` holds an ITI edit finished after the probe result in `probe_dir` was written."""
+    if not is_finished(output_dir):
+        return False
+    return os.path.getmtime(os.path.join(output_dir, METRICS)) >= os.path.getmtime(os.path.join(probe_dir, PROBE_JSON))
 
 
 def describe(plan, recipe: Recipe, runs: list[tuple[Recipe, HeadSpec, str]]) -> str:
@@ -74,6 +91,11 @@ def make_iti_edits(recipe: Recipe):
     if recipe.edit.dry_run:
         return plan
 
+    result = plan.probe_result
+    if result is not None and all(_made_from(output_dir, result.path) for _, _, output_dir in runs):
+        # The same command again (a study started again): the edits are made from this probe result already.
+        print(f"locedit: '{plan.output_dir}' holds these ITI edits, made from this probe result; left as they are")
+        return read_metrics(plan.output_dir)
     with run_lock(plan.output_dir):
         clear_finished(plan.output_dir)
         model, tokenizer = load_model_and_tokenizer(plan.model_path, recipe.model, args.trust_remote_code)
