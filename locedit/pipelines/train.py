@@ -53,6 +53,7 @@ def train_recipe(recipe: Recipe) -> dict | RunPlan:
             torch.cuda.empty_cache()
         processes.wait_for_everyone()
         evaluate_after_training(recipe, [plan.output_dir], eval_resources)
+    processes.end_launch()
     return metrics
 
 

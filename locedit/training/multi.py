@@ -458,6 +458,4 @@ def train_multi_edit(
             write_metrics(run_dir, {**metrics, "edits": names})
         else:  # a share: the recipe's run lists its edits once every share has ended (complete_multi_edit_run)
             write_metrics(run_dir, {**metrics, "share_of": plan.output_dir, "trained_edits": names})
-    if hasattr(trainer, "end"):
-        trainer.end()
     return metrics

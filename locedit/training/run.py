@@ -32,6 +32,4 @@ def train_edits(recipe: Recipe, plan: RunPlan, model, tokenizer, **share) -> dic
             trainer.state.save_to_json(os.path.join(staging, "trainer_state.json"))  # as Trainer.save_state does
     if trainer.is_world_process_zero():
         write_metrics(plan.output_dir, metrics)  # last: marks the run finished
-    if hasattr(trainer, "end"):
-        trainer.end()
     return metrics
