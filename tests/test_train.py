@@ -337,3 +337,22 @@ def test_training_runs_in_two_processes_on_cpu(tmp_path):
     assert result.stdout.count("locedit plan") == 1  # the plan is printed by the main process only
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 3
+
+
+def test_data_parallel_training_keeps_the_frozen_prefix_of_its_own_pairs_only(tmp_path):
+    """Under `accelerate launch -m locedit.train` each process computes and keeps the frozen prefix of the pairs it
+    trains on (its batches), not that of the whole training set."""
+    out = tmp_path / "ddp"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "locedit.train"]
+    flags = [*FAST, "--max_steps", "2", "--output_dir", str(out), "--heads", "L1H0,L1H1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [*launch, "recipes/tiny.yaml", *flags], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    # 2 steps x 8 pairs per process (x 2 processes = 32 pairs in the run): the main process keeps at most its 16
+    # pairs' prefix (one entry each, the prompt shared by both answers), not the run's 32.
+    assert 0 < metrics["frozen_prefix_entries"] <= 16
+    assert "each process keeps that of the pairs it trains on" in result.stdout

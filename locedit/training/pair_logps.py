@@ -19,7 +19,9 @@ switch of `LocEditConfig`, exact up to floating-point rounding:
   the hidden states entering that layer are computed once per sequence, kept (in memory up to
   `frozen_prefix_max_memory_gb`, then on disk) and fed straight to that layer; a step runs only the layers at and
   above it. They are computed for every training pair right after the reference log-probs (the run says how long
-  it took and what it keeps; `frozen_prefix_*` in metrics.json), otherwise at a pair's first visit.
+  it took and what it keeps; `frozen_prefix_*` in metrics.json), otherwise at a pair's first visit. Under data
+  parallel training (`accelerate launch -m locedit.train`) each process keeps only the prefix of the pairs it
+  trains on, each computed at its first visit.
 
 Batches whose chosen and rejected rows do not share a prompt (`truncation_mode: keep_end` cut them differently) are
 scored without prompt sharing.
@@ -510,8 +512,14 @@ class PairScoringMixin:
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
         self._install_pair_scorer()
         dataset = super()._precompute_ref_logps(dataset, name, batch_size)
-        if name == "train":
+        if name != "train":
+            return dataset
+        if self.accelerator.num_processes == 1:
             self._fill_frozen_prefix(dataset, batch_size)
+        elif self.pair_scorer is not None and self.pair_scorer.prefix is not None and self.accelerator.is_main_process:
+            # Data parallel: each process trains on its own batches, so it computes (and keeps) the prefix of those
+            # pairs only, at their first visit; filling the whole set would be N times the work and memory.
+            print("locedit: frozen prefix: each process keeps that of the pairs it trains on, from their first visit")
         return dataset
 
     def _fill_frozen_prefix(self, dataset, batch_size: int) -> None:
