@@ -207,11 +207,11 @@ def test_a_full_disk_while_training_is_one_line_and_the_same_command_resumes(who
 
 
 @needs_small_disk
-def test_a_full_disk_while_building_a_cached_model_or_evaluating_is_one_line_and_resumes(
+def test_a_full_disk_while_building_a_cached_model_probing_or_evaluating_is_one_line_and_resumes(
     whole_run, own_working_directory
 ):
     """A cached model built on a full disk (LOCEDIT_CACHE there) leaves no entry behind, and is built whole with room
-    again; an evaluation stopped by a full disk reruns to the files of one that had room."""
+    again; an evaluation or a probe stopped by a full disk runs again to the files of one that had room."""
     work = own_working_directory
     train = ["train", TINY, *FAST, "--max_steps", "2", "--output_dir", "disk/cached"]
     steps = [
@@ -225,6 +225,12 @@ def test_a_full_disk_while_building_a_cached_model_or_evaluating_is_one_line_and
         },
         {"copy": [str(whole_run), "full"], "room": 8 * 1024, "argv": ["eval", "disk/full", *NO_JUDGES]},
         {"room": None, "argv": ["eval", "disk/full", *NO_JUDGES], "keep": ["full/eval", "full"]},
+    ]
+    probe = ["probe", "recipes/tiny_probe.yaml", "--probe_output_dir"]
+    steps += [
+        {"room": None, "argv": [*probe, "disk/probe-roomy"], "keep": ["probe-roomy", "probe-roomy"]},
+        {"room": 16 * 1024, "argv": [*probe, "disk/probe"]},
+        {"room": None, "argv": [*probe, "disk/probe"], "keep": ["probe", "probe"]},
     ]
     results = on_a_small_disk(steps, work)
     assert_disk_full_line(results[0])
@@ -240,6 +246,12 @@ def test_a_full_disk_while_building_a_cached_model_or_evaluating_is_one_line_and
     assert (ours / "generations.jsonl").read_text() == (theirs / "generations.jsonl").read_text()
     mine, other = (json.loads((d / "metrics.json").read_text()) for d in (ours, theirs))
     assert {k: v for k, v in mine.items() if k != "edit"} == {k: v for k, v in other.items() if k != "edit"}
+    # A probe stopped by a full disk (its activations, the first large write) probes again to the same result.
+    assert results[5]["code"] == 0, results[5]["err"][-3000:]
+    assert_disk_full_line(results[6])
+    assert results[7]["code"] == 0, results[7]["err"][-3000:]
+    for name in ("probe.json", "probe.safetensors"):
+        assert (work / "kept" / "probe" / name).read_bytes() == (work / "kept" / "probe-roomy" / name).read_bytes()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -295,6 +307,24 @@ def test_a_launch_stopped_by_sigterm_resumes_to_the_same_edit(own_working_direct
     )
     assert one.returncode == 0, one.stderr[-3000:]
     assert max_difference(work / "run", work / "one") < 1e-5
+
+
+def test_an_evaluation_stopped_by_sigterm_reruns_to_the_same_outputs(whole_run, own_working_directory):
+    work = own_working_directory
+    whole, run = work / "whole", work / "run"
+    shutil.copytree(whole_run, whole)
+    shutil.copytree(whole_run, run)
+    evaluate = [sys.executable, "-m", "locedit.cli", "eval"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*evaluate, str(whole), *NO_JUDGES], cwd=work, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stopped_by_sigterm([*evaluate, str(run), *NO_JUDGES], work, lambda: (run / "eval" / LOCK).is_file())
+    assert not (run / "eval" / LOCK).exists() and not (run / "eval" / "metrics.json").exists()
+    again = subprocess.run([*evaluate, str(run), *NO_JUDGES], cwd=work, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (run / "eval" / "generations.jsonl").read_text() == (whole / "eval" / "generations.jsonl").read_text()
+    ours, theirs = (json.loads((d / "eval" / "metrics.json").read_text()) for d in (run, whole))
+    assert {k: v for k, v in ours.items() if k != "edit"} == {k: v for k, v in theirs.items() if k != "edit"}
 
 
 def without_timings(study_md: str) -> str:
