@@ -17,12 +17,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
+from test_reliability import FAST, max_difference, wait_for
 
 from locedit.core import cache, disk
 from locedit.core.files import check_safetensors
@@ -30,21 +28,8 @@ from locedit.rundir import LOCK
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "recipes/tiny.yaml"
-# A short run of the tiny recipe, a checkpoint every 2 steps (as tests/test_reliability.py's).
-FAST = ["--dataset", "synthetic:40", "--max_steps", "30", "--save_strategy", "steps", "--save_steps", "2"]
-FAST += ["--logging_steps", "1", "--per_device_train_batch_size", "4", "--report_to", "none"]
 NO_JUDGES = ["--eval_corpus", "none", "--eval_judge_truth", "none", "--eval_judge_info", "none"]
 DISK_FULL = "locedit: error: the disk is full: writing '"
-
-
-def adapters(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "adapter_model.safetensors"))
-
-
-def max_difference(a: Path, b: Path) -> float:
-    left, right = adapters(a), adapters(b)
-    assert left.keys() == right.keys()
-    return max(float((left[key] - right[key]).abs().max()) for key in left)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -137,15 +122,6 @@ def on_a_small_disk(steps: list[dict], work: Path, size: str = "32m") -> list[di
     )
     assert process.returncode == 0, process.stderr[-3000:]
     return json.loads((work / "report.json").read_text())
-
-
-def wait_for(condition, timeout: float = 300.0, process: subprocess.Popen | None = None) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"ended before it could be stopped ({process.returncode})")
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def assert_disk_full_line(result: dict) -> None:
@@ -264,7 +240,7 @@ def stopped_by_sigterm(command: list[str], cwd: Path, when, env: dict | None = N
     env = {**(env or os.environ), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(cwd / "stopped.out", "w") as out, open(cwd / "stopped.err", "w+") as err:
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=err)
-        wait_for(when, process=process)
+        wait_for(when, timeout=300.0, process=process)
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=300)
         err.seek(0)

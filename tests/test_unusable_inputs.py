@@ -9,24 +9,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_messages import one_error_line
 
 from locedit.cli import main as locedit
 from locedit.heads import SELECTORS
 
 TINY = "recipes/tiny.yaml"
 SUPPORTED = "gemma, gemma2, gpt2, gpt_neox, llama, mistral, phi, phi3, qwen2, qwen3"
-
-
-def one_error_line(capsys, code: int, *needles: str) -> str:
-    """The one `locedit: error:` line of a command that returned 2, with each needle in it."""
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith("locedit: error:")]
-    assert len(errors) == 1, err
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 @pytest.fixture

@@ -66,13 +66,14 @@ def disk_full_problem(err: BaseException) -> str | None:
     )
     short_write = any(any(text in str(e) for text in _SHORT_WRITE_TEXTS) for e in errors)
     named = next((e.filename for e in errors if isinstance(getattr(e, "filename", None), str)), None)
-    places = ([os.path.dirname(os.path.abspath(named))] if named else []) + _places[::-1] + [os.getcwd()]
+    named_dir = os.path.dirname(os.path.abspath(named)) if named else None
+    places = ([named_dir] if named else []) + _places[::-1] + [os.getcwd()]
     room = {place: free_bytes(place) for place in places}
     fullest = min((place for place in places if room[place] is not None), key=lambda p: room[p], default=None)
     if not said and not (short_write and fullest is not None and room[fullest] < NEARLY_FULL_BYTES):
         return None
     where = named or fullest or os.getcwd()
-    left = room.get(os.path.dirname(os.path.abspath(named)) if named else fullest)
+    left = room.get(named_dir or fullest)
     left_text = f"; {_size(left)} free there now" if left is not None else ""
     return (
         f"the disk is full: writing '{where}' failed{left_text}; free some space there (or give output_dir or "
