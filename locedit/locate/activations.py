@@ -228,6 +228,9 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+METADATA = "locedit"  # the file's one metadata entry: its key and its tensors' checksum, as JSON
+
+
 def save_activations(path: str, activations: torch.Tensor, examples: ProbeExamples, metadata: dict) -> None:
     """Write activations, labels and question ids to one safetensors file, atomically (temporary file + rename),
     with a checksum of them in its metadata."""
@@ -238,8 +241,10 @@ def save_activations(path: str, activations: torch.Tensor, examples: ProbeExampl
         "question_ids": torch.tensor(examples.question_ids, dtype=torch.int64),
     }
     metadata = {**metadata, "sha256": tensors_digest(tensors)}
+    # One metadata entry: safetensors writes several in a random order (a hash map), and the file is compared byte
+    # for byte across processes.
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={key: json.dumps(value) for key, value in metadata.items()})
+        save_file(tensors, tmp, metadata={METADATA: json.dumps(metadata, sort_keys=True)})
 
 
 def _read_checked(path: str) -> tuple[dict[str, torch.Tensor] | None, str | None]:
@@ -250,11 +255,11 @@ def _read_checked(path: str) -> tuple[dict[str, torch.Tensor] | None, str | None
         return None, problem
     try:
         with safe_open(path, "pt") as f:
-            recorded = (f.metadata() or {}).get("sha256")
+            recorded = json.loads((f.metadata() or {}).get(METADATA, "{}")).get("sha256")
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError) as err:
+    except (SafetensorError, OSError, ValueError, AttributeError) as err:  # ValueError: metadata not JSON
         return None, str(err).splitlines()[0]
-    if recorded is not None and json.loads(recorded) != tensors_digest(tensors):
+    if recorded is not None and recorded != tensors_digest(tensors):
         return None, "its checksum does not match: overwritten"
     if not {"activations", "labels", "question_ids"} <= set(tensors) or tensors["activations"].dim() != 4:
         return None, "it does not hold activations, labels and question ids"
