@@ -46,6 +46,7 @@ from .core.flags import (
     remember_names,
 )
 from .core.recipe import Recipe
+from .core.tracking import check_trackers, recipe_project
 
 
 @dataclass
@@ -163,10 +164,19 @@ class LocEditConfig(DPOConfig):
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every this many steps."})
     save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint (resumable runs)."})
-    report_to: str | list[str] = field(default="none", metadata={"help": "'wandb' to track the run in W&B."})
+    report_to: str | list[str] = field(
+        default="none",
+        metadata={
+            "help": "Where the runs are tracked: 'trackio' (a local dashboard: `locedit dashboard`), 'wandb', "
+            "'trackio,wandb', or 'none'."
+        },
+    )
 
     def __post_init__(self):
         self.output_dir_was_given = self.output_dir is not None
+        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
+        if any("," in name for name in names):  # `--report_to trackio,wandb`: both
+            self.report_to = [part.strip() for name in names for part in name.split(",") if part.strip()]
         # Ranges the optimizer, the loss or the data loader would reject only after the weights load (or not at all).
         check_positive("learning_rate", self.learning_rate)
         check_positive("beta", self.beta, "IPO's tau")
@@ -340,4 +350,6 @@ def parse_recipe(argv: list[str] | None = None, prog: str = "locedit") -> Recipe
                 f"chat_template: true puts the question in a user turn and the answer in an assistant turn of the "
                 f"tokenizer's chat template; {' and '.join(given)} would not be used: remove {them} from the recipe"
             )
+    edit.wandb_project = recipe_project(edit.wandb_project, name)
+    check_trackers(training.report_to, edit.wandb_project)
     return Recipe(edit=edit, model=model, probe=probe, eval=evaluation, training=training, study=study, name=name)

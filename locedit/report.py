@@ -15,6 +15,7 @@ from pathlib import Path
 from .core.args import DEFAULT_MAX_DEGENERATE
 from .core.errors import run_cli
 from .core.recipe import OneLineParser
+from .core.tracking import check_trackers
 
 __all__ = ["cli", "main", "make_parser"]
 
@@ -28,8 +29,13 @@ def make_parser() -> OneLineParser:
     )
     parser.add_argument("run_dirs", nargs="+", help="run directories, or directories holding them")
     parser.add_argument("--output_dir", default="outputs/report", help="where the table, figures and verdict go")
-    parser.add_argument("--report_to", default="none", choices=["none", "wandb"])
-    parser.add_argument("--wandb_project", default="locedit")
+    parser.add_argument(
+        "--report_to",
+        default="none",
+        choices=["none", "trackio", "wandb", "trackio,wandb"],
+        help="track the report (table, figures, verdict) as a run named report on these dashboards",
+    )
+    parser.add_argument("--wandb_project", default="locedit-report", help="the tracking project (trackio and W&B)")
     parser.add_argument(
         "--metric",
         default=None,
@@ -55,6 +61,7 @@ def report(args: argparse.Namespace) -> dict:
     from .evaluation.breakage import Breakage
     from .reporting import default_metric, find_runs, write_report
 
+    check_trackers(args.report_to, args.wandb_project)
     runs = find_runs(args.run_dirs)
     breakage = Breakage(args.max_kl, args.max_degenerate)
     metric = args.metric or default_metric(runs)

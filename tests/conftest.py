@@ -20,6 +20,12 @@ if "LOCEDIT_CACHE" not in os.environ:
     os.environ["LOCEDIT_CACHE"] = _session_cache
     atexit.register(shutil.rmtree, _session_cache, ignore_errors=True)
 
+if "TRACKIO_DIR" not in os.environ:
+    # The recipes' trackio projects (their default tracker) go to a throwaway directory, not the user's dashboard.
+    _session_trackio = tempfile.mkdtemp(prefix="locedit-test-trackio-")
+    os.environ["TRACKIO_DIR"] = _session_trackio
+    atexit.register(shutil.rmtree, _session_trackio, ignore_errors=True)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

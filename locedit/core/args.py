@@ -128,7 +128,13 @@ class EditArguments:
             "choices": list(BAD_ROW_POLICIES),
         },
     )
-    wandb_project: str = field(default="locedit", metadata={"help": "W&B project when report_to includes wandb."})
+    wandb_project: str | None = field(
+        default=None,
+        metadata={
+            "help": "The project of the runs on trackio and W&B (report_to); default locedit-RECIPE (the recipe "
+            "file's name)."
+        },
+    )
     dry_run: bool = field(
         default=False,
         metadata={"help": "Check the recipe, resolve the heads without loading weights, print the plan and stop."},

@@ -1,7 +1,7 @@
 """Running an evaluation: each model's generations, MC1/MC2 and corpus scores, judged at once by the judges that run
-no model (`similarity`, `toy`) and its files written then (`locedit.rundir.write_evaluation`; with `report_to:
-wandb`, a W&B run per model); the model-based judges (`hf`, `openai`) instead run once for all models at the end,
-each loaded once, and the models' files are written after them. Every phase shows progress and its wall time
+no model (`similarity`, `toy`) and its files written then (`locedit.rundir.write_evaluation`; with `report_to`
+trackio or wandb, a tracked run per model); the model-based judges (`hf`, `openai`) instead run once for all models at
+the end, each loaded once, and the models' files are written after them. Every phase shows progress and its wall time
 (`timings` in the metrics returned, and eval/timings.json).
 
 Per model:
@@ -40,7 +40,7 @@ from ..core import threads
 from ..core.args import EvalArguments
 from ..core.files import read_json, write_json_atomic
 from ..core.recipe import Recipe
-from ..core.tracking import offline_without_credentials, reports_to_wandb
+from ..core.tracking import Table, tracked_run
 from ..edit import load_edit
 from ..models.loading import batches, load_model_and_tokenizer, place_for_inference
 from ..rundir import read_evaluation, run_lock, training_divergence, write_evaluation
@@ -285,29 +285,25 @@ def _flatten(metrics: dict, prefix: str = "eval/") -> dict:
     return flat
 
 
-def report_to_wandb(recipe: Recipe, target: Target, records: list[dict], metrics: dict) -> None:
-    """One W&B run per evaluated model: the metrics as its summary, the generations as a table."""
-    if not reports_to_wandb(recipe.training.report_to):
-        return
-    import wandb
-
-    offline_without_credentials()
-    run = wandb.init(
-        project=recipe.edit.wandb_project,
-        name=f"{target.name}-eval",
+def report_evaluation(recipe: Recipe, target: Target, records: list[dict], metrics: dict) -> None:
+    """One tracked run per evaluated model (trackio and/or W&B, as report_to says): the metrics, the break
+    detector's verdict and its reasons as its summary, the generations as a table."""
+    summary = _flatten(metrics)
+    if metrics.get("broken_reasons"):
+        summary["eval/broken_reasons"] = "; ".join(metrics["broken_reasons"])
+    columns = ["question_id", "category", "question", "answer", "truth", "info"]
+    columns += [name for name in per_question_fields() if records and name in records[0]]
+    with tracked_run(
+        recipe.training.report_to,
+        recipe.edit.wandb_project,
+        f"{target.name}-eval",
         group=target.heads.get("family", "base" if target.run_dir is None else None),
         job_type="eval",
         config={"model": metrics["model"], "edit": target.run_dir, "heads": target.heads, **metrics["settings"]},
-        reinit="finish_previous",
-    )
-    try:
-        run.summary.update(_flatten(metrics))
-        columns = ["question_id", "category", "question", "answer", "truth", "info"]
-        columns += [name for name in per_question_fields() if records and name in records[0]]
-        table = wandb.Table(columns=columns, data=[[record.get(c) for c in columns] for record in records])
-        run.log({"eval/generations": table})
-    finally:
-        run.finish()
+    ) as run:
+        if run is not None:
+            run.summary(summary)
+            run.log({"eval/generations": Table.of_records(records, columns)})
 
 
 def run_evaluation(plan: EvalPlan, recipe: Recipe) -> list[dict]:
@@ -440,9 +436,9 @@ def saved_generations(target: Target) -> tuple[list[dict], dict, dict]:
 
 
 def _finish(plan: EvalPlan, recipe: Recipe, args: EvalArguments, result: tuple, timings: dict) -> dict:
-    """A judged model's metrics, its evaluation files (metrics.json last) and its W&B run. The wall times go to
+    """A judged model's metrics, its evaluation files (metrics.json last) and its tracked run. The wall times go to
     eval/timings.json, not metrics.json, whose content is a function of the settings alone (an evaluation run again
-    writes the same file); the metrics returned and sent to W&B carry them as `timings`."""
+    writes the same file); the metrics returned and tracked carry them as `timings`."""
     target, records, scores = result
     add_per_question_values(records)  # the registered metrics computed from the judged answers
     metrics = metrics_of(plan, target, records, scores, args, timings)
@@ -455,7 +451,7 @@ def _finish(plan: EvalPlan, recipe: Recipe, args: EvalArguments, result: tuple, 
     os.makedirs(target.eval_dir, exist_ok=True)
     write_json_atomic(os.path.join(target.eval_dir, TIMINGS), metrics["timings"])
     write_evaluation(target.output_dir, records, {key: value for key, value in metrics.items() if key != "timings"})
-    report_to_wandb(recipe, target, records, metrics)
+    report_evaluation(recipe, target, records, metrics)
     print(f"locedit eval: {target.name}: {describe(metrics)} -> {target.eval_dir}", flush=True)
     return metrics
 

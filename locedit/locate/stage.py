@@ -21,6 +21,7 @@ from .. import processes
 from ..core import threads
 from ..core.errors import DamagedResultError, DataError, RecipeError, say_damaged
 from ..core.recipe import Recipe
+from ..core.tracking import Image, Table, tracked_run
 from ..data import hold_out, load_questions, validate_dataset_arg
 from ..heads import format_heads
 from ..models.layout import AttentionLayout
@@ -36,7 +37,7 @@ from .activations import (
     load_activations,
     save_activations,
 )
-from .probes import PROBE_C, PROBE_FORMAT, PROBE_JSON, ProbeResult, compute_probe_result, load_probe_result
+from .probes import HEATMAP, PROBE_C, PROBE_FORMAT, PROBE_JSON, ProbeResult, compute_probe_result, load_probe_result
 
 
 @dataclass
@@ -287,7 +288,27 @@ def probe_recipe(recipe: Recipe) -> ProbeResult | ProbeStage:
     if main:
         print(describe_result(result), flush=True)
         print(f"  saved        {os.path.join(stage.output_dir, PROBE_JSON)}", flush=True)
+        track_probe(result, recipe, stage.output_dir)
     return result
+
+
+def track_probe(result: ProbeResult, recipe: Recipe, output_dir: str, top: int = 16) -> None:
+    """The probe as a tracked run named `probe` (report_to: trackio and/or W&B): its heatmap as an image, its
+    `top` heads by validation accuracy as a table."""
+    heads = result.top_heads(min(top, result.num_layers * result.num_heads))
+    rows = [[rank, layer, head, result.val_acc((layer, head))] for rank, (layer, head) in enumerate(heads, 1)]
+    config = {"model": recipe.model.model_name_or_path, "dataset": recipe.edit.dataset, "heads": result.shape}
+    with tracked_run(
+        recipe.training.report_to, recipe.edit.wandb_project, f"{recipe.name}-probe", "probe", "probe", config
+    ) as run:
+        if run is not None:
+            run.log(
+                {
+                    "probe/heatmap": Image(os.path.join(output_dir, HEATMAP)),
+                    "probe/top_heads": Table(["rank", "layer", "head", "val_accuracy"], rows),
+                }
+            )
+            run.summary({"probe/best_val_accuracy": rows[0][3]})
 
 
 def check_same_split(result: ProbeResult, recipe: Recipe) -> None:

@@ -36,7 +36,6 @@ from ..core import threads
 from ..core.errors import RecipeError
 from ..core.plugins import load_plugins
 from ..core.recipe import STUDY_CHECKS, Recipe
-from ..core.tracking import reports_to_wandb
 from ..data import validate_dataset_arg
 from ..evaluation import check_settings, evaluate, preference_data
 from ..evaluation.breakage import Breakage
@@ -45,7 +44,7 @@ from ..heads import HeadSpec
 from ..locate import LOCATORS, probe_recipe
 from ..models.sources import resolve_model_path
 from ..reporting import Run, read_run, write_report
-from ..reporting.study import format_timings, write_study_files, write_study_report
+from ..reporting.study import format_timings, track_study, write_study_files, write_study_report
 from ..rundir import expand_run_dirs, is_finished, output_dir_of
 from .iti import iti_run_dir, make_iti_edits
 from .locate import locate_together
@@ -371,6 +370,7 @@ def run_study(recipe_argv: list[str], options: StudyOptions) -> dict:
         report["verdict"] = write_paper_report(runs, recipe, study_dir, metric)
     report["timings"] = {**timings, "report": timer.stages["report"]}
     write_study_files(report, recipe, study_dir)
+    track_study(report, recipe, study_dir, os.path.join(study_dir, REPORT_DIR))
     print(f"\n{report['table']}\n\n{report['summary_table']}\n\n{format_timings(report['timings'])}", flush=True)
     print("\n" + "\n".join(f"- {sentence}" for sentence in report["verdict"]["sentences"]), flush=True)
     print(
@@ -425,13 +425,8 @@ def verdict_metric(recipe: Recipe, runs: list[Run] = ()) -> str:
 
 
 def write_paper_report(runs: list[Run], recipe: Recipe, study_dir: str, metric: str) -> dict:
-    """`locedit report` of the study's runs in `study/report/`: the paper's figures, table and verdict."""
-    report_to = "wandb" if reports_to_wandb(recipe.training.report_to) else "none"
+    """`locedit report` of the study's runs in `study/report/`: the paper's figures, table and verdict (tracked
+    with the study's own, `track_study`)."""
     return write_report(
-        runs,
-        os.path.join(study_dir, REPORT_DIR),
-        report_to,
-        recipe.edit.wandb_project,
-        metric,
-        breakage=Breakage.of(recipe.eval),
+        runs, os.path.join(study_dir, REPORT_DIR), "none", metric=metric, breakage=Breakage.of(recipe.eval)
     )

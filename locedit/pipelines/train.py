@@ -9,7 +9,7 @@ import os
 
 from .. import processes
 from ..core.recipe import Recipe
-from ..core.tracking import wandb_tracking
+from ..core.tracking import run_tracking
 from ..evaluation import check_settings, evaluate_after_training, preference_data
 from ..heads import HeadSpec
 from ..models.loading import load_model_and_tokenizer
@@ -60,7 +60,7 @@ def train_recipe(recipe: Recipe) -> dict | RunPlan:
 def _train(recipe: Recipe, plan: RunPlan, is_main: bool) -> dict:
     """Load the model, (probe,) write the run description, train and write the results."""
     edit_args, model_args, training_args = recipe.edit, recipe.model, recipe.training
-    with wandb_tracking(training_args, edit_args.wandb_project, plan.spec.family, announce=is_main):
+    with run_tracking(training_args, edit_args.wandb_project, plan.spec.family, announce=is_main):
         model = tokenizer = None
         if plan.heads is None:
             # probe:K / importance:K with no saved scores yet: score the heads on the loaded model, then train at

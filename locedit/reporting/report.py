@@ -34,7 +34,7 @@ from pathlib import Path
 
 from ..core.errors import RecipeError
 from ..core.files import write_text_atomic
-from ..core.tracking import offline_without_credentials
+from ..core.tracking import Image, Markdown, Table, tracked_run
 from ..evaluation.breakage import Breakage
 from ..evaluation.metric_registry import MAIN, PREFERENCE_MAIN, all_metrics, get_metric, per_question_metrics
 from .figures import write_figures
@@ -135,30 +135,33 @@ def write_verdict(result: dict, output_dir: str) -> None:
     write_text_atomic(Path(output_dir, "verdict.md"), "\n".join(lines) + "\n")
 
 
-def log_to_wandb(output_dir: str, tabled: tuple, result: dict, figures: list[str], project: str) -> None:
-    import wandb
-
-    offline_without_credentials()
-    run = wandb.init(project=project, job_type="report", mode=os.environ.get("WANDB_MODE", "online"), dir=output_dir)
+def report_values(output_dir: str, tabled: tuple, result: dict, figures: list[str]) -> dict:
+    """What a report shows on a dashboard: the results table, each figure as an image, the verdict as markdown."""
     columns, rows = tabled
-    results = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
-    run.summary["metric"] = result["metric"]
-    run.log({"results": results, **{Path(f).stem: wandb.Image(f) for f in figures}})
+    values = {"report/results": Table(list(columns), [[row[c] for c in columns] for row in rows])}
+    values.update({f"report/{Path(figure).stem}": Image(figure) for figure in figures})
+    values["report/verdict"] = Markdown(Path(output_dir, "verdict.md").read_text())
+    return values
+
+
+def report_summary(result: dict) -> dict:
+    summary = {"report/metric": result["metric"]}
     for method, stats in result["probe_vs_random"].items():
-        run.summary[f"p_value/probe_vs_random/{method}"] = stats["p_value"]
-    run.finish()
+        summary[f"report/p_value/probe_vs_random/{method}"] = stats["p_value"]
+    return summary
 
 
 def write_report(
     runs: list[Run],
     output_dir: str,
-    report_to: str = "none",
-    project: str = "locedit",
+    report_to: str | list[str] = "none",
+    project: str = "locedit-report",
     metric: str = MAIN,
     breakage: Breakage | None = None,
 ) -> dict:
     """The table, the figures and the verdict of `runs` in `output_dir` (and on W&B), head sets scored by their best
-    `metric`, edits the break detector (`breakage`) calls broken left out; returns the verdict."""
+    `metric`, edits the break detector (`breakage`) calls broken left out; returns the verdict. With `report_to`
+    (trackio, wandb) the table, figures and verdict are also a tracked run named `report` in `project`."""
     check_metric(runs, metric)
     if breakage is not None and breakage.max_kl is not None and not breakage.max_kl >= 0:
         raise RecipeError(f"max_kl must be a KL, 0 or more, got {breakage.max_kl}")
@@ -169,6 +172,8 @@ def write_report(
     figures = write_figures(runs, output_dir, metric, breakage)
     result = verdict(runs, metric=metric, breakage=breakage)
     write_verdict(result, output_dir)
-    if report_to == "wandb":
-        log_to_wandb(output_dir, table(runs, metric, breakage), result, figures, project)
+    with tracked_run(report_to, project, "report", job_type="report") as run:
+        if run is not None:
+            run.log(report_values(output_dir, table(runs, metric, breakage), result, figures))
+            run.summary(report_summary(result))
     return result

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from ..core.files import atomic_path, write_text_atomic
 from ..core.recipe import Recipe
+from ..core.tracking import Image, Markdown, Table, tracked_run, trackers_of, trackio_dir
 from ..evaluation.breakage import Breakage
 from ..evaluation.metric_registry import MAIN, METRICS, Metric, all_metrics, get_metric, register_metric
 from ..rundir import read_evaluation, read_training_loss
@@ -386,3 +387,41 @@ def write_study_files(report: dict, recipe: Recipe, study_dir: str) -> None:
     if report.get("samples"):
         text += "\n## Sample answers (the first test questions)\n\n" + report["samples"] + "\n"
     write_text_atomic(os.path.join(study_dir, "study.md"), text)
+
+
+TRACKING_FILE = "tracking.json"
+
+
+def track_study(report: dict, recipe: Recipe, study_dir: str, report_dir: str) -> None:
+    """The study as one tracked run named `study` (report_to: trackio and/or W&B): the family table and every
+    edit's row as tables, study.png and the paper's figures as images, the verdict and study.md as markdown. Its
+    project is written to `tracking.json`, where `locedit dashboard STUDY_DIR` finds it."""
+    trackers = trackers_of(recipe.training.report_to)
+    if not trackers:
+        return
+    project = recipe.edit.wandb_project
+    values = {
+        "study/families": _table(report["summary"]),
+        "study/edits": _table(report["rows"]),
+        "study/study": Image(os.path.join(study_dir, "study.png")),
+        **{f"study/{name[:-4]}": Image(os.path.join(report_dir, name)) for name in _figures(report_dir)},
+        "study/verdict": Markdown(open(os.path.join(report_dir, "verdict.md")).read()),
+        "study/study_md": Markdown(open(os.path.join(study_dir, "study.md")).read()),
+    }
+    best = {f"study/best/{row['family']}": row["best"] for row in report["summary"] if row["best"] is not None}
+    with tracked_run(trackers, project, f"{recipe.name}-study", group="study", job_type="study") as run:
+        run.log(values)
+        run.summary({"study/metric": report["metric"], **best})
+    where = {"project": project, "trackers": trackers, "run": f"{recipe.name}-study"}
+    if "trackio" in trackers:
+        where["trackio_dir"] = str(trackio_dir().resolve())
+    write_text_atomic(os.path.join(study_dir, TRACKING_FILE), json.dumps(where, indent=2) + "\n")
+
+
+def _table(rows: list[dict]) -> Table:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return Table.of_records(rows, columns)
+
+
+def _figures(report_dir: str) -> list[str]:
+    return sorted(name for name in os.listdir(report_dir) if name.endswith(".png"))
