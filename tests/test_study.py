@@ -140,11 +140,34 @@ def test_summary_flags_broken_edits_and_leaves_them_out_of_the_best():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_toy_study_end_to_end(tmp_path, monkeypatch):
+READBACK_PROJECT = "locedit-toy-readback"
+
+
+@pytest.fixture(scope="module")
+def small_toy_study(tmp_path_factory):
+    """The whole study on the toy model (one random set and one single head instead of eight), tracked on trackio
+    and on W&B offline: its directory, its report and W&B's directory."""
+    tmp_path = tmp_path_factory.mktemp("small-study")
+    import wandb
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.chdir(tmp_path)
+        for var in ["WANDB_API_KEY", "WANDB_PROJECT", "WANDB_RUN_GROUP"]:
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+        monkeypatch.setenv("WANDB_SILENT", "true")
+        wandb.teardown()  # wandb keeps the settings of its first run in a process (WANDB_DIR among them)
+        tracking = ["--report_to", "trackio,wandb", "--wandb_project", READBACK_PROJECT]
+        report = study.main([TOY, "--study_random", "1", "--study_single", "1", *tracking])
+        wandb.teardown()
+    return tmp_path, report
+
+
+def test_toy_study_end_to_end(small_toy_study):
     """The whole study on the toy model (one random set and one single head instead of eight): the optimal edit at
     all heads must answer the held-out questions far more truly than the base model, and still informatively."""
-    monkeypatch.chdir(tmp_path)
-    report = study.main([TOY, "--study_random", "1", "--study_single", "1"])
+    tmp_path, report = small_toy_study
 
     rows = {row["family"]: row for row in report["rows"]}
     families = ["base", "iti", "iti_random", "probe", "random", "single", "all"]
@@ -187,6 +210,42 @@ def test_toy_study_end_to_end(tmp_path, monkeypatch):
     assert set(report["verdict"]["probe_vs_random"]) == {"iti", "ipo"}
     markdown = (out / "study.md").read_text()
     assert report["summary_table"] in markdown and report["table"] in markdown and "| total |" in markdown
+
+
+def test_the_study_is_on_trackio_and_on_wandb_with_the_same_keys(small_toy_study):
+    """`locedit study` leaves a trackio project holding the training curves, each model's metrics and generations,
+    the probe's heatmap and top heads, and the study's tables, figures and verdict; the same runs and keys reach
+    W&B (offline), each read back with its tracker's own reader."""
+    from test_tracking import trackio_runs, wandb_offline_runs
+
+    tmp_path, report = small_toy_study
+    on_trackio, on_wandb = trackio_runs(READBACK_PROJECT), wandb_offline_runs(tmp_path)
+    assert set(on_trackio) == set(on_wandb)
+    stages = ("-eval", "-probe", "-study")
+    training = {name: run for name, run in on_trackio.items() if not name.endswith(stages)}
+    # One run per trained family (a family of several edits trains as one multi-edit run), in its family's group.
+    assert len(training) == 4 and all({"train/loss", "train/rewards/margins"} <= r["keys"] for r in training.values())
+    assert {run["group"] for run in training.values()} == {"probe-4", "random-4", "single-head", "all-heads"}
+    all_heads = next(run for run in training.values() if run["group"] == "all-heads")
+    assert any(key.startswith("train/edit/L0H0/") for key in all_heads["keys"])  # the norm at each edited head
+    evaluated = [name for name in on_trackio if name.endswith("-eval")]
+    assert len(evaluated) == len(report["rows"]) and "base-eval" in evaluated  # every model of the table
+    assert {"toy-probe", "toy-study"} <= set(on_trackio)
+    for name in evaluated:
+        assert {"eval/true", "eval/info", "eval/mc2", "eval/generations"} <= on_trackio[name]["keys"]
+    generations = next(log["eval/generations"] for log in on_trackio["base-eval"]["logs"] if "eval/generations" in log)
+    assert generations["_type"] == "trackio.table"
+    assert {"question", "answer", "truth", "info", "degenerate"} <= set(generations["_value"][0])
+    assert {"probe/heatmap", "probe/top_heads"} <= on_trackio["toy-probe"]["keys"]
+    study_keys = {"study/families", "study/edits", "study/study", "study/verdict", "study/fig1a_iti_probe_vs_random"}
+    assert study_keys <= on_trackio["toy-study"]["keys"]
+
+    summary_only = {"total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss"}
+    for name, run in on_trackio.items():
+        assert run["keys"] == on_wandb[name]["keys"] - summary_only, name
+        assert run["group"] == on_wandb[name]["group"], name
+    tracking = json.loads((tmp_path / "outputs" / "toy" / "study" / "tracking.json").read_text())
+    assert tracking["project"] == READBACK_PROJECT and tracking["trackers"] == ["trackio", "wandb"]
 
 
 @pytest.mark.parametrize(

@@ -32,8 +32,8 @@ OFFLINE_NOTICE = "locedit: no W&B credentials found; logging offline (sync later
 # One name both trackers keep as it is: trackio drops every other character from the file it writes (so `my.run`
 # and `myrun` would share one project), W&B refuses some; trackio reserves names that begin with "registry-".
 PROJECT_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
-# Where the Trainer's callbacks find the group of a training run (W&B's callback reads it; `TrackioGroupCallback`
-# in locedit.training gives it to trackio, whose callback passes none).
+# Where the Trainer's callbacks find the group of a training run (locedit.training's callbacks give it to W&B and
+# trackio: transformers' own pass none, and wandb reads the environment only once per process).
 GROUP_ENV = "WANDB_RUN_GROUP"
 
 
@@ -254,6 +254,13 @@ def run_tracking(args, project: str, group: str, announce: bool = True) -> Itera
         with wandb_tracking(args, project, group, announce) if "wandb" in trackers else contextlib.nullcontext():
             yield
     finally:
+        if "trackio" in trackers:
+            import trackio
+
+            # The callback finishes its run when training ends, then opens it again for the validation's metrics
+            # and leaves it open: finished here, so that its last steps are written before the next stage.
+            if trackio.context_vars.current_run.get() is not None:
+                trackio.finish()
         if group_was_ours:
             os.environ.pop(GROUP_ENV, None)
 

@@ -44,7 +44,7 @@ from ..models.layout import AttentionLayout
 from ..rundir import default_output_dir, split_question_ids, write_metrics, write_run_description
 from .pair_logps import PairScoringMixin
 from .reference import CachedReferenceMixin
-from .tracking import group_trackio_runs
+from .tracking import group_tracked_runs
 from .trainer import divergence, require_ipo, train_and_validate, training_inputs
 
 BANK_FILE = "locedit_bank.safetensors"
@@ -198,7 +198,7 @@ class MultiEditTrainer(PairScoringMixin, CachedReferenceMixin, DPOTrainer):
         self.pair_scorer_routing = bank
         super().__init__(*args, **kwargs)
         self._install_pair_scorer()  # when no reference precompute installed it
-        group_trackio_runs(self)  # trackio groups the run by head family, as W&B does
+        group_tracked_runs(self)  # the run in its head family's group on trackio and W&B
         self.edit_losses = EditLosses(bank.num_edits) if plain_ipo(self) else None
         self.edit_evaluations: dict[str, list[float] | None] = {}
 

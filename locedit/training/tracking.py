@@ -1,17 +1,17 @@
-"""transformers' trackio callback with the run's group: its own `trackio.init` passes none."""
+"""transformers' trackio and W&B callbacks with the run's group, which their own `init` calls do not pass."""
 
 from __future__ import annotations
 
 import os
 
-from transformers.integrations import TrackioCallback
+from transformers.integrations import TrackioCallback, WandbCallback
 
 from ..core.tracking import GROUP_ENV
 
 
 class TrackioGroupCallback(TrackioCallback):
-    """TrackioCallback whose run is in the group W&B's callback reads (`GROUP_ENV`, which locedit sets per run), so
-    that a study's runs are grouped by head family on both dashboards."""
+    """TrackioCallback whose run is in the run's group (`GROUP_ENV`, which locedit sets per run), so that a study's
+    runs are grouped by head family on the dashboard."""
 
     def setup(self, args, state, model, **kwargs):
         super().setup(args, state, model, **kwargs)
@@ -23,8 +23,25 @@ class TrackioGroupCallback(TrackioCallback):
             run.config["_Group"] = group
 
 
-def group_trackio_runs(trainer) -> None:
-    """Give `trainer` the grouping trackio callback in place of transformers' own (when it reports to trackio)."""
-    if any(isinstance(callback, TrackioCallback) for callback in trainer.callback_handler.callbacks):
-        trainer.remove_callback(TrackioCallback)
-        trainer.add_callback(TrackioGroupCallback)
+class WandbGroupCallback(WandbCallback):
+    """WandbCallback whose run is in the run's group: the run is started here with it, and the callback logs to it
+    (it starts one only when none is running). wandb reads WANDB_RUN_GROUP once per process, so the second run of a
+    study would otherwise be in the first one's group, or none."""
+
+    def setup(self, args, state, model, **kwargs):
+        if state.is_world_process_zero and self._wandb is not None and self._wandb.run is None:
+            self._wandb.init(
+                project=os.getenv("WANDB_PROJECT", "huggingface"),
+                group=os.environ.get(GROUP_ENV),
+                name=args.run_name,
+                job_type="train",
+            )
+        super().setup(args, state, model, **kwargs)
+
+
+def group_tracked_runs(trainer) -> None:
+    """Give `trainer` the grouping callbacks in place of transformers' own (for the trackers it reports to)."""
+    for theirs, ours in ((TrackioCallback, TrackioGroupCallback), (WandbCallback, WandbGroupCallback)):
+        if any(type(callback) is theirs for callback in trainer.callback_handler.callbacks):
+            trainer.remove_callback(theirs)
+            trainer.add_callback(ours)

@@ -16,7 +16,7 @@ from trl import DPOTrainer
 from ..edit import HeadEditConfig, edit_norms
 from .pair_logps import PairScoringMixin
 from .reference import CachedReferenceMixin
-from .tracking import group_trackio_runs
+from .tracking import group_tracked_runs
 
 
 class LocEditTrainer(PairScoringMixin, CachedReferenceMixin, DPOTrainer):
@@ -29,7 +29,7 @@ class LocEditTrainer(PairScoringMixin, CachedReferenceMixin, DPOTrainer):
         self.pair_scorer_first_layer = min(peft_config.edit_layers.values(), default=0)
         super().__init__(*args, peft_config=peft_config, **kwargs)
         self._install_pair_scorer()  # when no reference precompute installed it
-        group_trackio_runs(self)  # trackio groups the run by head family, as W&B does
+        group_tracked_runs(self)  # the run in its head family's group on trackio and W&B
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Training logs (they carry "loss") also get the per-layer norms of a and of m * b.

@@ -1,0 +1,155 @@
+"""Tracking on trackio and W&B, read back with each tracker's own reader: trackio's SQLite storage and wandb's record
+reader of offline runs (what `wandb sync` reads)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from locedit.cli import main as cli
+from locedit.core.errors import RecipeError
+from locedit.core.tracking import Image, Markdown, Table, check_trackers, trackers_of, tracked_run
+
+
+def trackio_runs(project: str) -> dict[str, dict]:
+    """Every run of a trackio project (in this process's TRACKIO_DIR): its group, config and logged steps."""
+    from trackio.sqlite_storage import SQLiteStorage
+
+    runs = {}
+    for name in SQLiteStorage.get_runs(project):
+        config = SQLiteStorage.get_run_config(project, name) or {}
+        logs = SQLiteStorage.get_logs(project, name)
+        keys = {key for log in logs for key in log} - {"step", "timestamp"}
+        runs[name] = {"group": config.get("_Group"), "config": config, "logs": logs, "keys": keys}
+    return runs
+
+
+def wandb_offline_runs(wandb_dir: Path) -> dict[str, dict]:
+    """Every offline W&B run under `wandb_dir`, read record by record with wandb's own reader: its project, group,
+    job type, and the keys of its history and summary (a media value's key, not its file's fields)."""
+    import wandb
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal.datastore import DataStore
+
+    wandb.teardown()  # the service writes the files: teardown waits until it is done
+    runs = {}
+    for path in sorted(Path(wandb_dir).glob("wandb/offline-run-*/run-*.wandb")):
+        store = DataStore()
+        store.open_for_scan(str(path))
+        run = {"keys": set(), "values": {}}
+        while (data := store.scan_data()) is not None:
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(data)
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                run.update(name=record.run.display_name, group=record.run.run_group, project=record.run.project)
+                run["job_type"] = record.run.job_type
+            elif kind in ("history", "summary"):
+                items = record.history.item if kind == "history" else record.summary.update
+                for item in items:
+                    key = item.nested_key[0] if item.nested_key else item.key
+                    if not key.startswith("_"):
+                        run["keys"].add(key)
+                        run["values"].setdefault(key, json.loads(item.value_json))
+        runs[run["name"]] = run
+    return runs
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """W&B offline into a directory of the test's own (conftest disables it)."""
+    for var in ["WANDB_API_KEY", "WANDB_PROJECT", "WANDB_RUN_GROUP"]:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+
+    wandb.teardown()  # wandb keeps the settings of its first run in a process (WANDB_DIR among them)
+    yield tmp_path
+    wandb.teardown()
+
+
+@pytest.mark.parametrize(
+    "report_to, trackers",
+    [("none", []), ("trackio", ["trackio"]), (["wandb"], ["wandb"]), ("trackio,wandb", ["trackio", "wandb"])]
+    + [(["all"], ["trackio", "wandb"]), ([], []), (["tensorboard"], [])],
+)
+def test_report_to_names_the_trackers(report_to, trackers):
+    assert trackers_of(report_to) == trackers
+
+
+def test_one_run_reaches_both_trackers_with_the_same_keys_and_values(offline_wandb, tmp_path):
+    figure = tmp_path / "figure.png"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.figure(figsize=(2, 1))
+    plt.savefig(figure)
+    plt.close()
+    with tracked_run(["trackio", "wandb"], "locedit-both", "toy-study", "study", "study", {"lr": 0.1}) as run:
+        run.log(
+            {
+                "study/families": Table(["family", "true"], [["all", 0.8], ["base", 0.2]]),
+                "study/study": Image(str(figure)),
+                "study/verdict": Markdown("# Verdict\n\n- probe heads are no better than random"),
+            }
+        )
+        run.summary({"study/metric": "true_info", "study/best/all": 0.8})
+
+    keys = {"study/families", "study/study", "study/verdict", "study/metric", "study/best/all"}
+    trackio_run = trackio_runs("locedit-both")["toy-study"]
+    assert trackio_run["keys"] == keys and trackio_run["group"] == "study"
+    assert trackio_run["config"]["lr"] == 0.1 and trackio_run["config"]["job_type"] == "study"
+    logged = {key: value for log in trackio_run["logs"] for key, value in log.items()}
+    assert logged["study/families"]["_value"] == [{"family": "all", "true": 0.8}, {"family": "base", "true": 0.2}]
+    assert logged["study/study"]["_type"] == "trackio.image" and logged["study/verdict"]["_value"].startswith("# V")
+    assert logged["study/best/all"] == 0.8
+
+    wandb_run = wandb_offline_runs(offline_wandb)["toy-study"]
+    assert wandb_run["keys"] == keys
+    assert (wandb_run["project"], wandb_run["group"], wandb_run["job_type"]) == ("locedit-both", "study", "study")
+    assert wandb_run["values"]["study/best/all"] == 0.8 and wandb_run["values"]["study/metric"] == "true_info"
+
+
+@pytest.mark.parametrize(
+    "project, message",
+    [("my.project", "'my.project' is not a project name"), ("registry-x", "not beginning with 'registry-'")],
+)
+def test_a_project_name_a_tracker_would_change_is_refused(project, message):
+    with pytest.raises(RecipeError, match=message):
+        check_trackers("trackio", project)
+    check_trackers("none", project)  # no tracker, no project
+
+
+def test_a_trackio_dir_that_cannot_be_written_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("TRACKIO_DIR", str(blocker / "trackio"))
+    assert cli(["train", "recipes/tiny.yaml", "--report_to", "trackio", "--output_dir", "run"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("locedit: error:")]
+    assert len(errors) == 1 and "TRACKIO_DIR" in errors[0] and str(blocker / "trackio") in errors[0]
+    assert not os.path.exists("run")  # nothing started
+
+
+def test_training_is_tracked_on_both_with_its_group_and_per_head_norms(offline_wandb):
+    """A training run through transformers' callbacks: the same curves on trackio and W&B, in the run's head
+    family group, with the edit's norm at each edited head."""
+    flags = ["--dataset", "synthetic:40", "--logging_steps", "1", "--save_strategy", "no", "--heads", "L0H1,L1H2"]
+    argv = ["train", "recipes/tiny.yaml", *flags, "--report_to", "trackio,wandb", "--wandb_project", "locedit-train"]
+    assert cli([*argv, "--output_dir", "outputs/tiny/two-heads"]) == 0
+
+    trackio_run = trackio_runs("locedit-train")["two-heads"]
+    wandb_run = wandb_offline_runs(offline_wandb)["two-heads"]
+    curves = {"train/loss", "train/rewards/margins", "train/rewards/accuracies", "train/learning_rate"}
+    curves |= {"train/train_tokens_per_second", "train/edit/L0H1/b_norm", "train/edit/L1H2/b_norm"}
+    assert curves <= trackio_run["keys"] and curves <= wandb_run["keys"]
+    assert not any("L0H0" in key for key in trackio_run["keys"])  # only the edited heads
+    assert trackio_run["group"] == wandb_run["group"] == "explicit-2"  # the head family of L0H1,L1H2
+    # What transformers' W&B callback puts in the summary alone (its trackio callback leaves them out).
+    ignored = {"total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss"}
+    assert trackio_run["keys"] == wandb_run["keys"] - ignored
