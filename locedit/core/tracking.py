@@ -35,6 +35,8 @@ PROJECT_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # Where the Trainer's callbacks find the group of a training run (W&B's callback reads it; `TrackioGroupCallback`
 # in locedit.training gives it to trackio, whose callback passes none).
 GROUP_ENV = "WANDB_RUN_GROUP"
+# Where a study directory says which project and trackio directory its runs went to (`locedit dashboard` reads it).
+TRACKING_FILE = "tracking.json"
 
 
 def trackers_of(report_to) -> list[str]:
