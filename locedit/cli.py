@@ -19,6 +19,7 @@ COMMANDS = {
     "study": ("locedit.study", "probe, ITI, optimal edits at probe/random/single/all heads, eval, table and plot"),
     "sweep": ("locedit.sweep", "run a W&B grid sweep file here: one run at a time or one per GPU, resumable"),
     "report": ("locedit.report", "aggregate evaluated runs: table, the paper's figures, p-values and verdict"),
+    "dashboard": ("locedit.dashboard", "a study's, recipe's or project's runs on trackio's dashboard, served here"),
 }
 
 

@@ -35,6 +35,8 @@ PROJECT_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # Where the Trainer's callbacks find the group of a training run (locedit.training's callbacks give it to W&B and
 # trackio: transformers' own pass none, and wandb reads the environment only once per process).
 GROUP_ENV = "WANDB_RUN_GROUP"
+# Where a study directory says which project and trackio directory its runs went to (`locedit dashboard` reads it).
+TRACKING_FILE = "tracking.json"
 
 
 def trackers_of(report_to) -> list[str]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from ..core.files import atomic_path, write_text_atomic
 from ..core.recipe import Recipe
-from ..core.tracking import Image, Markdown, Table, tracked_run, trackers_of, trackio_dir
+from ..core.tracking import TRACKING_FILE, Image, Markdown, Table, tracked_run, trackers_of, trackio_dir
 from ..evaluation.breakage import Breakage
 from ..evaluation.metric_registry import MAIN, METRICS, Metric, all_metrics, get_metric, register_metric
 from ..rundir import read_evaluation, read_training_loss
@@ -387,9 +387,6 @@ def write_study_files(report: dict, recipe: Recipe, study_dir: str) -> None:
     if report.get("samples"):
         text += "\n## Sample answers (the first test questions)\n\n" + report["samples"] + "\n"
     write_text_atomic(os.path.join(study_dir, "study.md"), text)
-
-
-TRACKING_FILE = "tracking.json"
 
 
 def track_study(report: dict, recipe: Recipe, study_dir: str, report_dir: str) -> None:
