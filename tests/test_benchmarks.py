@@ -28,6 +28,7 @@ EXPECTED = {
     "gpu_check.py": "gpu check summary",
     "real_model.py": "from the cache",
     "processes.py": "study tables identical: True",
+    "tracking.py": "report_to trackio",
 }
 
 
@@ -128,6 +129,12 @@ def check_processes(out: str) -> None:
     positive(figures(rf"^whole command: 1 process {NUMBER} s, 2 processes {NUMBER} s", out, 2))
 
 
+def check_tracking(out: str) -> None:
+    # Five steps of the small model on shared cores swing more than logging costs: only the times to check; the
+    # shares are benchmarks/README.md's.
+    positive(figures(rf"^report_to (?:none|trackio|wandb) *: +{NUMBER} ms/step", out, 3))
+
+
 CHECKS = {
     "edit_vs_lora.py": check_edit_vs_lora,
     "edit_vs_trl.py": check_edit_vs_trl,
@@ -138,6 +145,7 @@ CHECKS = {
     "gpu_check.py": check_gpu_check,
     "real_model.py": check_real_model,
     "processes.py": check_processes,
+    "tracking.py": check_tracking,
 }
 
 

@@ -3,13 +3,15 @@ reader of offline runs (what `wandb sync` reads)."""
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from locedit.cli import main as cli
 from locedit.core.errors import RecipeError
-from locedit.core.tracking import Image, Markdown, Table, check_trackers, trackers_of, tracked_run
+from locedit.core.tracking import Image, Markdown, Table, check_trackers, tracked_run, trackers_of
 
 
 def trackio_runs(project: str) -> dict[str, dict]:
@@ -125,15 +127,18 @@ def test_a_project_name_a_tracker_would_change_is_refused(project, message):
     check_trackers("none", project)  # no tracker, no project
 
 
-def test_a_trackio_dir_that_cannot_be_written_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+def test_a_trackio_dir_that_cannot_be_written_is_one_line_before_any_work(tmp_path, own_working_directory):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    monkeypatch.setenv("TRACKIO_DIR", str(blocker / "trackio"))
-    assert cli(["train", "recipes/tiny.yaml", "--report_to", "trackio", "--output_dir", "run"]) == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("locedit: error:")]
+    env = {**os.environ, "TRACKIO_DIR": str(blocker / "trackio")}  # trackio reads it once, as it is imported
+    argv = ["train", "recipes/tiny.yaml", "--report_to", "trackio", "--output_dir", "run"]
+    result = subprocess.run(
+        [sys.executable, "-m", "locedit.cli", *argv], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("locedit: error:")]
     assert len(errors) == 1 and "TRACKIO_DIR" in errors[0] and str(blocker / "trackio") in errors[0]
-    assert not os.path.exists("run")  # nothing started
+    assert "Traceback" not in result.stderr and not (own_working_directory / "run").exists()  # nothing started
 
 
 def test_training_is_tracked_on_both_with_its_group_and_per_head_norms(offline_wandb):

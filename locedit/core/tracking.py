@@ -59,13 +59,21 @@ def recipe_project(project: str | None, recipe_name: str) -> str:
 
 
 def trackio_dir() -> Path:
-    """Where trackio keeps its projects, as trackio resolves it (TRACKIO_DIR, else $HF_HOME/trackio)."""
+    """Where trackio keeps its projects, as trackio resolves it as it is imported (TRACKIO_DIR, else
+    $HF_HOME/trackio)."""
     if os.environ.get("TRACKIO_DIR"):
         return Path(os.environ["TRACKIO_DIR"]).expanduser()
     hf_home = os.environ.get("HF_HOME") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
     )
     return Path(hf_home).expanduser() / "trackio"
+
+
+def trackio_writes_to() -> Path:
+    """Where this process's trackio writes: it reads the environment once, as it is imported."""
+    if "trackio.utils" in sys.modules:
+        return Path(sys.modules["trackio.utils"].TRACKIO_DIR)
+    return trackio_dir()
 
 
 def check_trackers(report_to, project: str) -> None:
@@ -87,7 +95,7 @@ def check_trackers(report_to, project: str) -> None:
                 "--report_to none"
             ) from None
     if "trackio" in trackers:
-        where = trackio_dir()
+        where = trackio_writes_to()
         existing = next((path for path in (where, *where.parents) if path.exists()), None)
         if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
             raise RecipeError(
@@ -150,7 +158,7 @@ class _TrackioRun:
             group=group,
             config={**config, "job_type": job_type},
             resume="allow",  # as transformers' callback: the same run again (a resumed stage) continues it
-            space_id=None,  # local only, whatever TRACKIO_SPACE_ID says
+            space_id=None,  # a Space only where the user names one (TRACKIO_SPACE_ID)
             embed=False,
         )
 

@@ -102,8 +102,8 @@ COMMANDS = {
             ),
             _group(
                 "tracking",
-                ("report_to", "WHERE", "'wandb' to track the run in W&B, or 'none'"),
-                ("wandb_project", "NAME", "the W&B project"),
+                ("report_to", "WHERE", "trackio (a local dashboard: locedit dashboard), wandb, trackio,wandb or none"),
+                ("wandb_project", "NAME", "the project on trackio and W&B (default locedit-RECIPE)"),
                 ("logging_steps", "N", "log every N steps"),
             ),
         ],

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from ..core.files import atomic_path, write_text_atomic
 from ..core.recipe import Recipe
-from ..core.tracking import TRACKING_FILE, Image, Markdown, Table, tracked_run, trackers_of, trackio_dir
+from ..core.tracking import TRACKING_FILE, Image, Markdown, Table, tracked_run, trackers_of, trackio_writes_to
 from ..evaluation.breakage import Breakage
 from ..evaluation.metric_registry import MAIN, METRICS, Metric, all_metrics, get_metric, register_metric
 from ..rundir import read_evaluation, read_training_loss
@@ -411,7 +411,7 @@ def track_study(report: dict, recipe: Recipe, study_dir: str, report_dir: str) -
         run.summary({"study/metric": report["metric"], **best})
     where = {"project": project, "trackers": trackers, "run": f"{recipe.name}-study"}
     if "trackio" in trackers:
-        where["trackio_dir"] = str(trackio_dir().resolve())
+        where["trackio_dir"] = str(trackio_writes_to().resolve())
     write_text_atomic(os.path.join(study_dir, TRACKING_FILE), json.dumps(where, indent=2) + "\n")
 
 
