@@ -86,6 +86,7 @@ def main() -> None:
         order = TRACKERS if round_index % 2 == 0 else TRACKERS[::-1]
         for tracker in order:
             times[tracker].append(seconds_per_step(path, pairs, tracker, steps))
+    print("seconds per step, by round: " + "; ".join(f"{t} {[round(x, 3) for x in times[t]]}" for t in TRACKERS))
     base = statistics.median(times["none"])
     print(f"report_to none   : {1000 * base:7.1f} ms/step")
     for tracker in TRACKERS[1:]:

@@ -47,7 +47,7 @@ def make_parser() -> OneLineParser:
 def sweep(args: argparse.Namespace) -> int:
     """List (dry run) or run the sweep; 1 when a run failed."""
     from . import processes
-    from .pipelines.sweep import default_devices, plan_sweep, run_sweep
+    from .pipelines.sweep import default_devices, plan_sweep, report_sweep, run_sweep
 
     if args.dry_run:
         runs = plan_sweep(args.sweep)
@@ -68,6 +68,11 @@ def sweep(args: argparse.Namespace) -> int:
         f"sweep {args.sweep}: {counts['finished']} finished, {counts['skipped']} skipped (done before), "
         f"{counts['failed']} failed; logs in {log_dir}"
     )
+    for best in report_sweep(args.sweep, records, log_dir):
+        print(
+            f"best at {best['head_count']} heads: {best['params']} ({best['metric']} {best['value']:.4g}, "
+            f"of {best['runs']} runs; {best['output_dir']})"
+        )
     return 1 if counts["failed"] else 0
 
 

@@ -222,7 +222,7 @@ def test_the_study_is_on_trackio_and_on_wandb_with_the_same_keys(small_toy_study
     on_trackio, on_wandb = trackio_runs(READBACK_PROJECT), wandb_offline_runs(tmp_path)
     assert set(on_trackio) == set(on_wandb)
     stages = ("-eval", "-probe", "-study")
-    training = {name: run for name, run in on_trackio.items() if not name.endswith(stages)}
+    training = {n: run for n, run in on_trackio.items() if not n.endswith(stages) and not n.startswith("iti-")}
     # One run per trained family (a family of several edits trains as one multi-edit run), in its family's group.
     assert len(training) == 4 and all({"train/loss", "train/rewards/margins"} <= r["keys"] for r in training.values())
     assert {run["group"] for run in training.values()} == {"probe-4", "random-4", "single-head", "all-heads"}
@@ -231,6 +231,8 @@ def test_the_study_is_on_trackio_and_on_wandb_with_the_same_keys(small_toy_study
     evaluated = [name for name in on_trackio if name.endswith("-eval")]
     assert len(evaluated) == len(report["rows"]) and "base-eval" in evaluated  # every model of the table
     assert {"toy-probe", "toy-study"} <= set(on_trackio)
+    iti = [run for name, run in on_trackio.items() if name.startswith("iti-") and not name.endswith("-eval")]
+    assert len(iti) == 2 and all("iti/edits" in run["keys"] for run in iti)  # at the probe heads, at random heads
     for name in evaluated:
         assert {"eval/true", "eval/info", "eval/mc2", "eval/generations"} <= on_trackio[name]["keys"]
     generations = next(log["eval/generations"] for log in on_trackio["base-eval"]["logs"] if "eval/generations" in log)

@@ -164,3 +164,45 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path):
     failed = next(r for r in records if r["status"] == "failed")
     assert failed["params"]["heads"] == "L0H9" and "out of range" in failed["error"]
     assert (tmp_path / failed["log"]).is_file()  # paths are relative to where the sweep ran, as output_dir is
+
+
+def test_a_sweep_names_the_best_run_per_head_count_in_best_json_and_on_its_dashboard(tmp_path):
+    """A learning-rate sweep at one and at two heads: each head count's best run by the sweep's metric (the lowest
+    training loss here), with its learning rate, in best.json and as a table of a tracked run `SWEEP-sweep`."""
+    from test_tracking import trackio_runs
+
+    sweep_file = write_sweep(
+        tmp_path / "lr.yaml",
+        {"heads": {"values": ["L0H1", "L0H1,L1H2"]}, "learning_rate": {"values": [0.003, 0.03]}},
+    )
+    spec = yaml.safe_load(sweep_file.read_text())
+    del spec["parameters"]["heads_seed"]
+    spec["metric"] = {"name": "train_loss", "goal": "minimize"}
+    command = spec["command"]
+    command[command.index("--report_to") + 1 : command.index("--report_to") + 2] = ["trackio"]
+    command[-1:-1] = ["--wandb_project", "locedit-sweep-test"]
+    sweep_file.write_text(yaml.safe_dump(spec))
+    process = sweep(tmp_path, sweep_file)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+
+    losses = {}
+    for run_dir in run_dirs(tmp_path):
+        heads = len(json.loads((run_dir / "heads.json").read_text())["heads"])
+        loss = json.loads((run_dir / "metrics.json").read_text())["train_loss"]
+        losses.setdefault(heads, []).append((loss, run_dir))
+    best = json.loads((tmp_path / "outputs/sweeps/lr/best.json").read_text())
+    assert [entry["head_count"] for entry in best] == [1, 2]
+    for entry in best:
+        loss, run_dir = min(losses[entry["head_count"]])
+        assert entry["value"] == loss and entry["runs"] == 2
+        assert (tmp_path / entry["output_dir"]).resolve() == run_dir.resolve()
+        assert f"best at {entry['head_count']} heads: {entry['params']}" in output
+    table = next(
+        log["sweep/best_per_head_count"]
+        for log in trackio_runs("locedit-sweep-test")["lr-sweep"]["logs"]
+        if "sweep/best_per_head_count" in log
+    )
+    assert [(row["head_count"], row["heads"], row["learning_rate"]) for row in table["_value"]] == [
+        (entry["head_count"], entry["params"]["heads"], entry["params"]["learning_rate"]) for entry in best
+    ]

@@ -158,3 +158,23 @@ def test_training_is_tracked_on_both_with_its_group_and_per_head_norms(offline_w
     # What transformers' W&B callback puts in the summary alone (its trackio callback leaves them out).
     ignored = {"total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss"}
     assert trackio_run["keys"] == wandb_run["keys"] - ignored
+
+
+def test_judge_training_is_tracked_with_its_held_out_accuracy(tmp_path, shared_data_dir, tiny_model_dir):
+    """`locedit judge-train` with report_to trackio: the training curves through TRL's SFTTrainer and the held-out
+    scores as a run beside them, both in the judge's group of the judges' project."""
+    from locedit.judge_train import cli as judge_train_cli
+
+    argv = ["--judge_data", str(shared_data_dir / "truthfulqa" / "finetune_truth.jsonl"), "--judge_max_examples", "32"]
+    argv += ["--model_name_or_path", str(tiny_model_dir("llama")), "--output_dir", str(tmp_path / "truth-judge")]
+    argv += ["--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--save_strategy", "no"]
+    argv += ["--report_to", "trackio", "--project", "locedit-judge-test", "--logging_steps", "1"]
+    assert judge_train_cli([*argv, "--dataloader_pin_memory", "false"]) == 0
+
+    runs = trackio_runs("locedit-judge-test")
+    assert set(runs) == {"truth-judge", "truth-judge-held-out"}
+    assert runs["truth-judge"]["group"] == runs["truth-judge-held-out"]["group"] == "judge-truth"
+    assert "train/loss" in runs["truth-judge"]["keys"]
+    metrics = json.loads((tmp_path / "truth-judge" / "judge_metrics.json").read_text())
+    logged = {key: value for log in runs["truth-judge-held-out"]["logs"] for key, value in log.items()}
+    assert logged["judge/held_out_accuracy"] == metrics["held_out_accuracy"]

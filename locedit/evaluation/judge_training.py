@@ -26,9 +26,11 @@ from trl import SFTConfig, SFTTrainer
 from ..core.args import ModelArguments
 from ..core.errors import DataError, RecipeError
 from ..core.files import write_json_atomic
+from ..core.tracking import check_trackers, run_tracking, tracked_run
 from ..data import hold_out
 from ..models.loading import load_model_and_tokenizer
 from ..models.sources import resolve_model_path
+from ..training.tracking import group_tracked_runs
 from .judge_data import load_judge_data
 from .judges import HFJudge, aspect_of_prompt, verdicts
 
@@ -119,8 +121,11 @@ def train_judge(data_args: JudgeDataArguments, model_args: ModelArguments, args:
         raise RecipeError(f"judge_kind '{data_args.judge_kind}' is not valid; choose hf or cpu")
     if data_args.judge_max_examples is not None and data_args.judge_max_examples < 2:
         raise RecipeError(f"judge_max_examples must be at least 2, got {data_args.judge_max_examples}")
+    # The judges' own tracking project, unless the recipe names one (transformers' default is "huggingface").
+    project = JUDGE_PROJECT if args.project == "huggingface" else args.project
+    check_trackers(args.report_to, project)
     if data_args.judge_kind == "cpu":
-        return train_cpu_judge(data_args, model_args, args)
+        return track_judge(train_cpu_judge(data_args, model_args, args), args, project)
     rows = load_judge_data(data_args.judge_data)
     aspect = aspect_of_prompt(rows[0]["prompt"])
     if data_args.judge_max_examples is not None:
@@ -147,7 +152,9 @@ def train_judge(data_args: JudgeDataArguments, model_args: ModelArguments, args:
         train_dataset=datasets.Dataset.from_list(train_rows),
         processing_class=tokenizer,
     )
-    train_result = trainer.train()
+    group_tracked_runs(trainer)  # its run in the judge's group on trackio and W&B
+    with run_tracking(args, project, f"judge-{aspect}", announce=state.is_main_process):
+        train_result = trainer.train()
     trainer.save_model(args.output_dir)
     metrics = {
         "aspect": aspect,
@@ -162,6 +169,7 @@ def train_judge(data_args: JudgeDataArguments, model_args: ModelArguments, args:
         metrics.update(judge_accuracy(judge, held_out))
     if trainer.is_world_process_zero():
         write_json_atomic(os.path.join(args.output_dir, "judge_metrics.json"), metrics)
+        track_judge(metrics, args, project)
         if "held_out_accuracy" in metrics:
             print(
                 f"locedit judge-train: held-out accuracy {metrics['held_out_accuracy']:.4f} on "
@@ -169,6 +177,21 @@ def train_judge(data_args: JudgeDataArguments, model_args: ModelArguments, args:
                 f"(yes share {metrics['held_out_yes_fraction']:.3f}); use it as hf:{args.output_dir}",
                 flush=True,
             )
+    return metrics
+
+
+JUDGE_PROJECT = "locedit-judges"
+
+
+def track_judge(metrics: dict, args: JudgeTrainConfig, project: str) -> dict:
+    """The judge's held-out scores as a tracked run `NAME-held-out` (report_to), beside its training curves."""
+    name = os.path.basename(os.path.normpath(args.output_dir))
+    scores = {f"judge/{key}": value for key, value in metrics.items() if isinstance(value, int | float)}
+    config = {key: value for key, value in metrics.items() if isinstance(value, str)}
+    group = f"judge-{metrics['aspect']}"
+    with tracked_run(args.report_to, project, f"{name}-held-out", group, "judge", config) as run:
+        if run is not None:
+            run.summary(scores)
     return metrics
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from ..core.recipe import Recipe
+from ..core.tracking import Table, tracked_run
 from ..edit import add_iti_edit
 from ..heads import HeadSpec, draw_recipe, format_heads
 from ..locate.probes import PROBE_JSON
@@ -103,7 +104,7 @@ def make_iti_edits(recipe: Recipe):
             locate_heads(plan, recipe, model, tokenizer)
             print(f"  heads        {plan.heads_line()}", flush=True)
         result, alpha = plan.probe_result, recipe.probe.iti_alpha
-        metrics = {}
+        metrics, made = {}, []
         for run_recipe, draw, output_dir in runs:
             heads = plan.heads if draw is plan.spec else draw.resolve(plan.layout)
             edited = add_iti_edit(model, result, heads, alpha)
@@ -122,10 +123,28 @@ def make_iti_edits(recipe: Recipe):
                 "theta_norm": [round(float(result.sigma[layer, head]), 6) for layer, head in heads],  # ||sigma u||
             }
             write_metrics(output_dir, metrics)  # last: marks the run finished
+            made.append((os.path.basename(output_dir), metrics))
             model = edited.unload()  # the base model again, for the next head set
             print(f"  saved        {output_dir}", flush=True)
         if len(runs) > 1:
             # As a multi-edit training run: the top directory lists its edits; `locedit eval DIR` evaluates them all.
             metrics = {"method": "iti", "iti_alpha": alpha, "edits": [os.path.basename(d) for _, _, d in runs]}
             write_metrics(plan.output_dir, metrics)
+    track_iti_edits(recipe, plan, made)
     return metrics
+
+
+def track_iti_edits(recipe: Recipe, plan, made: list[tuple[str, dict]]) -> None:
+    """The ITI edits just made as a tracked run named after their directory (report_to): one row per edit, its
+    heads, their probe accuracies and the norm of each head's shift."""
+    columns = ["edit", "heads", "iti_alpha", "probe_val_accuracy", "theta_norm"]
+    listed = lambda values: ", ".join(f"{value:.4g}" for value in values)  # noqa: E731  (one cell per edit)
+    rows = [
+        [name, m["heads_spec"], m["iti_alpha"], listed(m["probe_val_accuracy"]), listed(m["theta_norm"])]
+        for name, m in made
+    ]
+    name, family = os.path.basename(plan.output_dir), plan.spec.family
+    config = {"model": recipe.model.model_name_or_path, "probe_results": plan.probe_result.path}
+    with tracked_run(recipe.training.report_to, recipe.edit.wandb_project, name, family, "iti", config) as run:
+        if run is not None:
+            run.log({"iti/edits": Table(columns, rows)})

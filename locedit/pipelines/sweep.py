@@ -31,8 +31,9 @@ import yaml
 from .. import processes
 from ..config import parse_recipe
 from ..core.errors import USER_ERRORS, RecipeError
-from ..core.files import write_text_atomic, yaml_problem
-from ..rundir import is_finished, output_dir_of
+from ..core.files import read_json, write_json_atomic, write_text_atomic, yaml_problem
+from ..core.tracking import Table, tracked_run
+from ..rundir import expand_run_dirs, is_finished, output_dir_of, read_heads, read_metrics
 
 PROGRAM = "locedit.train"
 
@@ -268,3 +269,67 @@ def default_devices() -> list[str | None]:
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return [str(i) for i in range(count)] or [None]
+
+
+def metric_value(run_dir: str, name: str) -> float | None:
+    """A finished run's value of a sweep's metric: `eval/KEY` from its evaluation (eval_after_train), else its
+    training metrics' `eval_KEY` (validation, as the Trainer logs `eval/loss`), else the training metrics' NAME."""
+    key = name.split("/", 1)[1] if name.startswith("eval/") else name
+    evaluation = os.path.join(run_dir, "eval", "metrics.json")
+    if name.startswith("eval/") and os.path.isfile(evaluation):
+        value = read_json(evaluation, "evaluate the run again").get(key)
+        if value is not None:
+            return value
+    metrics = read_metrics(run_dir)
+    value = metrics.get(f"eval_{key}" if name.startswith("eval/") else name)
+    return value if isinstance(value, int | float) else None
+
+
+def best_per_head_count(path: str, records: list[dict]) -> list[dict]:
+    """For each number of edited heads, the finished run of the sweep whose edits reach the best mean value of its
+    metric (`metric: name, goal` of the sweep file), with the parameters that made it: the best learning rate per
+    head count of a learning-rate sweep. A run of several edits scores the mean over them."""
+    sweep = load_sweep(path)
+    metric = sweep.get("metric") or {}
+    name, goal = metric.get("name"), metric.get("goal", "minimize")
+    if not name:
+        return []
+    by_count: dict[int, list[dict]] = {}
+    for record in records:
+        if record["status"] not in ("finished", "skipped"):
+            continue
+        edits = expand_run_dirs([record["output_dir"]])
+        values = [metric_value(edit, name) for edit in edits]
+        if not values or any(value is None for value in values):
+            continue
+        count = len(read_heads(edits[0])["heads"])
+        entry = {"head_count": count, "params": record["params"], "output_dir": record["output_dir"]}
+        by_count.setdefault(count, []).append({**entry, "edits": len(edits), "value": sum(values) / len(values)})
+    pick = max if goal == "maximize" else min
+    return [
+        {**pick(runs, key=lambda run: run["value"]), "metric": name, "goal": goal, "runs": len(runs)}
+        for count, runs in sorted(by_count.items())
+    ]
+
+
+def report_sweep(path: str, records: list[dict], log_dir: str) -> list[dict]:
+    """best.json in the log directory (each head count's best run, `best_per_head_count`) and, with the runs'
+    report_to, a tracked run `SWEEP-sweep` whose table lists it. Returns the best runs."""
+    best = best_per_head_count(path, records)
+    write_json_atomic(os.path.join(log_dir, "best.json"), best)
+    finished = [record for record in records if record["status"] in ("finished", "skipped")]
+    if not best or not finished:
+        return best
+    recipe = parse_recipe(train_arguments(finished[0]["command"]), prog="locedit train")
+    params = sorted({key for run in best for key in run["params"]})
+    columns = ["head_count", *params, best[0]["metric"], "runs", "output_dir"]
+    rows = [
+        [run["head_count"], *(run["params"].get(key) for key in params), run["value"], run["runs"], run["output_dir"]]
+        for run in best
+    ]
+    name = f"{Path(path).stem}-sweep"
+    with tracked_run(recipe.training.report_to, recipe.edit.wandb_project, name, "sweep", "sweep") as run:
+        if run is not None:
+            run.log({"sweep/best_per_head_count": Table(columns, rows)})
+            run.summary({f"sweep/best/{entry['head_count']}_heads": entry["value"] for entry in best})
+    return best
