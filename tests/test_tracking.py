@@ -178,3 +178,23 @@ def test_judge_training_is_tracked_with_its_held_out_accuracy(tmp_path, shared_d
     metrics = json.loads((tmp_path / "truth-judge" / "judge_metrics.json").read_text())
     logged = {key: value for log in runs["truth-judge-held-out"]["logs"] for key, value in log.items()}
     assert logged["judge/held_out_accuracy"] == metrics["held_out_accuracy"]
+
+
+def test_a_multi_edit_run_tracks_each_edits_own_loss_and_head_norms():
+    """A family of several edits trains as one run: each edit's own IPO loss and its norm at its head are curves of
+    their own (`edits/NAME/...`); at each step the run's logged loss is the mean of its edits' losses."""
+    flags = ["--dataset", "synthetic:40", "--logging_steps", "1", "--save_strategy", "no"]
+    argv = ["train", "recipes/tiny.yaml", *flags, "--heads", "random:1", "--heads_draws", "2"]
+    assert cli([*argv, "--report_to", "trackio", "--wandb_project", "locedit-multi", "--output_dir", "family"]) == 0
+
+    (run,) = trackio_runs("locedit-multi").values()
+    edits = json.loads(Path("family/metrics.json").read_text())["edits"]
+    assert len(edits) == 2
+    for name in edits:
+        heads = json.loads(Path("family", name, "heads.json").read_text())["heads"]
+        assert f"train/edits/{name}/L{heads[0][0]}H{heads[0][1]}/b_norm" in run["keys"]
+    steps = [log for log in run["logs"] if "train/loss" in log]
+    assert len(steps) == 6
+    for log in steps:
+        own = [log[f"train/edits/{name}/loss"] for name in edits]
+        assert log["train/loss"] == pytest.approx(sum(own) / len(own), rel=1e-6)

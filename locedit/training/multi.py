@@ -65,6 +65,7 @@ class EditBank(nn.Module):
     ):
         super().__init__()
         self.num_edits = len(head_sets)
+        self.num_heads = layout.num_heads
         self.edit_read, self.edit_strength = edit_read, edit_strength
         self.layers = sorted({layer for heads in head_sets for layer, _ in heads})
         self.a = nn.ParameterDict()
@@ -87,6 +88,18 @@ class EditBank(nn.Module):
 
     def mask(self, layer: int) -> torch.Tensor:
         return getattr(self, f"mask_{layer}")
+
+    def head_norms(self) -> list[dict[tuple[int, int], float]]:
+        """Each edit's norm of m * b at each of its heads (what it adds to that head's output), as
+        `locedit.edit.edit_norms` gives one edit's."""
+        norms: list[dict[tuple[int, int], float]] = [{} for _ in range(self.num_edits)]
+        for layer in self.layers:
+            masked = (self.b[str(layer)] * self.mask(layer)).detach().float()
+            per_head = masked.reshape(self.num_edits, self.num_heads, -1).norm(dim=2)
+            edited = self.mask(layer).reshape(self.num_edits, self.num_heads, -1).amax(dim=2) > 0
+            for edit, head in edited.nonzero().tolist():
+                norms[edit][(layer, head)] = float(per_head[edit, head])
+        return norms
 
     def edit_vectors(self, layer: int, edit: int) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(a, b) of one edit at one layer, as a saved edit stores them (b unmasked; the mask comes from its heads)."""
@@ -191,9 +204,10 @@ class MultiEditTrainer(PairScoringMixin, CachedReferenceMixin, DPOTrainer):
     edit's gradient on its own. With b = 0 at the start the model is the reference, whose log-probs are precomputed.
     """
 
-    def __init__(self, *args, bank: EditBank, **kwargs):
+    def __init__(self, *args, bank: EditBank, edit_names: list[str] | None = None, **kwargs):
         require_ipo(kwargs.get("args"))
         self.bank = bank
+        self.edit_names = edit_names  # each edit's own curves on the dashboard, under edits/NAME/
         self.pair_scorer_first_layer = bank.first_layers.tolist()
         self.pair_scorer_routing = bank
         super().__init__(*args, **kwargs)
@@ -253,7 +267,14 @@ class MultiEditTrainer(PairScoringMixin, CachedReferenceMixin, DPOTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self.edit_losses is not None:
+            logged = len(self.edit_losses.logged[0])
             self.edit_losses.log(self.accelerator)  # each edit's loss since the last log, as its own run logs it
+            if self.edit_names and len(self.edit_losses.logged[0]) > logged:
+                for name, losses in zip(self.edit_names, self.edit_losses.logged, strict=True):
+                    logs[f"edits/{name}/loss"] = losses[-1]
+        if "loss" in logs and self.edit_names:
+            for name, norms in zip(self.edit_names, self.bank.head_norms(), strict=True):
+                logs.update({f"edits/{name}/L{layer}H{head}/b_norm": norm for (layer, head), norm in norms.items()})
         # Losses are sums over the K edits (see compute_loss); log the mean per edit, comparable to a single run.
         # In place: the trainer returns this same dict from train() and evaluate().
         for key in ("loss", "eval_loss", "train_loss", "train_pairs_loss"):
@@ -435,7 +456,10 @@ def train_multi_edit(
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
 
-    trainer = MultiEditTrainer(model=model, **training_inputs(plan, args), processing_class=tokenizer, bank=bank)
+    names = [os.path.basename(run.output_dir) for run in runs]
+    trainer = MultiEditTrainer(
+        model=model, **training_inputs(plan, args), processing_class=tokenizer, bank=bank, edit_names=names
+    )
     metrics = {**train_and_validate(trainer, run_dir), "data_rows_skipped": plan.data_rows_skipped}
     trainer.save_state()
     own = trainer.edit_metrics(metrics)
