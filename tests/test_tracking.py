@@ -1,10 +1,12 @@
-"""Tracking on trackio and W&B, read back with each tracker's own reader: trackio's SQLite storage and wandb's record
-reader of offline runs (what `wandb sync` reads)."""
+"""Tracking on trackio and W&B, read back: trackio's projects with trackio's own SQLite storage, W&B's offline runs
+record by record as wandb's own protobuf Records (what `wandb sync` uploads)."""
 
 import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -27,20 +29,51 @@ def trackio_runs(project: str) -> dict[str, dict]:
     return runs
 
 
+# The record file of an offline W&B run (run-ID.wandb): a 7-byte header, then the blocks of LevelDB's log format
+# (https://github.com/google/leveldb/blob/main/doc/log_format.md), each record a serialized wandb Record. wandb wrote
+# a Python reader of it until 0.22 (wandb.sdk.internal.datastore); since, only its Go core reads it, so the tests
+# read it by the format's definition and check every record's checksum.
+BLOCK, RECORD_HEADER = 32768, 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def wandb_records(path: Path):
+    """The serialized Records of an offline run's record file, in order, each checked against its CRC-32 (seeded,
+    as wandb writes it, with the CRC of its record type)."""
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B" and struct.unpack("<HB", data[4:7]) == (0xBEE1, 0), f"{path} is not a W&B record file"
+    offset, pending = 7, b""
+    while offset + RECORD_HEADER <= len(data):
+        if BLOCK - offset % BLOCK < RECORD_HEADER:  # a block's tail too short for a header is padding
+            offset += BLOCK - offset % BLOCK
+            continue
+        checksum, length, kind = struct.unpack("<IHB", data[offset : offset + RECORD_HEADER])
+        if length == 0 and kind == 0:  # zeros: the end of what was written
+            break
+        chunk = data[offset + RECORD_HEADER : offset + RECORD_HEADER + length]
+        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == checksum, f"{path}: bad checksum at byte {offset}"
+        offset += RECORD_HEADER + length
+        if kind == FULL:
+            yield chunk
+        elif kind == FIRST:
+            pending = chunk
+        elif kind == MIDDLE:
+            pending += chunk
+        elif kind == LAST:
+            yield pending + chunk
+
+
 def wandb_offline_runs(wandb_dir: Path) -> dict[str, dict]:
-    """Every offline W&B run under `wandb_dir`, read record by record with wandb's own reader: its project, group,
-    job type, and the keys of its history and summary (a media value's key, not its file's fields)."""
+    """Every offline W&B run under `wandb_dir`, each record parsed as wandb's own protobuf Record: its project, group,
+    job type, and the keys and values of its history and summary (a media value's key, not its file's fields)."""
     import wandb
     from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal.datastore import DataStore
 
     wandb.teardown()  # the service writes the files: teardown waits until it is done
     runs = {}
     for path in sorted(Path(wandb_dir).glob("wandb/offline-run-*/run-*.wandb")):
-        store = DataStore()
-        store.open_for_scan(str(path))
         run = {"keys": set(), "values": {}}
-        while (data := store.scan_data()) is not None:
+        for data in wandb_records(path):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(data)
             kind = record.WhichOneof("record_type")
