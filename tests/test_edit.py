@@ -18,7 +18,15 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from locedit.core.errors import EditLoadError
-from locedit.edit import HeadEditConfig, HeadEditLayer, add_edit, edit_layers, edit_norms, load_edit
+from locedit.edit import (
+    HeadEditConfig,
+    HeadEditLayer,
+    add_edit,
+    edit_head_norms,
+    edit_layers,
+    edit_norms,
+    load_edit,
+)
 from locedit.heads import resolve_heads
 from locedit.models.layout import AttentionLayout
 
@@ -565,6 +573,20 @@ def test_edit_norms(tiny_model_dir):
         assert norms[f"edit/L{layer}/a_norm"] == pytest.approx(float(a.norm()), rel=1e-6)
     constant, _, _ = make_edit(tiny_model_dir("qwen2"), SPEC_ONE_LAYER, "constant")
     assert set(edit_norms(constant)) == {"edit/L1/b_norm"}
+
+
+def test_edit_head_norms_are_the_norm_of_each_edited_heads_slice_of_b(tiny_model_dir):
+    model, layout, heads = make_edit(tiny_model_dir("qwen2"), SPEC_TWO_LAYERS)
+    randomize(model)
+    norms = edit_head_norms(model)
+    assert set(norms) == {f"edit/L{layer}H{head}/b_norm" for layer, head in heads}  # the edited heads only
+    for layer, module in edit_layers(model).items():
+        _, b = edit_vectors(module)
+        head_dim = b.numel() // layout.num_heads
+        for edited_layer, head in heads:
+            if edited_layer == layer:
+                own = b[head * head_dim : (head + 1) * head_dim]
+                assert norms[f"edit/L{layer}H{head}/b_norm"] == pytest.approx(float(own.norm()), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from .adapter import HeadEditConfig, HeadEditLayer, check_edit_fits, head_mask, initial_read_vector, register_with_peft
 from .iti import add_iti_edit, iti_vectors
-from .model import add_edit, edit_layers, edit_norms, load_edit
+from .model import add_edit, edit_head_norms, edit_layers, edit_norms, load_edit
 
 __all__ = [
     "HeadEditConfig",
@@ -11,6 +11,7 @@ __all__ = [
     "add_iti_edit",
     "check_edit_fits",
     "edit_layers",
+    "edit_head_norms",
     "edit_norms",
     "head_mask",
     "initial_read_vector",

@@ -13,7 +13,7 @@ import re
 from transformers import Trainer
 from trl import DPOTrainer
 
-from ..edit import HeadEditConfig, edit_norms
+from ..edit import HeadEditConfig, edit_head_norms, edit_norms
 from .pair_logps import PairScoringMixin
 from .reference import CachedReferenceMixin
 from .tracking import group_tracked_runs
@@ -32,9 +32,10 @@ class LocEditTrainer(PairScoringMixin, CachedReferenceMixin, DPOTrainer):
         group_tracked_runs(self)  # the run in its head family's group on trackio and W&B
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # Training logs (they carry "loss") also get the per-layer norms of a and of m * b.
+        # Training logs (they carry "loss") also get the per-layer norms of a and of m * b, and per edited head.
         if "loss" in logs:
-            logs = {**logs, **edit_norms(self.accelerator.unwrap_model(self.model))}
+            model = self.accelerator.unwrap_model(self.model)
+            logs = {**logs, **edit_norms(model), **edit_head_norms(model)}
         super().log(logs, start_time)
 
 
