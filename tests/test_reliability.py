@@ -358,7 +358,10 @@ def test_an_interrupted_sweep_leaves_no_orphan_and_resumes(sig, uninterrupted, o
     code, _ = interrupt(["sweep", str(path)], own_working_directory, lambda: (first / LOCK).is_file(), sig)
     if sig == signal.SIGINT:
         assert code == 130
-    child = int((first / LOCK).read_text()) if (first / LOCK).is_file() else None
+    try:  # the lock's holder, unless the run has ended (and removed its lock) already
+        child = int((first / LOCK).read_text())
+    except FileNotFoundError:
+        child = None
     if child is not None:  # the run dies with its sweep (at once after SIGKILL, after its own Ctrl-C otherwise)
         wait_for(lambda: not os.path.exists(f"/proc/{child}") or _zombie(child), timeout=60)
     rerun = run_command(["sweep", str(path)], own_working_directory)
