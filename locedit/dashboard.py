@@ -52,7 +52,7 @@ def find_project(what: str) -> tuple[str, Path, str]:
     if path.is_dir():
         return study_project(path)
     if path.is_file() or path.suffix in RECIPE_SUFFIXES:
-        project, named_by = recipe_project(path)
+        project, named_by = project_of_recipe(path)
         return project, trackio_dir(), named_by
     if not PROJECT_NAME.fullmatch(what):
         raise RecipeError(
@@ -87,7 +87,7 @@ def study_project(study_dir: Path) -> tuple[str, Path, str]:
     return project, Path(where.get("trackio_dir") or trackio_dir()), f"the {TRACKING_FILE} of {study_dir}"
 
 
-def recipe_project(path: Path) -> tuple[str, str]:
+def project_of_recipe(path: Path) -> tuple[str, str]:
     """A recipe's tracking project, and what to say if it has none yet."""
     from .config import parse_recipe
 

@@ -147,20 +147,13 @@ READBACK_PROJECT = "locedit-toy-readback"
 def small_toy_study(tmp_path_factory):
     """The whole study on the toy model (one random set and one single head instead of eight), tracked on trackio
     and on W&B offline: its directory, its report and W&B's directory."""
-    tmp_path = tmp_path_factory.mktemp("small-study")
-    import wandb
+    from test_tracking import wandb_offline_in
 
-    with pytest.MonkeyPatch.context() as monkeypatch:
+    tmp_path = tmp_path_factory.mktemp("small-study")
+    with pytest.MonkeyPatch.context() as monkeypatch, wandb_offline_in(tmp_path, monkeypatch):
         monkeypatch.chdir(tmp_path)
-        for var in ["WANDB_API_KEY", "WANDB_PROJECT", "WANDB_RUN_GROUP"]:
-            monkeypatch.delenv(var, raising=False)
-        monkeypatch.setenv("WANDB_MODE", "offline")
-        monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-        monkeypatch.setenv("WANDB_SILENT", "true")
-        wandb.teardown()  # wandb keeps the settings of its first run in a process (WANDB_DIR among them)
         tracking = ["--report_to", "trackio,wandb", "--wandb_project", READBACK_PROJECT]
         report = study.main([TOY, "--study_random", "1", "--study_single", "1", *tracking])
-        wandb.teardown()
     return tmp_path, report
 
 

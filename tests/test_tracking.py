@@ -1,6 +1,7 @@
 """Tracking on trackio and W&B, read back: trackio's projects with trackio's own SQLite storage, W&B's offline runs
 record by record as wandb's own protobuf Records (what `wandb sync` uploads)."""
 
+import contextlib
 import json
 import os
 import struct
@@ -91,19 +92,28 @@ def wandb_offline_runs(wandb_dir: Path) -> dict[str, dict]:
     return runs
 
 
-@pytest.fixture
-def offline_wandb(tmp_path, monkeypatch):
-    """W&B offline into a directory of the test's own (conftest disables it)."""
+@contextlib.contextmanager
+def wandb_offline_in(directory: Path, monkeypatch):
+    """W&B offline into `directory` while the block runs (conftest disables it), with no project or group given."""
+    import wandb
+
     for var in ["WANDB_API_KEY", "WANDB_PROJECT", "WANDB_RUN_GROUP"]:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_DIR", str(directory))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    import wandb
-
     wandb.teardown()  # wandb keeps the settings of its first run in a process (WANDB_DIR among them)
-    yield tmp_path
-    wandb.teardown()
+    try:
+        yield directory
+    finally:
+        wandb.teardown()
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """W&B offline into a directory of the test's own."""
+    with wandb_offline_in(tmp_path, monkeypatch):
+        yield tmp_path
 
 
 @pytest.mark.parametrize(

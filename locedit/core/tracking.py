@@ -147,7 +147,20 @@ class Markdown:
     text: str
 
 
-class _TrackioRun:
+class _BackendRun:
+    """One tracker's run (`self.run`): values logged as its own objects (`convert`)."""
+
+    def convert(self, value):
+        raise NotImplementedError
+
+    def log(self, values: dict) -> None:
+        self.run.log({key: self.convert(value) for key, value in values.items()})
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+class _TrackioRun(_BackendRun):
     def __init__(self, project, name, group, job_type, config):
         import trackio
 
@@ -171,18 +184,12 @@ class _TrackioRun:
             return self.trackio.Markdown(value.text)
         return value
 
-    def log(self, values: dict) -> None:
-        self.run.log({key: self.convert(value) for key, value in values.items()})
-
     def summary(self, values: dict) -> None:
         # trackio has no summary: the values are one logged step (strings too; the dashboard shows numbers).
         self.log(values)
 
-    def finish(self) -> None:
-        self.run.finish()
 
-
-class _WandbRun:
+class _WandbRun(_BackendRun):
     def __init__(self, project, name, group, job_type, config):
         import wandb
 
@@ -201,14 +208,8 @@ class _WandbRun:
             return self.wandb.Html(f"<pre>{html.escape(value.text)}</pre>")
         return value
 
-    def log(self, values: dict) -> None:
-        self.run.log({key: self.convert(value) for key, value in values.items()})
-
     def summary(self, values: dict) -> None:
         self.run.summary.update(values)
-
-    def finish(self) -> None:
-        self.run.finish()
 
 
 BACKENDS = {"trackio": _TrackioRun, "wandb": _WandbRun}

@@ -295,7 +295,7 @@ def probe_recipe(recipe: Recipe) -> ProbeResult | ProbeStage:
 def track_probe(result: ProbeResult, recipe: Recipe, output_dir: str, top: int = 16) -> None:
     """The probe as a tracked run named `probe` (report_to: trackio and/or W&B): its heatmap as an image, its
     `top` heads by validation accuracy as a table."""
-    heads = result.top_heads(min(top, result.num_layers * result.num_heads))
+    heads = result.top_heads(top)
     rows = [[rank, layer, head, result.val_acc((layer, head))] for rank, (layer, head) in enumerate(heads, 1)]
     config = {"model": recipe.model.model_name_or_path, "dataset": recipe.edit.dataset, "heads": result.shape}
     with tracked_run(

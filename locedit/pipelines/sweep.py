@@ -317,10 +317,10 @@ def report_sweep(path: str, records: list[dict], log_dir: str) -> list[dict]:
     report_to, a tracked run `SWEEP-sweep` whose table lists it. Returns the best runs."""
     best = best_per_head_count(path, records)
     write_json_atomic(os.path.join(log_dir, "best.json"), best)
-    finished = [record for record in records if record["status"] in ("finished", "skipped")]
-    if not best or not finished:
+    if not best:
         return best
-    recipe = parse_recipe(train_arguments(finished[0]["command"]), prog="locedit train")
+    # The sweep's recipe (where its runs are tracked): every run's command parsed before the sweep started.
+    recipe = parse_recipe(train_arguments(records[0]["command"]), prog="locedit train")
     params = sorted({key for run in best for key in run["params"]})
     columns = ["head_count", *params, best[0]["metric"], "runs", "output_dir"]
     rows = [

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 from ..core.files import atomic_path, write_text_atomic
 from ..core.recipe import Recipe
@@ -402,8 +403,8 @@ def track_study(report: dict, recipe: Recipe, study_dir: str, report_dir: str) -
         "study/edits": _table(report["rows"]),
         "study/study": Image(os.path.join(study_dir, "study.png")),
         **{f"study/{name[:-4]}": Image(os.path.join(report_dir, name)) for name in _figures(report_dir)},
-        "study/verdict": Markdown(open(os.path.join(report_dir, "verdict.md")).read()),
-        "study/study_md": Markdown(open(os.path.join(study_dir, "study.md")).read()),
+        "study/verdict": Markdown(Path(report_dir, "verdict.md").read_text()),
+        "study/study_md": Markdown(Path(study_dir, "study.md").read_text()),
     }
     best = {f"study/best/{row['family']}": row["best"] for row in report["summary"] if row["best"] is not None}
     with tracked_run(trackers, project, f"{recipe.name}-study", group="study", job_type="study") as run:
