@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from test_reliability import FAST, max_difference, wait_for
+from toy_reference import assert_same_study
 
 from locedit.core import cache, disk
 from locedit.core.files import check_safetensors
@@ -303,11 +303,6 @@ def test_an_evaluation_stopped_by_sigterm_reruns_to_the_same_outputs(whole_run, 
     assert {k: v for k, v in ours.items() if k != "edit"} == {k: v for k, v in theirs.items() if k != "edit"}
 
 
-def without_timings(study_md: str) -> str:
-    """A study's study.md less its wall-time section (the one part that differs from machine to machine)."""
-    return re.sub(r"## Wall time per stage\n.*?(?=\n## )", "", study_md, flags=re.S)
-
-
 def test_a_study_stopped_by_sigterm_resumes_at_the_stage_and_model_where_it_stopped(own_working_directory):
     """The toy study, stopped while it trains a family and again while it evaluates, then run to its end: what was
     finished is left as it is, and the study is README's (docs/toy_study)."""
@@ -332,4 +327,4 @@ def test_a_study_stopped_by_sigterm_resumes_at_the_stage_and_model_where_it_stop
     assert last.count("left as it is") == evaluated_before
     assert last.count("generating 32 answers") == evaluated - evaluated_before
     expected = (REPO / "docs" / "toy_study" / "study.md").read_text()
-    assert without_timings((toy / "study" / "study.md").read_text()) == without_timings(expected)
+    assert_same_study((toy / "study" / "study.md").read_text(), expected)

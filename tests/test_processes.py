@@ -19,7 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+from toy_reference import assert_same_study
+
 from locedit.processes import LAUNCHER_VARIABLES
+from locedit.toy.model import made_like_the_shipped_model
 
 TINY, TINY_PROBE, TOY = "recipes/tiny.yaml", "recipes/tiny_probe.yaml", "recipes/toy.yaml"
 NO_JUDGES = ["--eval_judge_truth", "none", "--eval_judge_info", "none", "--eval_corpus", "none"]
@@ -190,17 +193,27 @@ def study_table(cwd: Path) -> dict:
     return {key: value for key, value in report.items() if key != "timings"}
 
 
+def assert_same_table(cwd: Path, reference: Path) -> None:
+    """The study of `cwd` is that of `reference`: its whole report exactly where the toy reference was made, its
+    study.md's tables within another CPU's rounding elsewhere."""
+    if made_like_the_shipped_model():
+        assert study_table(cwd) == study_table(reference)
+    assert_same_study(*((d / "outputs/toy/study/study.md").read_text() for d in (cwd, reference)))
+
+
 def test_study_with_two_processes_is_the_study_of_one_and_resumes_with_one(tmp_path):
     one = work_dir(tmp_path, "one")
     run("locedit.study", STUDY, 1, one)
-    reference = study_table(one)
 
     two = work_dir(tmp_path, "two")
     out = run("locedit.study", STUDY, 2, two)
     assert out.count("locedit study: wrote") == 1  # the main process writes the report
-    assert study_table(two) == reference
-    assert len(same_files(one / "outputs", two / "outputs", "adapter_model.safetensors")) >= 8
-    assert len(same_files(one / "outputs", two / "outputs", "generations.jsonl")) >= 9
+    assert_same_table(two, one)
+    # Bit for bit where the toy reference was made: a family split by edit trains each edit alone, in matmuls of
+    # other shapes, which another CPU's BLAS can round otherwise (tests/toy_reference.py).
+    if made_like_the_shipped_model():
+        assert len(same_files(one / "outputs", two / "outputs", "adapter_model.safetensors")) >= 8
+        assert len(same_files(one / "outputs", two / "outputs", "generations.jsonl")) >= 9
     # The families of several edits were split by edit: each process trained its share as a run of its own.
     assert len(list((two / "outputs/toy").glob("*/shares/*/metrics.json"))) == 4  # 2 random sets, 2 single heads
     assert not list((one / "outputs/toy").glob("*/shares"))  # one process trains each family as one run
@@ -226,7 +239,7 @@ def test_study_with_two_processes_is_the_study_of_one_and_resumes_with_one(tmp_p
     launched.wait()
     assert not (resumed / "outputs/toy/study/study.json").exists()
     run("locedit.study", STUDY, 1, resumed)
-    assert study_table(resumed) == reference
+    assert_same_table(resumed, one)
 
 
 def test_a_sweep_with_two_processes_shares_its_runs(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 from collections import Counter
 from pathlib import Path
@@ -398,13 +399,32 @@ def test_a_damaged_or_stale_shipped_model_is_never_used(tmp_path, monkeypatch, c
 
 def test_a_rebuild_here_is_the_shipped_toy_model_bit_for_bit():
     """`python -m locedit.toy.model check`: pre-training is deterministic on a machine (threads aside), so on the
-    kind of machine and with the library versions that built the shipped model, a rebuild is that model."""
-    from locedit.toy.model import SHIPPED_DIR, build_environment, check_shipped, read_toy_info
+    kind of machine (CPU model included) and with the library versions that built the shipped model, a rebuild is
+    that model."""
+    from locedit.toy.model import SHIPPED_DIR, check_shipped, made_like_the_shipped_model, read_toy_info
 
-    built_with = read_toy_info(SHIPPED_DIR)["built_with"]
-    if build_environment() != built_with:
+    if not made_like_the_shipped_model():
+        built_with = read_toy_info(SHIPPED_DIR)["built_with"]
         pytest.skip(f"pre-training's bits depend on the CPU and the libraries: built with {built_with}")
     assert check_shipped() == []
+
+
+def test_the_build_environment_names_the_cpu_model(tmp_path, monkeypatch):
+    """Two CPUs of one capability (AVX512) pre-trained the toy model to other bits: the CPU's vendor, family and model
+    are part of what a build is compared on, read from the first processor of /proc/cpuinfo."""
+    import locedit.toy.model as toy_model_module
+
+    processor = "processor\t: {}\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: {}\nmodel name\t: Xeon\n"
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(processor.format(0, 143) + "\n" + processor.format(1, 85))
+    assert toy_model_module.cpu_model(cpuinfo) == "GenuineIntel family 6 model 143"
+    assert toy_model_module.cpu_model(tmp_path / "missing") == (platform.processor() or "unknown")
+    here = toy_model_module.build_environment()
+    assert here["cpu"] == toy_model_module.cpu_model()
+    monkeypatch.setattr(toy_model_module, "cpu_model", lambda: "GenuineIntel family 6 model 143")
+    assert toy_model_module.build_environment() == {**here, "cpu": "GenuineIntel family 6 model 143"}
+    if here["cpu"] != "GenuineIntel family 6 model 143":
+        assert not toy_model_module.made_like_the_shipped_model()  # the same libraries and capability, another CPU
 
 
 def test_pre_training_shows_its_progress_in_order_through_a_pipe(tmp_path):

@@ -16,6 +16,7 @@ bit; `python -m locedit.toy.model rebuild` replaces the shipped one (after a cha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -91,15 +92,39 @@ def _sources() -> list[Path]:
     return [Path(world_module.__file__), Path(__file__), Path(build_tokenizer.__code__.co_filename)]
 
 
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's vendor, family and model as the processor reports them (Linux), else what `platform` knows."""
+    fields = {}
+    with contextlib.suppress(OSError):
+        for line in Path(cpuinfo).read_text().splitlines():
+            if not line.strip():
+                break  # the first processor's block describes them all
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    if {"vendor_id", "cpu family", "model"} <= fields.keys():
+        return f"{fields['vendor_id']} family {fields['cpu family']} model {fields['model']}"
+    return platform.processor() or "unknown"
+
+
 def build_environment() -> dict:
-    """What a pre-training's exact bits depend on beyond the code: the library versions and the CPU's kernels."""
+    """What a pre-training's exact bits depend on beyond the code: the library versions and the CPU's kernels. The
+    CPU's model counts beyond its capability: torch's BLAS (MKL) chooses its kernels by CPU, and two AVX512 CPUs
+    pre-trained the toy model to other bits (and an edit of the toy study answered one question of 32 otherwise)."""
     return {
         "torch": version("torch"),
         "transformers": version("transformers"),
         "tokenizers": version("tokenizers"),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": cpu_model(),
         "machine": platform.machine(),
     }
+
+
+def made_like_the_shipped_model() -> bool:
+    """Whether this machine and these libraries are the ones the shipped model, README's toy table and docs/toy_study
+    were made with: only there are they reproduced bit for bit."""
+    info = read_toy_info(SHIPPED_DIR)
+    return info is not None and info.get("built_with") == build_environment()
 
 
 def build_toy_model(settings: ToySettings, output_dir: str | Path, log=_log) -> Path:
