@@ -127,16 +127,35 @@ def _raise_terminated(signum, frame):
     raise Terminated
 
 
+def _deliver_again(unraisable, hook_before) -> None:
+    """sys.unraisablehook: an interrupt raised where Python cannot raise it (a signal handled while a weakref callback
+    or a `__del__` runs, as in the garbage collection accelerate starts before each training) is ignored, and the
+    command would run on to its end. Send the same signal to the main thread again, a moment later, where it ends
+    the command; any other unraisable exception is printed as before."""
+    kind = unraisable.exc_type
+    if kind is not None and issubclass(kind, KeyboardInterrupt):
+        signum = signal.SIGTERM if issubclass(kind, Terminated) else signal.SIGINT
+        again = threading.Timer(0.05, signal.pthread_kill, (threading.main_thread().ident, signum))
+        again.daemon = True
+        again.start()
+        return
+    hook_before(unraisable)
+
+
 @contextlib.contextmanager
 def terminated_as_interrupt():
-    """SIGTERM ends the command as Ctrl-C does (a `Terminated`), in the main thread where a handler can be set."""
+    """SIGTERM ends the command as Ctrl-C does (a `Terminated`), in the main thread where a handler can be set; an
+    interrupt that lands where it cannot be raised is delivered again (`_deliver_again`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    hook_before = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: _deliver_again(unraisable, hook_before)
     try:
         yield
     finally:
+        sys.unraisablehook = hook_before
         signal.signal(signal.SIGTERM, previous)
 
 
