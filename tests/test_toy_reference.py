@@ -35,7 +35,12 @@ def test_a_changed_study_is_not():
     assert table_differences(fewer, REFERENCE) == ["2 table rows instead of 3"]
 
 
-def test_tables_are_read_without_separators_and_timings():
+def test_only_the_result_tables_are_read_without_separators_and_timings():
+    """The intervals and sign tests against the base model move more than a figure with one answer: not compared."""
     assert [row[0] for row in table_rows(REFERENCE)] == ["model", "base model", "optimal at a single head"]
+    comparisons = "| family | unbroken edits | metric | vs base |\n| --- | --- | --- | --- |\n"
+    comparisons += "| ITI | 1 | True | +0.06 [-0.06, +0.19] |\n"
+    assert table_rows(comparisons + "\n" + REFERENCE) == table_rows(REFERENCE)
+    assert table_differences(comparisons.replace("+0.19", "+0.31") + "\n" + REFERENCE, REFERENCE) == []
     study = "# s\n\n## Wall time per stage\n\n| stage | s |\n| - | - |\n| probe | 3 |\n\n## Verdict\n\nyes\n"
     assert without_timings(study) == "# s\n\n\n## Verdict\n\nyes\n"
