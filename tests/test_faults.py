@@ -19,7 +19,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from test_reliability import FAST, max_difference, wait_for
+from test_reliability import FAST, default_interrupt, max_difference, wait_for
 from toy_reference import without_timings
 
 from locedit.core import cache, disk
@@ -339,7 +339,11 @@ def test_a_signal_that_lands_in_a_weakref_callback_still_stops_the_command(name,
     landed in the garbage collection accelerate runs before each training let the toy study run to its end (exit 0;
     the fault test below, now and then). The signal is delivered again and the command stops, saying one line."""
     result = subprocess.run(
-        [sys.executable, "-c", LANDS_IN_A_CALLBACK.format(signal=name)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", LANDS_IN_A_CALLBACK.format(signal=name)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=default_interrupt,  # Ctrl-C as in a terminal, also in a suite started in the background
     )
     assert (result.returncode, result.stdout, result.stderr.strip()) == (code, "", said)
 
