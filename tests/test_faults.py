@@ -19,6 +19,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from test_processes import work_dir
 from test_reliability import FAST, default_interrupt, max_difference, wait_for
 from toy_reference import without_timings
 
@@ -374,9 +375,7 @@ def test_a_study_stopped_by_sigterm_resumes_at_the_stage_and_model_where_it_stop
     if made_like_the_shipped_model():
         expected = (REPO / "docs" / "toy_study" / "study.md").read_text()  # README's study, bit for bit here
     else:  # on another CPU: the same study, uninterrupted, on this machine (tests/toy_reference.py)
-        whole = work / "uninterrupted"
-        whole.mkdir()
-        (whole / "recipes").symlink_to(REPO / "recipes", target_is_directory=True)
+        whole = work_dir(work, "uninterrupted")
         done = subprocess.run(study, cwd=whole, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]
         expected = (whole / "outputs" / "toy" / "study" / "study.md").read_text()

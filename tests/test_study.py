@@ -297,8 +297,8 @@ def test_the_toy_study_prints_readmes_table(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     report = study.main([TOY])
     readme = (RECIPES.parent / "README.md").read_text().splitlines()
-    start = next(i for i, line in enumerate(readme) if line.startswith("| family "))
-    readme_table = "\n".join(line for line in readme[start:][: readme[start:].index("")])
+    table = readme[next(i for i, line in enumerate(readme) if line.startswith("| family ")) :]
+    readme_table = "\n".join(table[: table.index("")])
     documented = (RECIPES.parent / "docs" / "toy_study" / "study.md").read_text()
     assert readme_table in documented, "README's toy table is not docs/toy_study's"
     assert_same_study(report["summary_table"].strip(), readme_table)  # else README's table is stale: paste the study's

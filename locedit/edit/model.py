@@ -52,14 +52,19 @@ def edit_layers(model: nn.Module) -> dict[int, HeadEditLayer]:
     return dict(sorted(found.items()))
 
 
+def _edit_vectors(model: nn.Module, adapter_name: str):
+    """Each edited layer's index, module and m * b (what the edit adds, before a), detached in float32."""
+    for layer, module in edit_layers(model).items():
+        if adapter_name in module.lora_B:
+            b = module.lora_B[adapter_name].weight[0] * module.head_mask(adapter_name)
+            yield layer, module, b.detach().float()
+
+
 def edit_norms(model: nn.Module, adapter_name: str = "default") -> dict[str, float]:
     """Where the edit lives: per edited layer, the norms of a and of m * b."""
     norms = {}
-    for layer, module in edit_layers(model).items():
-        if adapter_name not in module.lora_B:
-            continue
-        b = module.lora_B[adapter_name].weight[0] * module.head_mask(adapter_name)
-        norms[f"edit/L{layer}/b_norm"] = float(b.detach().float().norm())
+    for layer, module, b in _edit_vectors(model, adapter_name):
+        norms[f"edit/L{layer}/b_norm"] = float(b.norm())
         if module.edit_config[adapter_name].edit_strength == "adaptive":
             norms[f"edit/L{layer}/a_norm"] = float(module.lora_A[adapter_name].weight.detach().float().norm())
     return norms
@@ -68,11 +73,8 @@ def edit_norms(model: nn.Module, adapter_name: str = "default") -> dict[str, flo
 def edit_head_norms(model: nn.Module, adapter_name: str = "default") -> dict[str, float]:
     """Per edited head, the norm of its slice of m * b: what the edit adds to that head's output."""
     norms = {}
-    for layer, module in edit_layers(model).items():
-        if adapter_name not in module.lora_B:
-            continue
+    for layer, module, b in _edit_vectors(model, adapter_name):
         config = module.edit_config[adapter_name]
-        b = (module.lora_B[adapter_name].weight[0] * module.head_mask(adapter_name)).detach().float()
         per_head = b.reshape(config.num_heads, -1).norm(dim=1).tolist()
         for edited_layer, head in config.heads:
             if edited_layer == layer:
